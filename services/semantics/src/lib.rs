@@ -1,0 +1,35 @@
+//! The one definition of derived state (DESIGN.md section 4).
+//!
+//! Pure functions from log records to exposure rows: no I/O, no async, no wall
+//! clock. The streaming projector and the replay both call exactly these, so the
+//! same log prefix yields the same rows on either path. Every rule depends only on
+//! the records read so far, in log order per partition.
+//!
+//! * [`PartitionState::apply`] folds one record and says what it changed ([`Outcome`]).
+//! * [`PartitionState::daily_rows_touched`] and friends build the rows.
+//! * [`DimensionBook`] and [`to_reporting`] apply FX and risk dimensions at read time.
+//!
+//! Money is exact: `i64` minor units in, `i128` balances inside, overflow is an
+//! error. Time is UTC microseconds.
+
+mod currency;
+mod dims;
+mod exposure;
+mod fact;
+mod settings;
+mod state;
+mod time;
+
+pub use currency::{Currency, CurrencyError};
+pub use dims::{
+    DimOutcome, DimensionBook, FxRecord, FxUsed, REPORTING_CURRENCY, Rate, RateError, Reporting,
+    RiskRecord, RiskUsed, to_reporting,
+};
+pub use exposure::Exposure;
+pub use fact::{EventKind, Fact, FactError, Record, RecordBody, check_event_time};
+pub use settings::{Settings, SettingsError, fnv1a_64, partition_of};
+pub use state::{CurrentRow, DailyRow, Outcome, PartitionState, SemanticsError, Status, Touched};
+pub use time::{Day, DayParseError, MICROS_PER_DAY};
+
+/// Changes with any change of meaning; written into every row, checkpoint and manifest.
+pub const SEMANTICS_VERSION: u32 = 1;
