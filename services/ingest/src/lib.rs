@@ -1,1 +1,150 @@
-//! placeholder
+//! The ingest service: validates facts and dimension records, stamps
+//! `ingest_time` from its clock and appends them to the JetStream stream
+//! `PAYLEDGER_EVENTS`.
+//!
+//! Durability contract: `Publish` answers for an event only after the atomic batch
+//! holding it was acknowledged by JetStream (which, configured as the project
+//! requires, fsynced it). Retrying a call is safe: each event carries a
+//! `Nats-Msg-Id` hashed from its identity and content, so an exact resend inside
+//! the duplicate window is absorbed and answered with the original sequence.
+//! Quiet partitions get heartbeats so that their days close (DESIGN.md 4.5).
+
+mod clock;
+mod heartbeat;
+mod publisher;
+mod service;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use payledger_server_common::config::{NatsArgs, SemanticsArgs, parse_duration};
+use payledger_server_common::serve::{ServerLimits, serve_grpc};
+use payledger_server_common::topology::{StreamOptions, ensure_stream};
+use tokio::net::TcpListener;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use publisher::message_id;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct IngestConfig {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub semantics: SemanticsArgs,
+    /// Most events one Publish call may carry; a larger call is refused whole.
+    #[arg(long, env = "PAYLEDGER_MAX_BATCH_EVENTS", default_value_t = 1000)]
+    pub max_batch_events: usize,
+    /// Largest gRPC request accepted, in bytes.
+    #[arg(long, env = "PAYLEDGER_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+    /// Publish calls handled at once; more wait up to --admission-timeout, then get RESOURCE_EXHAUSTED.
+    /// JetStream allows 50 atomic batches in flight per stream.
+    #[arg(long, env = "PAYLEDGER_MAX_CONCURRENT_BATCHES", default_value_t = 32)]
+    pub max_concurrent_batches: usize,
+    /// How long a call may wait for a publishing slot before it is shed.
+    #[arg(long, env = "PAYLEDGER_ADMISSION_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub admission_timeout: Duration,
+    /// How long to wait for JetStream's acknowledgement of a batch.
+    #[arg(long, env = "PAYLEDGER_ACK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub ack_timeout: Duration,
+    /// A partition with no record for this long gets a heartbeat; 0 turns heartbeats off.
+    #[arg(long, env = "PAYLEDGER_HEARTBEAT_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Stream replicas when ingest creates the stream (3 in a cluster).
+    #[arg(long, env = "PAYLEDGER_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// JetStream's duplicate window for Nats-Msg-Id.
+    #[arg(long, env = "PAYLEDGER_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration)]
+    pub duplicate_window: Duration,
+    /// How long JetStream keeps records; at least the dedup horizon plus one day.
+    #[arg(long, env = "PAYLEDGER_STREAM_MAX_AGE", default_value = "36d", value_parser = parse_duration)]
+    pub stream_max_age: Duration,
+    /// Largest message the stream stores, in bytes.
+    #[arg(long, env = "PAYLEDGER_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: i32,
+}
+
+impl IngestConfig {
+    pub fn new(nats_url: &str) -> Self {
+        Self {
+            nats: NatsArgs::new(nats_url),
+            semantics: SemanticsArgs::default(),
+            max_batch_events: 1000,
+            max_request_bytes: 4 * 1024 * 1024,
+            max_concurrent_batches: 32,
+            admission_timeout: Duration::from_secs(2),
+            ack_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(60),
+            stream_replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            stream_max_age: Duration::from_secs(36 * 86_400),
+            max_message_bytes: 64 * 1024,
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.max_batch_events >= 1, "--max-batch-events must be at least 1");
+        anyhow::ensure!(
+            (1..=50).contains(&self.max_concurrent_batches),
+            "--max-concurrent-batches must be within 1..=50 (JetStream's in-flight batch limit per stream)"
+        );
+        Ok(())
+    }
+}
+
+/// Serves ingest on `listener` until `shutdown` resolves, with `clock` stamping ingest_time.
+pub async fn run(
+    config: IngestConfig,
+    clock: Arc<dyn Clock>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let settings = config.semantics.settings()?;
+    let client = config.nats.connect("payledger-ingest").await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let max_age = config.stream_max_age.max(
+        Duration::from_micros(settings.dedup_horizon_us as u64) + Duration::from_secs(86_400),
+    );
+    ensure_stream(
+        &js,
+        &settings,
+        &StreamOptions {
+            replicas: config.stream_replicas,
+            duplicate_window: config.duplicate_window,
+            max_age,
+            max_message_bytes: config.max_message_bytes,
+        },
+    )
+    .await?;
+
+    let publisher = Arc::new(publisher::Publisher::new(client, js, settings, &config));
+    let local: SocketAddr = listener.local_addr()?;
+    let (stop_heartbeats, heartbeats_stopped) = tokio::sync::watch::channel(false);
+    let heartbeat = (!config.heartbeat_interval.is_zero()).then(|| {
+        tokio::spawn(heartbeat::run(
+            publisher.clone(),
+            clock.clone(),
+            config.heartbeat_interval,
+            heartbeats_stopped,
+        ))
+    });
+    tracing::info!(%local, partitions = settings.partitions, fingerprint = %settings.fingerprint(), "ingest serving");
+    let service = service::IngestApi::new(publisher, clock, &config);
+    let result = serve_grpc(
+        Some(service.into_routes(config.max_request_bytes)),
+        &["payledger.v1.IngestService"],
+        listener,
+        &ServerLimits { max_request_bytes: config.max_request_bytes, concurrency_per_connection: 256 },
+        shutdown,
+    )
+    .await;
+    let _ = stop_heartbeats.send(true);
+    if let Some(task) = heartbeat {
+        let _ = task.await;
+    }
+    tracing::info!("ingest stopped");
+    result
+}

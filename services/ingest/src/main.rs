@@ -1,1 +1,33 @@
-fn main() {}
+//! `payledger-ingest`: the ingest gRPC service.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use clap::Parser;
+use payledger_ingest::{IngestConfig, SystemClock};
+
+/// Validates payment events and dimension records and appends them, durably, to
+/// the JetStream stream PAYLEDGER_EVENTS (created on first start).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "PAYLEDGER_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    config: IngestConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    payledger_server_common::telemetry::init_tracing();
+    let cli = Cli::parse();
+    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+    payledger_ingest::run(
+        cli.config,
+        Arc::new(SystemClock),
+        listener,
+        payledger_server_common::shutdown::signal_received(),
+    )
+    .await
+}

@@ -1,1 +1,174 @@
-//! placeholder
+//! The projector: the one place where the semantics runs against the live log.
+//!
+//! Stream mode owns a set of partitions. For each it restores the newest
+//! checkpoint from object storage, reads the partition's subject in sequence
+//! order from right after it, applies `payledger_semantics`, writes the changed
+//! current and provisional daily rows to the KV buckets `exposure_current` and
+//! `exposure_daily`, and checkpoints state plus log position. A partition that
+//! fails restarts from its checkpoint; nothing is lost or counted twice because
+//! the fold is deterministic and row writes never go backwards.
+
+mod checkpoint;
+mod partition;
+mod rows;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use payledger_server_common::config::{NatsArgs, parse_duration};
+use payledger_server_common::serve::{ServerLimits, serve_grpc};
+use payledger_server_common::topology::{
+    CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, read_settings,
+};
+use payledger_storage::{CheckpointStore, open_store};
+use tokio::net::TcpListener;
+
+pub use partition::Tuning;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ProjectorConfig {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Object storage for checkpoints: a directory, file:///path or s3://bucket/prefix.
+    #[arg(long, env = "PAYLEDGER_STORE", default_value = "./data")]
+    pub store: String,
+    /// Partitions this projector owns, e.g. "0-7" or "1,3,5"; empty: all of them.
+    #[arg(long, env = "PAYLEDGER_OWN_PARTITIONS", default_value = "")]
+    pub own_partitions: String,
+    /// Flush once this many merchant-currencies have changed rows.
+    #[arg(long, env = "PAYLEDGER_FLUSH_ROWS", default_value_t = 2000)]
+    pub flush_rows: usize,
+    /// Flush at the latest this long after the first unflushed record.
+    #[arg(long, env = "PAYLEDGER_FLUSH_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
+    pub flush_interval: Duration,
+    /// Checkpoint after this many records...
+    #[arg(long, env = "PAYLEDGER_CHECKPOINT_EVERY", default_value_t = 100_000)]
+    pub checkpoint_every_records: u64,
+    /// ...or this long, whichever comes first.
+    #[arg(long, env = "PAYLEDGER_CHECKPOINT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub checkpoint_interval: Duration,
+    /// Checkpoints kept per partition.
+    #[arg(long, env = "PAYLEDGER_CHECKPOINTS_KEPT", default_value_t = 3)]
+    pub checkpoints_kept: usize,
+    /// KV bucket replicas when the projector creates them.
+    #[arg(long, env = "PAYLEDGER_KV_REPLICAS", default_value_t = 1)]
+    pub kv_replicas: usize,
+    /// How long to wait for JetStream to acknowledge a row batch.
+    #[arg(long, env = "PAYLEDGER_ACK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub ack_timeout: Duration,
+}
+
+impl ProjectorConfig {
+    pub fn new(nats_url: &str, store: &str) -> Self {
+        Self {
+            nats: NatsArgs::new(nats_url),
+            store: store.to_string(),
+            own_partitions: String::new(),
+            flush_rows: 2000,
+            flush_interval: Duration::from_millis(50),
+            checkpoint_every_records: 100_000,
+            checkpoint_interval: Duration::from_secs(10),
+            checkpoints_kept: 3,
+            kv_replicas: 1,
+            ack_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Parses "0-3,7" into partition numbers below `partitions`; empty means all.
+pub fn parse_partitions(spec: &str, partitions: u32) -> anyhow::Result<Vec<u32>> {
+    if spec.trim().is_empty() {
+        return Ok((0..partitions).collect());
+    }
+    let mut out = std::collections::BTreeSet::new();
+    for part in spec.split(',').map(str::trim) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u32>()?, b.trim().parse::<u32>()?),
+            None => {
+                let p = part.parse::<u32>()?;
+                (p, p)
+            }
+        };
+        anyhow::ensure!(
+            lo <= hi && hi < partitions,
+            "partition range '{part}' is outside 0..{partitions} (the stream has {partitions} partitions)"
+        );
+        out.extend(lo..=hi);
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Projects the owned partitions, serving health on `listener`, until `shutdown`.
+pub async fn run(
+    config: ProjectorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let client = config.nats.connect("payledger-projector").await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let settings = loop {
+        match read_settings(&js).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::info!(error = %e, "waiting for the stream");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    ensure_buckets(&js, config.kv_replicas).await?;
+    let owned = parse_partitions(&config.own_partitions, settings.partitions)?;
+    let checkpoints = CheckpointStore::new(open_store(&config.store)?, config.checkpoints_kept);
+    let tuning = Arc::new(Tuning {
+        flush_rows: config.flush_rows.max(1),
+        flush_interval: config.flush_interval,
+        checkpoint_every_records: config.checkpoint_every_records.max(1),
+        checkpoint_interval: config.checkpoint_interval,
+        ack_timeout: config.ack_timeout,
+    });
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for partition in owned.iter().copied() {
+        let ctx = partition::PartitionContext {
+            partition,
+            settings,
+            client: client.clone(),
+            js: js.clone(),
+            checkpoints: checkpoints.clone(),
+            current: js.get_key_value(CURRENT_BUCKET).await?,
+            daily: js.get_key_value(DAILY_BUCKET).await?,
+            progress: js.get_key_value(PROGRESS_BUCKET).await?,
+            tuning: tuning.clone(),
+        };
+        let mut stopped = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match partition::run(ctx.clone(), stopped.clone()).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::error!(partition, error = %e, "partition failed; restarting from its checkpoint");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = stopped.changed() => return,
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    tracing::info!(partitions = ?owned, store = %config.store, local = %listener.local_addr()?, "projector running");
+    let served = serve_grpc(
+        None,
+        &[],
+        listener,
+        &ServerLimits { max_request_bytes: 4 << 20, concurrency_per_connection: 64 },
+        shutdown,
+    )
+    .await;
+    let _ = stop.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    tracing::info!("projector stopped");
+    served
+}

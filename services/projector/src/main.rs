@@ -1,1 +1,26 @@
-fn main() {}
+//! `payledger-projector`: the stream projector.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use payledger_projector::ProjectorConfig;
+
+/// Applies the exposure semantics to the log, partition by partition, keeping the
+/// KV tables exposure_current and exposure_daily and checkpointing to object storage.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// Address to serve gRPC health on.
+    #[arg(long, env = "PAYLEDGER_LISTEN", default_value = "127.0.0.1:50053")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    config: ProjectorConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    payledger_server_common::telemetry::init_tracing();
+    let cli = Cli::parse();
+    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+    payledger_projector::run(cli.config, listener, payledger_server_common::shutdown::signal_received()).await
+}

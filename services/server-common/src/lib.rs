@@ -1,1 +1,11 @@
-//! placeholder
+//! What every PayLedger service shares: the NATS topology (stream, subjects, KV
+//! buckets, key encoding), gRPC serving with health and reflection, telemetry,
+//! and shutdown on SIGTERM.
+
+pub mod atomic_batch;
+pub mod config;
+pub mod local_nats;
+pub mod serve;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;

@@ -1,0 +1,42 @@
+//! Ingest's clock, injectable so that tests can move time across days.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+pub trait Clock: Send + Sync + 'static {
+    /// Now, in UTC microseconds since the epoch.
+    fn now_us(&self) -> i64;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_us(&self) -> i64 {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the system clock is after 1970");
+        since.as_micros() as i64
+    }
+}
+
+/// A clock that moves only when told to.
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new(now_us: i64) -> Self {
+        Self(AtomicI64::new(now_us))
+    }
+
+    pub fn set(&self, now_us: i64) {
+        self.0.store(now_us, Ordering::SeqCst);
+    }
+
+    pub fn advance(&self, by_us: i64) {
+        self.0.fetch_add(by_us, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_us(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}

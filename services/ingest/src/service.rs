@@ -1,0 +1,181 @@
+//! The `IngestService` gRPC API: validation, admission control, and one answer per event.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use payledger_proto::v1::ingest_service_server::{IngestService, IngestServiceServer};
+use payledger_proto::v1::{self, publish_result::Outcome};
+use payledger_proto::{FieldViolation, event_from_fact, fact_from_event, fx_from_proto, risk_from_proto};
+use payledger_semantics::{check_event_time, partition_of};
+use payledger_server_common::topology::{FX_SUBJECT, RISK_SUBJECT};
+use prost::Message;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::service::Routes;
+use tonic::{Request, Response, Status};
+
+use crate::IngestConfig;
+use crate::clock::Clock;
+use crate::publisher::{Appended, Prepared, Publisher, message_id};
+
+pub(crate) struct IngestApi {
+    publisher: Arc<Publisher>,
+    clock: Arc<dyn Clock>,
+    admission: Arc<Semaphore>,
+    admission_timeout: Duration,
+    max_batch_events: usize,
+}
+
+impl IngestApi {
+    pub fn new(publisher: Arc<Publisher>, clock: Arc<dyn Clock>, config: &IngestConfig) -> Self {
+        Self {
+            publisher,
+            clock,
+            admission: Arc::new(Semaphore::new(config.max_concurrent_batches)),
+            admission_timeout: config.admission_timeout,
+            max_batch_events: config.max_batch_events,
+        }
+    }
+
+    pub fn into_routes(self, max_request_bytes: usize) -> Routes {
+        Routes::new(IngestServiceServer::new(self).max_decoding_message_size(max_request_bytes))
+    }
+
+    /// Sheds load instead of queueing without bound.
+    async fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        tokio::time::timeout(self.admission_timeout, self.admission.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "ingest is at its limit of {} concurrent publish calls; retry with backoff",
+                    self.admission.available_permits().max(1)
+                ))
+            })?
+            .map_err(|_| Status::unavailable("ingest is shutting down"))
+    }
+}
+
+fn rejected(v: FieldViolation) -> v1::PublishResult {
+    v1::PublishResult {
+        outcome: Some(Outcome::Rejected(v1::Rejected {
+            code: v.code as i32,
+            field: v.field.to_string(),
+            message: v.message,
+        })),
+    }
+}
+
+fn outcome(appended: Appended, ingest_time_us: i64, partition: u32) -> v1::PublishResult {
+    v1::PublishResult {
+        outcome: Some(match appended {
+            Appended::Stored(sequence) => {
+                Outcome::Accepted(v1::Accepted { sequence, ingest_time_us, partition })
+            }
+            Appended::Duplicate(sequence) => Outcome::Duplicate(v1::Duplicate { sequence }),
+        }),
+    }
+}
+
+#[tonic::async_trait]
+impl IngestService for IngestApi {
+    async fn publish(
+        &self,
+        request: Request<v1::PublishRequest>,
+    ) -> Result<Response<v1::PublishResponse>, Status> {
+        let events = request.into_inner().events;
+        if events.len() > self.max_batch_events {
+            return Err(Status::invalid_argument(format!(
+                "events: {} in one call, the limit is {} (--max-batch-events); split the batch",
+                events.len(),
+                self.max_batch_events
+            )));
+        }
+        let _permit = self.admit().await?;
+        let now = self.clock.now_us();
+        let settings = self.publisher.settings;
+
+        let mut results: Vec<Option<v1::PublishResult>> = vec![None; events.len()];
+        let mut prepared = Vec::new();
+        // For each prepared event, the request index it answers.
+        let mut answers = Vec::new();
+        // Repeats of an event earlier in the same call answer as its duplicates.
+        let mut first_by_id: HashMap<String, usize> = HashMap::new();
+        let mut repeats = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            let fact = match fact_from_event(event).and_then(|f| {
+                check_event_time(f.event_time_us, now, &settings)?;
+                Ok(f)
+            }) {
+                Ok(fact) => fact,
+                Err(v) => {
+                    results[i] = Some(rejected(v));
+                    continue;
+                }
+            };
+            let msg_id = message_id(&fact);
+            if let Some(&k) = first_by_id.get(&msg_id) {
+                repeats.push((i, k));
+                continue;
+            }
+            first_by_id.insert(msg_id.clone(), prepared.len());
+            let partition = partition_of(&fact.merchant_id, settings.partitions);
+            prepared.push(Prepared {
+                msg_id,
+                partition,
+                payload: Publisher::encode(now, v1::log_record::Body::Fact(event_from_fact(&fact))),
+            });
+            answers.push(i);
+        }
+
+        if !prepared.is_empty() {
+            let appended = self.publisher.append_events(&prepared, now).await?;
+            for (k, a) in appended.iter().enumerate() {
+                results[answers[k]] = Some(outcome(*a, now, prepared[k].partition));
+            }
+            for (i, k) in repeats {
+                let (Appended::Stored(seq) | Appended::Duplicate(seq)) = appended[k];
+                results[i] = Some(outcome(Appended::Duplicate(seq), now, prepared[k].partition));
+            }
+        }
+        let results = results.into_iter().map(|r| r.expect("every event answered")).collect();
+        Ok(Response::new(v1::PublishResponse { results }))
+    }
+
+    async fn publish_dimension(
+        &self,
+        request: Request<v1::PublishDimensionRequest>,
+    ) -> Result<Response<v1::PublishDimensionResponse>, Status> {
+        let record = request
+            .into_inner()
+            .record
+            .ok_or_else(|| Status::invalid_argument("record: required (fx or risk)"))?;
+        let _permit = self.admit().await?;
+        let now = self.clock.now_us();
+        let (subject, body) = match record {
+            v1::publish_dimension_request::Record::Fx(fx) => {
+                fx_from_proto(&fx).map_err(|v| v.to_status())?;
+                (FX_SUBJECT, v1::log_record::Body::Fx(fx))
+            }
+            v1::publish_dimension_request::Record::Risk(risk) => {
+                risk_from_proto(&risk).map_err(|v| v.to_status())?;
+                (RISK_SUBJECT, v1::log_record::Body::Risk(risk))
+            }
+        };
+        // The record's own content is its identity: a resend is absorbed.
+        let msg_id = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&body_bytes(&body)));
+        let appended = self
+            .publisher
+            .append_dimension(subject, &msg_id, Publisher::encode(now, body))
+            .await?;
+        let (sequence, duplicate) = match appended {
+            Appended::Stored(s) => (s, false),
+            Appended::Duplicate(s) => (s, true),
+        };
+        Ok(Response::new(v1::PublishDimensionResponse { sequence, ingest_time_us: now, duplicate }))
+    }
+}
+
+fn body_bytes(body: &v1::log_record::Body) -> Vec<u8> {
+    v1::LogRecord { ingest_time_us: 0, body: Some(body.clone()), traceparent: String::new() }
+        .encode_to_vec()
+}

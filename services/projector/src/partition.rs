@@ -1,0 +1,250 @@
+//! One partition in stream mode: restore the newest checkpoint, read the partition
+//! in sequence order from right after it, apply the semantics, write the changed
+//! rows, checkpoint.
+//!
+//! Ordering and durability: rows are flushed to KV *before* a checkpoint is
+//! written, so a checkpoint never claims rows that are not stored. After a kill,
+//! the partition resumes from its checkpoint and re-derives the same rows; rows
+//! already stored with an equal or higher log_position are left alone.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull, kv};
+use futures::StreamExt;
+use payledger_proto::{current_row_to_proto, daily_row_to_proto, record_from_log, v1};
+use payledger_semantics::{Currency, Day, PartitionState, RecordBody, Settings, Status, Touched};
+use payledger_server_common::topology::{
+    CURRENT_BUCKET, DAILY_BUCKET, STREAM, current_key, daily_key, event_subject, progress_key,
+};
+use payledger_storage::CheckpointStore;
+use prost::Message;
+use tokio::sync::watch;
+
+use crate::checkpoint;
+use crate::rows::{RowWrite, RowWriter};
+
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    /// Flush once this many merchant-currencies have changed rows.
+    pub flush_rows: usize,
+    /// Flush at the latest this long after the first unflushed record.
+    pub flush_interval: Duration,
+    pub checkpoint_every_records: u64,
+    pub checkpoint_interval: Duration,
+    pub ack_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub(crate) struct PartitionContext {
+    pub partition: u32,
+    pub settings: Settings,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub checkpoints: CheckpointStore,
+    pub current: kv::Store,
+    pub daily: kv::Store,
+    pub progress: kv::Store,
+    pub tuning: Arc<Tuning>,
+}
+
+/// Changed rows since the last flush, per merchant and currency.
+#[derive(Default)]
+struct PendingRows {
+    by_key: HashMap<(String, Currency), Changed>,
+}
+
+#[derive(Default)]
+struct Changed {
+    /// Earliest day whose balances moved: that row and every later one changed.
+    balances_from: Option<Day>,
+    /// Days whose counts alone changed.
+    counted: BTreeSet<Day>,
+}
+
+impl PendingRows {
+    fn add(&mut self, merchant_id: &str, touched: Touched) {
+        let changed = self.by_key.entry((merchant_id.to_string(), touched.currency)).or_default();
+        if touched.balances_changed {
+            changed.balances_from = Some(changed.balances_from.map_or(touched.day, |d| d.min(touched.day)));
+        } else {
+            changed.counted.insert(touched.day);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Builds and encodes every changed row, daily and current.
+    fn take_rows(&mut self, state: &PartitionState) -> (Vec<RowWrite>, Vec<RowWrite>) {
+        let mut daily = Vec::new();
+        let mut current = Vec::new();
+        for ((merchant_id, currency), changed) in self.by_key.drain() {
+            let mut rows = Vec::new();
+            if let Some(day) = changed.balances_from {
+                rows.extend(state.daily_rows_touched(&merchant_id, &Touched { currency, day, balances_changed: true }));
+            }
+            for day in changed.counted.iter().filter(|d| changed.balances_from.is_none_or(|from| **d < from)) {
+                rows.extend(state.daily_rows_touched(&merchant_id, &Touched { currency, day: *day, balances_changed: false }));
+            }
+            daily.extend(rows.iter().map(|r| RowWrite {
+                key: daily_key(&r.merchant_id, r.day, r.currency),
+                log_position: r.log_position,
+                value: daily_row_to_proto(r).encode_to_vec().into(),
+            }));
+            if let Some(r) = state.current_row(&merchant_id, currency) {
+                current.push(RowWrite {
+                    key: current_key(&r.merchant_id, r.currency),
+                    log_position: r.log_position,
+                    value: current_row_to_proto(&r).encode_to_vec().into(),
+                });
+            }
+        }
+        (daily, current)
+    }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
+}
+
+struct Projection {
+    ctx: PartitionContext,
+    state: PartitionState,
+    pending: PendingRows,
+    daily: RowWriter,
+    current: RowWriter,
+    pending_records: u64,
+    records_since_checkpoint: u64,
+    last_checkpoint: Instant,
+}
+
+impl Projection {
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        let (daily, current) = self.pending.take_rows(&self.state);
+        // Daily rows before current rows: a reader that sees a current row change
+        // finds the daily rows behind it already stored.
+        self.daily.write(daily).await?;
+        self.current.write(current).await?;
+        let progress = v1::PartitionProgress {
+            partition: self.ctx.partition,
+            applied_sequence: self.state.last_seq(),
+            pending_records: self.pending_records,
+            written_at_us: now_us(),
+            settings_fingerprint: self.ctx.settings.fingerprint(),
+        };
+        self.ctx.progress.put(progress_key(self.ctx.partition), progress.encode_to_vec().into()).await?;
+        if self.records_since_checkpoint >= self.ctx.tuning.checkpoint_every_records
+            || (self.records_since_checkpoint > 0
+                && self.last_checkpoint.elapsed() >= self.ctx.tuning.checkpoint_interval)
+        {
+            self.checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(&mut self) -> anyhow::Result<()> {
+        let bytes = checkpoint::encode(&self.state)?;
+        let size = bytes.len();
+        self.ctx.checkpoints.put(self.ctx.partition, self.state.last_seq(), bytes).await?;
+        tracing::debug!(partition = self.ctx.partition, seq = self.state.last_seq(), bytes = size, "checkpoint written");
+        self.records_since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+}
+
+/// Runs until `stop` turns true (then flushes and checkpoints) or an error occurs.
+pub(crate) async fn run(ctx: PartitionContext, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let partition = ctx.partition;
+    let state = match ctx.checkpoints.latest(partition).await? {
+        Some(stored) => {
+            let state = checkpoint::decode(&stored.bytes, &ctx.settings, partition)?;
+            tracing::info!(partition, checkpoint_seq = stored.seq, identities = state.identities_remembered(), "restored checkpoint");
+            state
+        }
+        None => PartitionState::new(partition, ctx.settings),
+    };
+    let restored_seq = state.last_seq();
+    let deliver_policy = if restored_seq == 0 {
+        DeliverPolicy::All
+    } else {
+        DeliverPolicy::ByStartSequence { start_sequence: restored_seq + 1 }
+    };
+    let stream = ctx.js.get_stream(STREAM).await?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: event_subject(partition),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+
+    let position_daily = |b: &[u8]| v1::DailyRow::decode(b).ok().map(|r| r.log_position);
+    let position_current = |b: &[u8]| v1::CurrentRow::decode(b).ok().map(|r| r.log_position);
+    let ack_timeout = ctx.tuning.ack_timeout;
+    let mut p = Projection {
+        daily: RowWriter::new(ctx.client.clone(), ctx.daily.clone(), DAILY_BUCKET, position_daily, ack_timeout),
+        current: RowWriter::new(ctx.client.clone(), ctx.current.clone(), CURRENT_BUCKET, position_current, ack_timeout),
+        ctx,
+        state,
+        pending: PendingRows::default(),
+        pending_records: 0,
+        records_since_checkpoint: 0,
+        last_checkpoint: Instant::now(),
+    };
+    let mut first_applied: Option<u64> = None;
+    let mut flush_at: Option<tokio::time::Instant> = None;
+    loop {
+        let deadline = flush_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let next = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep_until(deadline), if flush_at.is_some() => {
+                p.flush().await?;
+                flush_at = None;
+                continue;
+            }
+            next = messages.next() => next,
+        };
+        let message = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(anyhow::anyhow!("reading partition {partition}: {e}")),
+            None => anyhow::bail!("the consumer of partition {partition} ended"),
+        };
+        let info = message.info().map_err(|e| anyhow::anyhow!("message without metadata: {e}"))?;
+        let seq = info.stream_sequence;
+        p.pending_records = info.pending;
+        match record_from_log(seq, &message.payload) {
+            Ok(record) => {
+                let outcome = p.state.apply(&record)?;
+                if outcome.status != Status::AlreadyRead && first_applied.is_none() {
+                    first_applied = Some(seq);
+                    tracing::info!(partition, restored_seq, first_applied_seq = seq, "resumed partition");
+                }
+                if let (Some(touched), RecordBody::Fact(fact)) = (outcome.touched, &record.body) {
+                    p.pending.add(&fact.merchant_id, touched);
+                }
+            }
+            Err(e) => tracing::warn!(partition, seq, error = %e, "unreadable record skipped"),
+        }
+        p.records_since_checkpoint += 1;
+        flush_at.get_or_insert_with(|| tokio::time::Instant::now() + p.ctx.tuning.flush_interval);
+        if p.pending_records == 0 || p.pending.len() >= p.ctx.tuning.flush_rows {
+            p.flush().await?;
+            flush_at = None;
+        }
+    }
+    p.flush().await?;
+    if p.records_since_checkpoint > 0 {
+        p.checkpoint().await?;
+    }
+    tracing::info!(partition, seq = p.state.last_seq(), "partition stopped after a final checkpoint");
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! Wire ⇄ semantics. Parsing a wire message is where a field is validated, and a
+//! failure names the field, the rule and the gRPC code it maps to.
+
+use payledger_semantics::{
+    CurrentRow, DailyRow, Day, EventKind, Fact, FactError, FxRecord, Rate, Record, RecordBody,
+    RiskRecord,
+};
+use payledger_semantics::Currency;
+use tonic::Code;
+
+use crate::v1;
+
+/// One rejected field: what the client must fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub code: Code,
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl FieldViolation {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self { code: Code::InvalidArgument, field, message: message.into() }
+    }
+
+    pub fn to_status(&self) -> tonic::Status {
+        tonic::Status::new(self.code, self.message.clone())
+    }
+}
+
+impl From<FactError> for FieldViolation {
+    fn from(e: FactError) -> Self {
+        // The one error-to-code map: the horizon is OUT_OF_RANGE, all else INVALID_ARGUMENT.
+        let code = match e {
+            FactError::BeyondHorizon { .. } => Code::OutOfRange,
+            _ => Code::InvalidArgument,
+        };
+        Self { code, field: e.field(), message: e.to_string() }
+    }
+}
+
+impl std::fmt::Display for FieldViolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+pub fn kind_from_proto(kind: i32) -> Result<EventKind, FieldViolation> {
+    Ok(match v1::EventKind::try_from(kind) {
+        Ok(v1::EventKind::PaymentCaptured) => EventKind::PaymentCaptured,
+        Ok(v1::EventKind::RefundIssued) => EventKind::RefundIssued,
+        Ok(v1::EventKind::SettlementReceived) => EventKind::SettlementReceived,
+        Ok(v1::EventKind::ChargebackOpened) => EventKind::ChargebackOpened,
+        Ok(v1::EventKind::ChargebackReversed) => EventKind::ChargebackReversed,
+        Ok(v1::EventKind::Correction) => EventKind::Correction,
+        Ok(v1::EventKind::Unspecified) => return Err(FactError::Missing { field: "kind" }.into()),
+        Err(_) => {
+            return Err(FieldViolation::invalid("kind", format!("kind: unknown value {kind}")));
+        }
+    })
+}
+
+pub fn kind_to_proto(kind: EventKind) -> v1::EventKind {
+    match kind {
+        EventKind::PaymentCaptured => v1::EventKind::PaymentCaptured,
+        EventKind::RefundIssued => v1::EventKind::RefundIssued,
+        EventKind::SettlementReceived => v1::EventKind::SettlementReceived,
+        EventKind::ChargebackOpened => v1::EventKind::ChargebackOpened,
+        EventKind::ChargebackReversed => v1::EventKind::ChargebackReversed,
+        EventKind::Correction => v1::EventKind::Correction,
+    }
+}
+
+fn currency(field: &'static str, code: &str) -> Result<Currency, FieldViolation> {
+    if code.is_empty() {
+        return Err(FactError::Missing { field }.into());
+    }
+    Currency::parse(code).map_err(|e| FieldViolation::invalid(field, format!("{field}: {e}")))
+}
+
+fn day(field: &'static str, text: &str) -> Result<Day, FieldViolation> {
+    if text.is_empty() {
+        return Err(FactError::Missing { field }.into());
+    }
+    Day::parse(text).map_err(|e| FieldViolation::invalid(field, format!("{field}: {e}")))
+}
+
+fn version(v: i32) -> Result<i32, FieldViolation> {
+    if v < 1 {
+        return Err(FieldViolation::invalid("version", format!("version: must be ≥ 1, got {v}")));
+    }
+    Ok(v)
+}
+
+/// Parses and validates a submitted event (structure only; the time rules need
+/// ingest's clock, see `payledger_semantics::check_event_time`).
+pub fn fact_from_event(e: &v1::Event) -> Result<Fact, FieldViolation> {
+    let mut fact = Fact {
+        event_id: e.event_id.clone(),
+        merchant_id: e.merchant_id.clone(),
+        kind: kind_from_proto(e.kind)?,
+        amount_minor: e.amount_minor,
+        currency: Currency::USD,
+        event_time_us: e.event_time_us,
+        corrects_event_id: (!e.corrects_event_id.is_empty()).then(|| e.corrects_event_id.clone()),
+    };
+    // Ids and amounts first, so that a message names the most basic problem.
+    fact.validate()?;
+    fact.currency = currency("currency", &e.currency)?;
+    if e.event_time_us == 0 {
+        return Err(FactError::Missing { field: "event_time_us" }.into());
+    }
+    Ok(fact)
+}
+
+pub fn event_from_fact(f: &Fact) -> v1::Event {
+    v1::Event {
+        event_id: f.event_id.clone(),
+        merchant_id: f.merchant_id.clone(),
+        kind: kind_to_proto(f.kind) as i32,
+        amount_minor: f.amount_minor,
+        currency: f.currency.to_string(),
+        event_time_us: f.event_time_us,
+        corrects_event_id: f.corrects_event_id.clone().unwrap_or_default(),
+    }
+}
+
+pub fn fx_from_proto(fx: &v1::FxRate) -> Result<FxRecord, FieldViolation> {
+    let currency = currency("currency", &fx.currency)?;
+    if fx.rate.is_empty() {
+        return Err(FactError::Missing { field: "rate" }.into());
+    }
+    let rate = Rate::parse(&fx.rate).map_err(|e| FieldViolation::invalid("rate", e.to_string()))?;
+    Ok(FxRecord {
+        currency,
+        rate,
+        effective_day: day("effective_date", &fx.effective_date)?,
+        version: version(fx.version)?,
+    })
+}
+
+pub fn risk_from_proto(r: &v1::RiskTier) -> Result<RiskRecord, FieldViolation> {
+    let record = RiskRecord {
+        merchant_id: r.merchant_id.clone(),
+        tier: r.tier.clone(),
+        reserve_bps: r.reserve_bps,
+        effective_day: day("effective_date", &r.effective_date)?,
+        version: version(r.version)?,
+    };
+    record.validate()?;
+    if !(0..=10_000).contains(&r.reserve_bps) {
+        return Err(FieldViolation::invalid(
+            "reserve_bps",
+            format!("reserve_bps: must be within 0..=10000, got {}", r.reserve_bps),
+        ));
+    }
+    Ok(record)
+}
+
+pub fn daily_row_to_proto(r: &DailyRow) -> v1::DailyRow {
+    v1::DailyRow {
+        merchant_id: r.merchant_id.clone(),
+        day: r.day.to_string(),
+        currency: r.currency.to_string(),
+        closing_minor: r.closing_minor.to_string(),
+        peak_minor: r.peak_minor.to_string(),
+        peak_bucket_start_us: r.peak_bucket_start_us,
+        applied: r.applied,
+        duplicates: r.duplicates,
+        conflicts: r.conflicts,
+        late: r.late,
+        restated: r.restated,
+        log_position: r.log_position,
+        semantics_version: r.semantics_version,
+    }
+}
+
+fn minor(field: &'static str, text: &str) -> Result<i128, FieldViolation> {
+    text.parse().map_err(|_| FieldViolation::invalid(field, format!("{field}: '{text}' is not an integer")))
+}
+
+pub fn daily_row_from_proto(r: &v1::DailyRow) -> Result<DailyRow, FieldViolation> {
+    Ok(DailyRow {
+        merchant_id: r.merchant_id.clone(),
+        day: day("day", &r.day)?,
+        currency: currency("currency", &r.currency)?,
+        closing_minor: minor("closing_minor", &r.closing_minor)?,
+        peak_minor: minor("peak_minor", &r.peak_minor)?,
+        peak_bucket_start_us: r.peak_bucket_start_us,
+        applied: r.applied,
+        duplicates: r.duplicates,
+        conflicts: r.conflicts,
+        late: r.late,
+        restated: r.restated,
+        log_position: r.log_position,
+        semantics_version: r.semantics_version,
+    })
+}
+
+pub fn current_row_to_proto(r: &CurrentRow) -> v1::CurrentRow {
+    v1::CurrentRow {
+        merchant_id: r.merchant_id.clone(),
+        currency: r.currency.to_string(),
+        balance_minor: r.balance_minor.to_string(),
+        last_event_time_us: r.last_event_time_us,
+        applied: r.applied,
+        duplicates: r.duplicates,
+        conflicts: r.conflicts,
+        late: r.late,
+        log_position: r.log_position,
+        semantics_version: r.semantics_version,
+    }
+}
+
+pub fn current_row_from_proto(r: &v1::CurrentRow) -> Result<CurrentRow, FieldViolation> {
+    Ok(CurrentRow {
+        merchant_id: r.merchant_id.clone(),
+        currency: currency("currency", &r.currency)?,
+        balance_minor: minor("balance_minor", &r.balance_minor)?,
+        last_event_time_us: r.last_event_time_us,
+        applied: r.applied,
+        duplicates: r.duplicates,
+        conflicts: r.conflicts,
+        late: r.late,
+        log_position: r.log_position,
+        semantics_version: r.semantics_version,
+    })
+}
+
+/// What a message on a partition subject holds, as the semantics reads it. Stream
+/// and replay decode with this one function, so they skip exactly the same records.
+pub fn record_from_log(seq: u64, payload: &[u8]) -> Result<Record, FieldViolation> {
+    use prost::Message;
+    let log = v1::LogRecord::decode(payload)
+        .map_err(|e| FieldViolation::invalid("payload", format!("not a LogRecord: {e}")))?;
+    let body = match &log.body {
+        Some(v1::log_record::Body::Fact(event)) => RecordBody::Fact(fact_from_event(event)?),
+        Some(v1::log_record::Body::Heartbeat(_)) => RecordBody::Heartbeat,
+        Some(_) => {
+            return Err(FieldViolation::invalid("body", "a dimension record on a partition subject"));
+        }
+        None => return Err(FactError::Missing { field: "body" }.into()),
+    };
+    Ok(Record { seq, ingest_time_us: log.ingest_time_us, body })
+}

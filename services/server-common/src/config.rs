@@ -1,0 +1,92 @@
+//! Flags shared by every service (each also readable from the environment).
+
+use std::time::Duration;
+
+use payledger_semantics::Settings;
+
+/// Parses durations such as `90s`, `5m`, `35d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("'{text}': {e} (examples: 500ms, 90s, 5m, 35d)"))
+}
+
+pub fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct NatsArgs {
+    /// NATS server URL (JetStream enabled).
+    #[arg(long = "nats-url", env = "PAYLEDGER_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub url: String,
+    /// NATS credentials file (.creds), if the server requires one.
+    #[arg(long = "nats-creds", env = "PAYLEDGER_NATS_CREDS")]
+    pub creds: Option<std::path::PathBuf>,
+}
+
+impl NatsArgs {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), creds: None }
+    }
+
+    pub async fn connect(&self, name: &str) -> anyhow::Result<async_nats::Client> {
+        let mut options = async_nats::ConnectOptions::new().name(name).retry_on_initial_connect();
+        if let Some(creds) = &self.creds {
+            options = options.credentials_file(creds).await?;
+        }
+        let client = tokio::time::timeout(Duration::from_secs(30), options.connect(&self.url))
+            .await
+            .map_err(|_| anyhow::anyhow!("could not reach NATS at {} within 30 s; is nats-server running?", self.url))??;
+        Ok(client)
+    }
+}
+
+/// The semantics settings ingest creates the stream with (DESIGN.md section 4.9).
+#[derive(clap::Args, Clone, Debug)]
+pub struct SemanticsArgs {
+    /// Partitions of the stream; fixed when the stream is created.
+    #[arg(long, env = "PAYLEDGER_PARTITIONS", default_value_t = 16)]
+    pub partitions: u32,
+    /// Dedup horizon H: how long identities are remembered, and the oldest event accepted.
+    #[arg(long, env = "PAYLEDGER_DEDUP_HORIZON", default_value = "35d", value_parser = parse_duration)]
+    pub dedup_horizon: Duration,
+    /// Events older than this at ingest are counted late; days close this long after they end.
+    #[arg(long, env = "PAYLEDGER_ALLOWED_LATENESS", default_value = "1h", value_parser = parse_duration)]
+    pub allowed_lateness: Duration,
+    /// How far ahead of ingest's clock an event_time may lie.
+    #[arg(long, env = "PAYLEDGER_MAX_CLOCK_SKEW", default_value = "5m", value_parser = parse_duration)]
+    pub max_clock_skew: Duration,
+    /// Width of the event-time buckets of the daily peak; must divide a day.
+    #[arg(long, env = "PAYLEDGER_BUCKET_WIDTH", default_value = "15m", value_parser = parse_duration)]
+    pub bucket_width: Duration,
+}
+
+impl Default for SemanticsArgs {
+    fn default() -> Self {
+        Self::from_settings(&Settings::default())
+    }
+}
+
+impl SemanticsArgs {
+    pub fn from_settings(s: &Settings) -> Self {
+        let d = |us: i64| Duration::from_micros(us as u64);
+        Self {
+            partitions: s.partitions,
+            dedup_horizon: d(s.dedup_horizon_us),
+            allowed_lateness: d(s.allowed_lateness_us),
+            max_clock_skew: d(s.max_clock_skew_us),
+            bucket_width: d(s.bucket_width_us),
+        }
+    }
+
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        let settings = Settings {
+            partitions: self.partitions,
+            dedup_horizon_us: micros(self.dedup_horizon),
+            allowed_lateness_us: micros(self.allowed_lateness),
+            max_clock_skew_us: micros(self.max_clock_skew),
+            bucket_width_us: micros(self.bucket_width),
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+}

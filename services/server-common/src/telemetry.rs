@@ -1,0 +1,11 @@
+//! Structured logs to stderr; `RUST_LOG` filters, `PAYLEDGER_LOG_FORMAT=json` for machines.
+
+use tracing_subscriber::EnvFilter;
+
+pub fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("PAYLEDGER_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests running services in one process) is harmless.
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
