@@ -1,1 +1,7 @@
-//! placeholder
+//! The `payledger` command line: a local dev stack, a traffic generator, and
+//! clients for ingest and query. The library half is what the end-to-end tests
+//! and benchmarks share with the binary.
+
+pub mod dev;
+pub mod events_file;
+pub mod generate;

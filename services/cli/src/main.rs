@@ -1,1 +1,730 @@
-fn main() {}
+//! `payledger`: run the stack locally, generate traffic, ingest files, query exposure.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use payledger_cli::dev::{DevArgs, DevStack};
+use payledger_cli::events_file::{EventLine, format_time_us};
+use payledger_cli::generate::{GenConfig, Generator};
+use payledger_proto::v1::{
+    self, ingest_service_client::IngestServiceClient, query_service_client::QueryServiceClient,
+};
+use tonic::transport::Channel;
+
+/// PayLedger: merchant exposure from one canonical log of payment facts.
+///
+/// Start a local stack with `payledger dev`, send traffic with `payledger gen
+/// --send`, and read exposure with `payledger query current m-00001`.
+#[derive(Parser, Debug)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct Endpoints {
+    /// Ingest service URL.
+    #[arg(
+        long,
+        env = "PAYLEDGER_INGEST_URL",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    ingest_url: String,
+    /// Query service URL.
+    #[arg(
+        long,
+        env = "PAYLEDGER_QUERY_URL",
+        default_value = "http://127.0.0.1:50052",
+        global = true
+    )]
+    query_url: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run nats-server, ingest, projector and query on this machine until Ctrl-C.
+    Dev(DevArgs),
+    /// Run the stack, send a short generated workload, print a few merchants' exposure, stop.
+    Demo {
+        #[command(flatten)]
+        dev: DevArgs,
+        /// Events to send.
+        #[arg(long, default_value_t = 5000)]
+        events: usize,
+    },
+    /// Generate realistic traffic: to a JSON-lines file, or straight to ingest with --send.
+    Gen {
+        #[command(flatten)]
+        config: GenConfig,
+        /// Write events as JSON lines to this file ("-" for stdout).
+        #[arg(long, conflicts_with = "send")]
+        out: Option<PathBuf>,
+        /// Send to the ingest service instead of writing a file.
+        #[arg(long)]
+        send: bool,
+        /// Events per Publish call.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Events per second at most (0: as fast as ingest answers).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[command(flatten)]
+        endpoints: Endpoints,
+    },
+    /// Send a JSON-lines file of events to the ingest service.
+    Ingest {
+        /// The file ("-" for stdin).
+        file: PathBuf,
+        /// Events per Publish call.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        #[command(flatten)]
+        endpoints: Endpoints,
+    },
+    /// Read exposure from the query service.
+    #[command(subcommand)]
+    Query(QueryCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum QueryCommand {
+    /// Current open exposure of a merchant, per currency.
+    Current {
+        merchant: String,
+        #[command(flatten)]
+        endpoints: Endpoints,
+    },
+    /// One merchant-day (YYYY-MM-DD), all currencies, with FX and reserve applied.
+    Daily {
+        merchant: String,
+        day: String,
+        #[arg(long, value_enum, default_value_t = ConsistencyArg::Auto)]
+        consistency: ConsistencyArg,
+        #[command(flatten)]
+        endpoints: Endpoints,
+    },
+    /// Merchant-days in a range, page by page.
+    List {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "")]
+        merchant: String,
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        #[command(flatten)]
+        endpoints: Endpoints,
+    },
+    /// Follow merchants' current exposure as it changes (Ctrl-C to stop).
+    Watch {
+        merchants: Vec<String>,
+        #[command(flatten)]
+        endpoints: Endpoints,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ConsistencyArg {
+    Auto,
+    Provisional,
+    Authoritative,
+}
+
+impl ConsistencyArg {
+    fn to_proto(self) -> v1::Consistency {
+        match self {
+            ConsistencyArg::Auto => v1::Consistency::Auto,
+            ConsistencyArg::Provisional => v1::Consistency::Provisional,
+            ConsistencyArg::Authoritative => v1::Consistency::Authoritative,
+        }
+    }
+}
+
+async fn channel(url: &str, what: &str) -> anyhow::Result<Channel> {
+    Channel::from_shared(url.to_string())
+        .with_context(|| format!("{what} URL '{url}' is not a valid URI"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the {what} service at {url}; is `payledger dev` running, or is --{what}-url right?"))
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+fn status_error(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+#[derive(Default, Debug, serde::Serialize)]
+struct Tally {
+    accepted: u64,
+    duplicate: u64,
+    rejected: u64,
+    /// Highest accepted sequence per merchant, to know when rows have caught up.
+    #[serde(skip)]
+    last_seq: HashMap<String, u64>,
+}
+
+async fn publish(
+    client: &mut IngestServiceClient<Channel>,
+    events: Vec<v1::Event>,
+    tally: &mut Tally,
+    mut on_reject: impl FnMut(&v1::Event, &v1::Rejected),
+) -> anyhow::Result<()> {
+    let response = client
+        .publish(v1::PublishRequest {
+            events: events.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    for (event, result) in events.iter().zip(response.results) {
+        match result.outcome {
+            Some(v1::publish_result::Outcome::Accepted(a)) => {
+                tally.accepted += 1;
+                let seq = tally.last_seq.entry(event.merchant_id.clone()).or_default();
+                *seq = (*seq).max(a.sequence);
+            }
+            Some(v1::publish_result::Outcome::Duplicate(_)) => tally.duplicate += 1,
+            Some(v1::publish_result::Outcome::Rejected(r)) => {
+                tally.rejected += 1;
+                on_reject(event, &r);
+            }
+            None => anyhow::bail!("ingest answered an event without an outcome"),
+        }
+    }
+    Ok(())
+}
+
+fn progress(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:40}] {pos}/{len} events ({per_sec}, eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+async fn send_generated(
+    generator: &mut Generator,
+    count: usize,
+    batch: usize,
+    rate: u64,
+    ingest_url: &str,
+) -> anyhow::Result<Tally> {
+    let mut client = IngestServiceClient::new(channel(ingest_url, "ingest").await?);
+    let today = payledger_semantics::Day::of_micros(now_us()).to_string();
+    let yesterday =
+        payledger_semantics::Day(payledger_semantics::Day::of_micros(now_us()).0 - 1).to_string();
+    for fx in generator.fx_records(&yesterday) {
+        client
+            .publish_dimension(v1::PublishDimensionRequest {
+                record: Some(v1::publish_dimension_request::Record::Fx(fx)),
+            })
+            .await
+            .map_err(status_error)?;
+    }
+    for risk in generator.risk_records(&today) {
+        client
+            .publish_dimension(v1::PublishDimensionRequest {
+                record: Some(v1::publish_dimension_request::Record::Risk(risk)),
+            })
+            .await
+            .map_err(status_error)?;
+    }
+    let bar = progress(count as u64, "sending");
+    let mut tally = Tally::default();
+    let started = std::time::Instant::now();
+    let mut sent = 0usize;
+    while sent < count {
+        let n = batch.max(1).min(count - sent);
+        let events = generator.batch(n, now_us());
+        publish(&mut client, events, &mut tally, |e, r| {
+            bar.suspend(|| eprintln!("rejected {}: {}", e.event_id, r.message));
+        })
+        .await?;
+        sent += n;
+        bar.set_position(sent as u64);
+        if rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(tally)
+}
+
+fn print_current(e: &v1::CurrentExposure) {
+    println!("merchant {}", e.merchant_id);
+    println!(
+        "  {:<4} {:>18} {:>8} {:>6} {:>6} {:>6} {:>10}  last event",
+        "cur", "balance_minor", "applied", "dup", "confl", "late", "log_pos"
+    );
+    for r in &e.rows {
+        println!(
+            "  {:<4} {:>18} {:>8} {:>6} {:>6} {:>6} {:>10}  {}",
+            r.currency,
+            r.balance_minor,
+            r.applied,
+            r.duplicates,
+            r.conflicts,
+            r.late,
+            r.log_position,
+            format_time_us(r.last_event_time_us)
+        );
+    }
+    print_provenance(e.provenance.as_ref());
+}
+
+fn print_provenance(p: Option<&v1::Provenance>) {
+    let Some(p) = p else { return };
+    let source = v1::Source::try_from(p.source)
+        .map(|s| s.as_str_name())
+        .unwrap_or("?");
+    let lag = p.stream_lag.as_ref().map_or("unknown".to_string(), |l| {
+        if l.known {
+            format!(
+                "p{} applied through seq {}, {} pending, reported {} ms ago",
+                l.partition,
+                l.applied_sequence,
+                l.pending_records,
+                l.report_age_us / 1000
+            )
+        } else {
+            format!("p{} not reported yet", l.partition)
+        }
+    });
+    println!(
+        "  source {source}{} restated={} log_position={} semantics v{} settings {}\n  stream: {lag}",
+        if p.provisional { " (provisional)" } else { "" },
+        p.restated,
+        p.log_position,
+        p.semantics_version,
+        p.settings_fingerprint
+    );
+}
+
+fn print_daily(e: &v1::DailyExposure) {
+    println!("merchant {} day {}", e.merchant_id, e.day);
+    println!(
+        "  {:<4} {:>18} {:>18} {:>8} {:>8} {:>6} {:>6} {:>6} {:>9} {:>10}",
+        "cur",
+        "closing_minor",
+        "peak_minor",
+        "peak at",
+        "applied",
+        "dup",
+        "confl",
+        "late",
+        "restated",
+        "log_pos"
+    );
+    for r in &e.rows {
+        let peak_at = format_time_us(r.peak_bucket_start_us);
+        println!(
+            "  {:<4} {:>18} {:>18} {:>8} {:>8} {:>6} {:>6} {:>6} {:>9} {:>10}",
+            r.currency,
+            r.closing_minor,
+            r.peak_minor,
+            &peak_at[11..16],
+            r.applied,
+            r.duplicates,
+            r.conflicts,
+            r.late,
+            r.restated,
+            r.log_position
+        );
+    }
+    if let Some(rep) = &e.reporting {
+        let fx: Vec<String> = rep
+            .fx_versions
+            .iter()
+            .map(|f| {
+                format!(
+                    "{}@{} v{} ({})",
+                    f.currency, f.effective_date, f.version, f.rate
+                )
+            })
+            .collect();
+        println!(
+            "  in {}: closing {} reserve {} (tier '{}', {} bps){}{}",
+            rep.reporting_currency,
+            rep.closing_reporting_minor.as_deref().unwrap_or("n/a"),
+            rep.reserve_minor.as_deref().unwrap_or("n/a"),
+            rep.risk_tier,
+            rep.reserve_bps,
+            if fx.is_empty() {
+                String::new()
+            } else {
+                format!("; fx {}", fx.join(", "))
+            },
+            if rep.missing_rates.is_empty() {
+                String::new()
+            } else {
+                format!("; missing rates: {}", rep.missing_rates.join(", "))
+            },
+        );
+    }
+    print_provenance(e.provenance.as_ref());
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+async fn query_client(url: &str) -> anyhow::Result<QueryServiceClient<Channel>> {
+    Ok(QueryServiceClient::new(channel(url, "query").await?))
+}
+
+async fn run_query(command: QueryCommand, json: bool) -> anyhow::Result<()> {
+    match command {
+        QueryCommand::Current {
+            merchant,
+            endpoints,
+        } => {
+            let mut client = query_client(&endpoints.query_url).await?;
+            let e = client
+                .get_current_exposure(v1::GetCurrentExposureRequest {
+                    merchant_id: merchant,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                print_json(&json_current(&e))?
+            } else {
+                print_current(&e)
+            }
+        }
+        QueryCommand::Daily {
+            merchant,
+            day,
+            consistency,
+            endpoints,
+        } => {
+            let mut client = query_client(&endpoints.query_url).await?;
+            let e = client
+                .get_daily_exposure(v1::GetDailyExposureRequest {
+                    merchant_id: merchant,
+                    day,
+                    consistency: consistency.to_proto() as i32,
+                    snapshot_id: String::new(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                print_json(&json_daily(&e))?
+            } else {
+                print_daily(&e)
+            }
+        }
+        QueryCommand::List {
+            from,
+            to,
+            merchant,
+            page_size,
+            endpoints,
+        } => {
+            let mut client = query_client(&endpoints.query_url).await?;
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_daily_exposure(v1::ListDailyExposureRequest {
+                        merchant_id: merchant.clone(),
+                        from_day: from.clone(),
+                        to_day: to.clone(),
+                        consistency: v1::Consistency::Auto as i32,
+                        page_size,
+                        page_token: page_token.clone(),
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                for e in &page.items {
+                    if json {
+                        print_json(&json_daily(e))?
+                    } else {
+                        print_daily(e)
+                    }
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+        }
+        QueryCommand::Watch {
+            merchants,
+            endpoints,
+        } => {
+            let mut client = query_client(&endpoints.query_url).await?;
+            let mut stream = client
+                .watch_current_exposure(v1::WatchCurrentExposureRequest {
+                    merchant_ids: merchants,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            while let Some(e) = stream.message().await.map_err(status_error)? {
+                if json {
+                    print_json(&json_current(&e))?
+                } else {
+                    print_current(&e)
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn json_rows<T>(rows: &[T], f: impl Fn(&T) -> serde_json::Value) -> serde_json::Value {
+    serde_json::Value::Array(rows.iter().map(f).collect())
+}
+
+fn json_provenance(p: Option<&v1::Provenance>) -> serde_json::Value {
+    let Some(p) = p else {
+        return serde_json::Value::Null;
+    };
+    let lag = p.stream_lag.clone().unwrap_or_default();
+    serde_json::json!({
+        "source": v1::Source::try_from(p.source).map(|s| s.as_str_name()).unwrap_or("?"),
+        "provisional": p.provisional, "restated": p.restated, "snapshot_id": p.snapshot_id,
+        "log_position": p.log_position, "semantics_version": p.semantics_version,
+        "settings_fingerprint": p.settings_fingerprint,
+        "stream_lag": {"partition": lag.partition, "known": lag.known, "applied_sequence": lag.applied_sequence,
+                        "pending_records": lag.pending_records, "report_age_us": lag.report_age_us},
+    })
+}
+
+fn json_current(e: &v1::CurrentExposure) -> serde_json::Value {
+    serde_json::json!({
+        "merchant_id": e.merchant_id,
+        "rows": json_rows(&e.rows, |r| serde_json::json!({
+            "currency": r.currency, "balance_minor": r.balance_minor, "last_event_time_us": r.last_event_time_us,
+            "applied": r.applied, "duplicates": r.duplicates, "conflicts": r.conflicts, "late": r.late,
+            "log_position": r.log_position, "semantics_version": r.semantics_version})),
+        "provenance": json_provenance(e.provenance.as_ref()),
+    })
+}
+
+fn json_daily(e: &v1::DailyExposure) -> serde_json::Value {
+    let rep = e.reporting.clone().unwrap_or_default();
+    serde_json::json!({
+        "merchant_id": e.merchant_id, "day": e.day,
+        "rows": json_rows(&e.rows, |r| serde_json::json!({
+            "currency": r.currency, "closing_minor": r.closing_minor, "peak_minor": r.peak_minor,
+            "peak_bucket_start_us": r.peak_bucket_start_us, "applied": r.applied, "duplicates": r.duplicates,
+            "conflicts": r.conflicts, "late": r.late, "restated": r.restated, "log_position": r.log_position,
+            "semantics_version": r.semantics_version})),
+        "reporting": {"currency": rep.reporting_currency, "closing_reporting_minor": rep.closing_reporting_minor,
+                      "reserve_minor": rep.reserve_minor, "risk_tier": rep.risk_tier, "risk_version": rep.risk_version,
+                      "reserve_bps": rep.reserve_bps, "missing_rates": rep.missing_rates,
+                      "fx_versions": json_rows(&rep.fx_versions, |f| serde_json::json!({
+                          "currency": f.currency, "effective_date": f.effective_date, "version": f.version, "rate": f.rate}))},
+        "provenance": json_provenance(e.provenance.as_ref()),
+    })
+}
+
+async fn ingest_file(
+    file: PathBuf,
+    batch: usize,
+    endpoints: Endpoints,
+    json: bool,
+) -> anyhow::Result<()> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
+    };
+    // Every line is checked before anything is sent: a malformed file changes nothing.
+    let mut events = Vec::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let parsed: EventLine =
+            serde_json::from_str(line).with_context(|| format!("line {}: not an event", n + 1))?;
+        events.push(
+            parsed
+                .to_event()
+                .map_err(|e| anyhow::anyhow!("line {}: {e}", n + 1))?,
+        );
+    }
+    let mut client = IngestServiceClient::new(channel(&endpoints.ingest_url, "ingest").await?);
+    let bar = progress(events.len() as u64, "ingesting");
+    let mut tally = Tally::default();
+    for chunk in events.chunks(batch.max(1)) {
+        publish(&mut client, chunk.to_vec(), &mut tally, |e, r| {
+            bar.suspend(|| eprintln!("rejected {}: {} (field {})", e.event_id, r.message, r.field));
+        })
+        .await?;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    if json {
+        print_json(&tally)?;
+    } else {
+        println!(
+            "{} accepted, {} duplicate, {} rejected",
+            tally.accepted, tally.duplicate, tally.rejected
+        );
+    }
+    Ok(())
+}
+
+async fn demo(dev: DevArgs, events: usize) -> anyhow::Result<()> {
+    let stack = DevStack::start(&dev).await?;
+    println!(
+        "stack up: nats {}  ingest {}  query {}  projector {}",
+        stack.nats.url(),
+        stack.ingest,
+        stack.query,
+        stack.projector
+    );
+    let config = GenConfig {
+        events,
+        merchants: 20,
+        ..GenConfig::default()
+    };
+    let mut generator = Generator::new(config);
+    let ingest_url = format!("http://{}", stack.ingest);
+    let tally = send_generated(&mut generator, events, 500, 0, &ingest_url).await?;
+    println!(
+        "sent {events} events: {} accepted, {} duplicate (absorbed by ingest), {} rejected",
+        tally.accepted, tally.duplicate, tally.rejected
+    );
+    let mut client = query_client(&format!("http://{}", stack.query)).await?;
+    let mut merchants: Vec<_> = tally.last_seq.iter().collect();
+    merchants.sort();
+    for (merchant, last) in merchants.iter().take(3) {
+        // Wait until the stream tables have caught up with what ingest acknowledged.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let exposure = loop {
+            match client
+                .get_current_exposure(v1::GetCurrentExposureRequest {
+                    merchant_id: merchant.to_string(),
+                })
+                .await
+            {
+                Ok(e) if e.get_ref().rows.iter().map(|r| r.log_position).max() >= Some(**last) => {
+                    break e.into_inner();
+                }
+                _ if std::time::Instant::now() > deadline => {
+                    anyhow::bail!("rows of {merchant} did not catch up within 30 s")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        println!();
+        print_current(&exposure);
+        let today = payledger_semantics::Day::of_micros(now_us()).to_string();
+        if let Ok(daily) = client
+            .get_daily_exposure(v1::GetDailyExposureRequest {
+                merchant_id: merchant.to_string(),
+                day: today,
+                ..Default::default()
+            })
+            .await
+        {
+            println!();
+            print_daily(daily.get_ref());
+        }
+    }
+    stack.stop().await
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if matches!(cli.command, Command::Dev(_) | Command::Demo { .. }) {
+        // Services log warnings only, to keep the output readable; RUST_LOG overrides.
+        payledger_server_common::telemetry::init_tracing_with_default("warn");
+    }
+    match cli.command {
+        Command::Dev(args) => {
+            let stack = DevStack::start(&args).await?;
+            println!("payledger dev is up (Ctrl-C to stop)");
+            println!("  nats      {}", stack.nats.url());
+            println!("  ingest    http://{}", stack.ingest);
+            println!("  query     http://{}", stack.query);
+            println!("  projector http://{} (health)", stack.projector);
+            println!("  data      {}", stack.data.display());
+            println!("try: payledger gen --send --events 5000 && payledger query current m-00001");
+            tokio::signal::ctrl_c().await?;
+            stack.stop().await?;
+        }
+        Command::Demo { dev, events } => demo(dev, events).await?,
+        Command::Gen {
+            config,
+            out,
+            send,
+            batch,
+            rate,
+            endpoints,
+        } => {
+            let count = config.events;
+            let mut generator = Generator::new(config);
+            if send {
+                let tally =
+                    send_generated(&mut generator, count, batch, rate, &endpoints.ingest_url)
+                        .await?;
+                if cli.json {
+                    print_json(&tally)?;
+                } else {
+                    println!(
+                        "{} accepted, {} duplicate, {} rejected",
+                        tally.accepted, tally.duplicate, tally.rejected
+                    );
+                }
+            } else {
+                use std::io::Write;
+                let mut writer: Box<dyn Write> = match out.as_deref() {
+                    None => Box::new(std::io::stdout().lock()),
+                    Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdout().lock()),
+                    Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p)?)),
+                };
+                let now = now_us();
+                for _ in 0..count {
+                    let event = generator.next_event(now);
+                    writeln!(
+                        writer,
+                        "{}",
+                        serde_json::to_string(&EventLine::from_event(&event))?
+                    )?;
+                }
+                writer.flush()?;
+            }
+        }
+        Command::Ingest {
+            file,
+            batch,
+            endpoints,
+        } => ingest_file(file, batch, endpoints, cli.json).await?,
+        Command::Query(command) => run_query(command, cli.json).await?,
+    }
+    Ok(())
+}

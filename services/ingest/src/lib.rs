@@ -85,7 +85,10 @@ impl IngestConfig {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.max_batch_events >= 1, "--max-batch-events must be at least 1");
+        anyhow::ensure!(
+            self.max_batch_events >= 1,
+            "--max-batch-events must be at least 1"
+        );
         anyhow::ensure!(
             (1..=50).contains(&self.max_concurrent_batches),
             "--max-concurrent-batches must be within 1..=50 (JetStream's in-flight batch limit per stream)"
@@ -105,9 +108,9 @@ pub async fn run(
     let settings = config.semantics.settings()?;
     let client = config.nats.connect("payledger-ingest").await?;
     let js = async_nats::jetstream::new(client.clone());
-    let max_age = config.stream_max_age.max(
-        Duration::from_micros(settings.dedup_horizon_us as u64) + Duration::from_secs(86_400),
-    );
+    let max_age = config
+        .stream_max_age
+        .max(Duration::from_micros(settings.dedup_horizon_us as u64) + Duration::from_secs(86_400));
     ensure_stream(
         &js,
         &settings,
@@ -137,7 +140,10 @@ pub async fn run(
         Some(service.into_routes(config.max_request_bytes)),
         &["payledger.v1.IngestService"],
         listener,
-        &ServerLimits { max_request_bytes: config.max_request_bytes, concurrency_per_connection: 256 },
+        &ServerLimits {
+            max_request_bytes: config.max_request_bytes,
+            concurrency_per_connection: 256,
+        },
         shutdown,
     )
     .await;

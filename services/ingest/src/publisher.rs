@@ -78,12 +78,18 @@ impl Publisher {
             js,
             settings,
             ack_timeout: config.ack_timeout,
-            last_record_us: (0..settings.partitions).map(|_| AtomicI64::new(i64::MIN)).collect(),
+            last_record_us: (0..settings.partitions)
+                .map(|_| AtomicI64::new(i64::MIN))
+                .collect(),
         }
     }
 
     pub fn encode(ingest_time_us: i64, body: v1::log_record::Body) -> Bytes {
-        let record = v1::LogRecord { ingest_time_us, body: Some(body), traceparent: String::new() };
+        let record = v1::LogRecord {
+            ingest_time_us,
+            body: Some(body),
+            traceparent: String::new(),
+        };
         Bytes::from(record.encode_to_vec())
     }
 
@@ -119,7 +125,8 @@ impl Publisher {
                 Err(e) => return Err(Status::internal(e.to_string())),
             }
             for e in chunk {
-                self.last_record_us[e.partition as usize].fetch_max(ingest_time_us, Ordering::Relaxed);
+                self.last_record_us[e.partition as usize]
+                    .fetch_max(ingest_time_us, Ordering::Relaxed);
             }
         }
         Ok(out)
@@ -166,7 +173,11 @@ impl Publisher {
             .map_err(unavailable)?
             .await
             .map_err(unavailable)?;
-        Ok(if ack.duplicate { Appended::Duplicate(ack.sequence) } else { Appended::Stored(ack.sequence) })
+        Ok(if ack.duplicate {
+            Appended::Duplicate(ack.sequence)
+        } else {
+            Appended::Stored(ack.sequence)
+        })
     }
 
     /// Partitions with no record since `quiet_since_us` (ingest clock).
@@ -177,7 +188,11 @@ impl Publisher {
     }
 
     /// One heartbeat to each of `partitions`, in one atomic batch.
-    pub async fn append_heartbeats(&self, partitions: &[u32], now_us: i64) -> Result<(), BatchError> {
+    pub async fn append_heartbeats(
+        &self,
+        partitions: &[u32],
+        now_us: i64,
+    ) -> Result<(), BatchError> {
         if partitions.is_empty() {
             return Ok(());
         }
@@ -186,7 +201,10 @@ impl Publisher {
             .map(|p| BatchMessage {
                 subject: event_subject(*p),
                 headers: HeaderMap::new(),
-                payload: Self::encode(now_us, v1::log_record::Body::Heartbeat(v1::Heartbeat { partition: *p })),
+                payload: Self::encode(
+                    now_us,
+                    v1::log_record::Body::Heartbeat(v1::Heartbeat { partition: *p }),
+                ),
             })
             .collect();
         publish_atomic(&self.client, messages, self.ack_timeout).await?;

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use payledger_proto::v1::ingest_service_server::{IngestService, IngestServiceServer};
 use payledger_proto::v1::{self, publish_result::Outcome};
-use payledger_proto::{FieldViolation, event_from_fact, fact_from_event, fx_from_proto, risk_from_proto};
+use payledger_proto::{
+    FieldViolation, event_from_fact, fact_from_event, fx_from_proto, risk_from_proto,
+};
 use payledger_semantics::{check_event_time, partition_of};
 use payledger_server_common::topology::{FX_SUBJECT, RISK_SUBJECT};
 use prost::Message;
@@ -43,15 +45,18 @@ impl IngestApi {
 
     /// Sheds load instead of queueing without bound.
     async fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
-        tokio::time::timeout(self.admission_timeout, self.admission.clone().acquire_owned())
-            .await
-            .map_err(|_| {
-                Status::resource_exhausted(format!(
-                    "ingest is at its limit of {} concurrent publish calls; retry with backoff",
-                    self.admission.available_permits().max(1)
-                ))
-            })?
-            .map_err(|_| Status::unavailable("ingest is shutting down"))
+        tokio::time::timeout(
+            self.admission_timeout,
+            self.admission.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| {
+            Status::resource_exhausted(format!(
+                "ingest is at its limit of {} concurrent publish calls; retry with backoff",
+                self.admission.available_permits().max(1)
+            ))
+        })?
+        .map_err(|_| Status::unavailable("ingest is shutting down"))
     }
 }
 
@@ -68,9 +73,11 @@ fn rejected(v: FieldViolation) -> v1::PublishResult {
 fn outcome(appended: Appended, ingest_time_us: i64, partition: u32) -> v1::PublishResult {
     v1::PublishResult {
         outcome: Some(match appended {
-            Appended::Stored(sequence) => {
-                Outcome::Accepted(v1::Accepted { sequence, ingest_time_us, partition })
-            }
+            Appended::Stored(sequence) => Outcome::Accepted(v1::Accepted {
+                sequence,
+                ingest_time_us,
+                partition,
+            }),
             Appended::Duplicate(sequence) => Outcome::Duplicate(v1::Duplicate { sequence }),
         }),
     }
@@ -134,10 +141,17 @@ impl IngestService for IngestApi {
             }
             for (i, k) in repeats {
                 let (Appended::Stored(seq) | Appended::Duplicate(seq)) = appended[k];
-                results[i] = Some(outcome(Appended::Duplicate(seq), now, prepared[k].partition));
+                results[i] = Some(outcome(
+                    Appended::Duplicate(seq),
+                    now,
+                    prepared[k].partition,
+                ));
             }
         }
-        let results = results.into_iter().map(|r| r.expect("every event answered")).collect();
+        let results = results
+            .into_iter()
+            .map(|r| r.expect("every event answered"))
+            .collect();
         Ok(Response::new(v1::PublishResponse { results }))
     }
 
@@ -171,11 +185,19 @@ impl IngestService for IngestApi {
             Appended::Stored(s) => (s, false),
             Appended::Duplicate(s) => (s, true),
         };
-        Ok(Response::new(v1::PublishDimensionResponse { sequence, ingest_time_us: now, duplicate }))
+        Ok(Response::new(v1::PublishDimensionResponse {
+            sequence,
+            ingest_time_us: now,
+            duplicate,
+        }))
     }
 }
 
 fn body_bytes(body: &v1::log_record::Body) -> Vec<u8> {
-    v1::LogRecord { ingest_time_us: 0, body: Some(body.clone()), traceparent: String::new() }
-        .encode_to_vec()
+    v1::LogRecord {
+        ingest_time_us: 0,
+        body: Some(body.clone()),
+        traceparent: String::new(),
+    }
+    .encode_to_vec()
 }

@@ -23,7 +23,11 @@ pub(crate) fn encode(state: &PartitionState) -> Result<Bytes, postcard::Error> {
     postcard::to_stdvec(&checkpoint).map(Bytes::from)
 }
 
-pub(crate) fn decode(bytes: &[u8], expected: &Settings, partition: u32) -> anyhow::Result<PartitionState> {
+pub(crate) fn decode(
+    bytes: &[u8],
+    expected: &Settings,
+    partition: u32,
+) -> anyhow::Result<PartitionState> {
     let checkpoint: Checkpoint = postcard::from_bytes(bytes)?;
     anyhow::ensure!(
         checkpoint.semantics_version == SEMANTICS_VERSION

@@ -161,7 +161,10 @@ pub async fn run(
         None,
         &[],
         listener,
-        &ServerLimits { max_request_bytes: 4 << 20, concurrency_per_connection: 64 },
+        &ServerLimits {
+            max_request_bytes: 4 << 20,
+            concurrency_per_connection: 64,
+        },
         shutdown,
     )
     .await;

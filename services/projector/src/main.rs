@@ -22,5 +22,10 @@ async fn main() -> anyhow::Result<()> {
     payledger_server_common::telemetry::init_tracing();
     let cli = Cli::parse();
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
-    payledger_projector::run(cli.config, listener, payledger_server_common::shutdown::signal_received()).await
+    payledger_projector::run(
+        cli.config,
+        listener,
+        payledger_server_common::shutdown::signal_received(),
+    )
+    .await
 }

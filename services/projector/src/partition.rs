@@ -65,9 +65,16 @@ struct Changed {
 
 impl PendingRows {
     fn add(&mut self, merchant_id: &str, touched: Touched) {
-        let changed = self.by_key.entry((merchant_id.to_string(), touched.currency)).or_default();
+        let changed = self
+            .by_key
+            .entry((merchant_id.to_string(), touched.currency))
+            .or_default();
         if touched.balances_changed {
-            changed.balances_from = Some(changed.balances_from.map_or(touched.day, |d| d.min(touched.day)));
+            changed.balances_from = Some(
+                changed
+                    .balances_from
+                    .map_or(touched.day, |d| d.min(touched.day)),
+            );
         } else {
             changed.counted.insert(touched.day);
         }
@@ -84,10 +91,28 @@ impl PendingRows {
         for ((merchant_id, currency), changed) in self.by_key.drain() {
             let mut rows = Vec::new();
             if let Some(day) = changed.balances_from {
-                rows.extend(state.daily_rows_touched(&merchant_id, &Touched { currency, day, balances_changed: true }));
+                rows.extend(state.daily_rows_touched(
+                    &merchant_id,
+                    &Touched {
+                        currency,
+                        day,
+                        balances_changed: true,
+                    },
+                ));
             }
-            for day in changed.counted.iter().filter(|d| changed.balances_from.is_none_or(|from| **d < from)) {
-                rows.extend(state.daily_rows_touched(&merchant_id, &Touched { currency, day: *day, balances_changed: false }));
+            for day in changed
+                .counted
+                .iter()
+                .filter(|d| changed.balances_from.is_none_or(|from| **d < from))
+            {
+                rows.extend(state.daily_rows_touched(
+                    &merchant_id,
+                    &Touched {
+                        currency,
+                        day: *day,
+                        balances_changed: false,
+                    },
+                ));
             }
             daily.extend(rows.iter().map(|r| RowWrite {
                 key: daily_key(&r.merchant_id, r.day, r.currency),
@@ -138,7 +163,13 @@ impl Projection {
             written_at_us: now_us(),
             settings_fingerprint: self.ctx.settings.fingerprint(),
         };
-        self.ctx.progress.put(progress_key(self.ctx.partition), progress.encode_to_vec().into()).await?;
+        self.ctx
+            .progress
+            .put(
+                progress_key(self.ctx.partition),
+                progress.encode_to_vec().into(),
+            )
+            .await?;
         if self.records_since_checkpoint >= self.ctx.tuning.checkpoint_every_records
             || (self.records_since_checkpoint > 0
                 && self.last_checkpoint.elapsed() >= self.ctx.tuning.checkpoint_interval)
@@ -151,8 +182,16 @@ impl Projection {
     async fn checkpoint(&mut self) -> anyhow::Result<()> {
         let bytes = checkpoint::encode(&self.state)?;
         let size = bytes.len();
-        self.ctx.checkpoints.put(self.ctx.partition, self.state.last_seq(), bytes).await?;
-        tracing::debug!(partition = self.ctx.partition, seq = self.state.last_seq(), bytes = size, "checkpoint written");
+        self.ctx
+            .checkpoints
+            .put(self.ctx.partition, self.state.last_seq(), bytes)
+            .await?;
+        tracing::debug!(
+            partition = self.ctx.partition,
+            seq = self.state.last_seq(),
+            bytes = size,
+            "checkpoint written"
+        );
         self.records_since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         Ok(())
@@ -160,12 +199,20 @@ impl Projection {
 }
 
 /// Runs until `stop` turns true (then flushes and checkpoints) or an error occurs.
-pub(crate) async fn run(ctx: PartitionContext, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    ctx: PartitionContext,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let partition = ctx.partition;
     let state = match ctx.checkpoints.latest(partition).await? {
         Some(stored) => {
             let state = checkpoint::decode(&stored.bytes, &ctx.settings, partition)?;
-            tracing::info!(partition, checkpoint_seq = stored.seq, identities = state.identities_remembered(), "restored checkpoint");
+            tracing::info!(
+                partition,
+                checkpoint_seq = stored.seq,
+                identities = state.identities_remembered(),
+                "restored checkpoint"
+            );
             state
         }
         None => PartitionState::new(partition, ctx.settings),
@@ -174,7 +221,9 @@ pub(crate) async fn run(ctx: PartitionContext, mut stop: watch::Receiver<bool>) 
     let deliver_policy = if restored_seq == 0 {
         DeliverPolicy::All
     } else {
-        DeliverPolicy::ByStartSequence { start_sequence: restored_seq + 1 }
+        DeliverPolicy::ByStartSequence {
+            start_sequence: restored_seq + 1,
+        }
     };
     let stream = ctx.js.get_stream(STREAM).await?;
     let consumer = stream
@@ -190,8 +239,20 @@ pub(crate) async fn run(ctx: PartitionContext, mut stop: watch::Receiver<bool>) 
     let position_current = |b: &[u8]| v1::CurrentRow::decode(b).ok().map(|r| r.log_position);
     let ack_timeout = ctx.tuning.ack_timeout;
     let mut p = Projection {
-        daily: RowWriter::new(ctx.client.clone(), ctx.daily.clone(), DAILY_BUCKET, position_daily, ack_timeout),
-        current: RowWriter::new(ctx.client.clone(), ctx.current.clone(), CURRENT_BUCKET, position_current, ack_timeout),
+        daily: RowWriter::new(
+            ctx.client.clone(),
+            ctx.daily.clone(),
+            DAILY_BUCKET,
+            position_daily,
+            ack_timeout,
+        ),
+        current: RowWriter::new(
+            ctx.client.clone(),
+            ctx.current.clone(),
+            CURRENT_BUCKET,
+            position_current,
+            ack_timeout,
+        ),
         ctx,
         state,
         pending: PendingRows::default(),
@@ -202,7 +263,8 @@ pub(crate) async fn run(ctx: PartitionContext, mut stop: watch::Receiver<bool>) 
     let mut first_applied: Option<u64> = None;
     let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
-        let deadline = flush_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let deadline =
+            flush_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         let next = tokio::select! {
             biased;
             _ = stop.changed() => break,
@@ -218,7 +280,9 @@ pub(crate) async fn run(ctx: PartitionContext, mut stop: watch::Receiver<bool>) 
             Some(Err(e)) => return Err(anyhow::anyhow!("reading partition {partition}: {e}")),
             None => anyhow::bail!("the consumer of partition {partition} ended"),
         };
-        let info = message.info().map_err(|e| anyhow::anyhow!("message without metadata: {e}"))?;
+        let info = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("message without metadata: {e}"))?;
         let seq = info.stream_sequence;
         p.pending_records = info.pending;
         match record_from_log(seq, &message.payload) {
@@ -226,7 +290,12 @@ pub(crate) async fn run(ctx: PartitionContext, mut stop: watch::Receiver<bool>) 
                 let outcome = p.state.apply(&record)?;
                 if outcome.status != Status::AlreadyRead && first_applied.is_none() {
                     first_applied = Some(seq);
-                    tracing::info!(partition, restored_seq, first_applied_seq = seq, "resumed partition");
+                    tracing::info!(
+                        partition,
+                        restored_seq,
+                        first_applied_seq = seq,
+                        "resumed partition"
+                    );
                 }
                 if let (Some(touched), RecordBody::Fact(fact)) = (outcome.touched, &record.body) {
                     p.pending.add(&fact.merchant_id, touched);
@@ -245,6 +314,10 @@ pub(crate) async fn run(ctx: PartitionContext, mut stop: watch::Receiver<bool>) 
     if p.records_since_checkpoint > 0 {
         p.checkpoint().await?;
     }
-    tracing::info!(partition, seq = p.state.last_seq(), "partition stopped after a final checkpoint");
+    tracing::info!(
+        partition,
+        seq = p.state.last_seq(),
+        "partition stopped after a final checkpoint"
+    );
     Ok(())
 }

@@ -79,8 +79,14 @@ impl RowWriter {
                     revision: e.revision,
                     log_position: position_of(&e.value).unwrap_or(0),
                 },
-                Some(e) => Known { revision: e.revision, log_position: 0 },
-                None => Known { revision: 0, log_position: 0 },
+                Some(e) => Known {
+                    revision: e.revision,
+                    log_position: 0,
+                },
+                None => Known {
+                    revision: 0,
+                    log_position: 0,
+                },
             };
             self.known.insert(key, known);
         }
@@ -91,10 +97,14 @@ impl RowWriter {
     /// Returns how many rows were written.
     pub async fn write(&mut self, rows: Vec<RowWrite>) -> anyhow::Result<usize> {
         let mut written = 0;
-        let mut pending: BTreeMap<String, RowWrite> = rows.into_iter().map(|r| (r.key.clone(), r)).collect();
+        let mut pending: BTreeMap<String, RowWrite> =
+            rows.into_iter().map(|r| (r.key.clone(), r)).collect();
         for attempt in 0.. {
-            let unknown: Vec<String> =
-                pending.keys().filter(|k| !self.known.contains_key(*k)).cloned().collect();
+            let unknown: Vec<String> = pending
+                .keys()
+                .filter(|k| !self.known.contains_key(*k))
+                .cloned()
+                .collect();
             self.learn(unknown).await?;
             pending.retain(|k, r| self.known[k].log_position < r.log_position);
             if pending.is_empty() {
@@ -124,7 +134,10 @@ impl RowWriter {
                             let row = pending.remove(k).expect("pending key");
                             self.known.insert(
                                 k.clone(),
-                                Known { revision: ack.sequence_of(i), log_position: row.log_position },
+                                Known {
+                                    revision: ack.sequence_of(i),
+                                    log_position: row.log_position,
+                                },
                             );
                             written += 1;
                         }

@@ -1,11 +1,11 @@
 //! Wire ⇄ semantics. Parsing a wire message is where a field is validated, and a
 //! failure names the field, the rule and the gRPC code it maps to.
 
+use payledger_semantics::Currency;
 use payledger_semantics::{
     CurrentRow, DailyRow, Day, EventKind, Fact, FactError, FxRecord, Rate, Record, RecordBody,
     RiskRecord,
 };
-use payledger_semantics::Currency;
 use tonic::Code;
 
 use crate::v1;
@@ -20,7 +20,11 @@ pub struct FieldViolation {
 
 impl FieldViolation {
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        Self { code: Code::InvalidArgument, field, message: message.into() }
+        Self {
+            code: Code::InvalidArgument,
+            field,
+            message: message.into(),
+        }
     }
 
     pub fn to_status(&self) -> tonic::Status {
@@ -35,7 +39,11 @@ impl From<FactError> for FieldViolation {
             FactError::BeyondHorizon { .. } => Code::OutOfRange,
             _ => Code::InvalidArgument,
         };
-        Self { code, field: e.field(), message: e.to_string() }
+        Self {
+            code,
+            field: e.field(),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -55,7 +63,10 @@ pub fn kind_from_proto(kind: i32) -> Result<EventKind, FieldViolation> {
         Ok(v1::EventKind::Correction) => EventKind::Correction,
         Ok(v1::EventKind::Unspecified) => return Err(FactError::Missing { field: "kind" }.into()),
         Err(_) => {
-            return Err(FieldViolation::invalid("kind", format!("kind: unknown value {kind}")));
+            return Err(FieldViolation::invalid(
+                "kind",
+                format!("kind: unknown value {kind}"),
+            ));
         }
     })
 }
@@ -87,7 +98,10 @@ fn day(field: &'static str, text: &str) -> Result<Day, FieldViolation> {
 
 fn version(v: i32) -> Result<i32, FieldViolation> {
     if v < 1 {
-        return Err(FieldViolation::invalid("version", format!("version: must be ≥ 1, got {v}")));
+        return Err(FieldViolation::invalid(
+            "version",
+            format!("version: must be ≥ 1, got {v}"),
+        ));
     }
     Ok(v)
 }
@@ -108,7 +122,10 @@ pub fn fact_from_event(e: &v1::Event) -> Result<Fact, FieldViolation> {
     fact.validate()?;
     fact.currency = currency("currency", &e.currency)?;
     if e.event_time_us == 0 {
-        return Err(FactError::Missing { field: "event_time_us" }.into());
+        return Err(FactError::Missing {
+            field: "event_time_us",
+        }
+        .into());
     }
     Ok(fact)
 }
@@ -151,7 +168,10 @@ pub fn risk_from_proto(r: &v1::RiskTier) -> Result<RiskRecord, FieldViolation> {
     if !(0..=10_000).contains(&r.reserve_bps) {
         return Err(FieldViolation::invalid(
             "reserve_bps",
-            format!("reserve_bps: must be within 0..=10000, got {}", r.reserve_bps),
+            format!(
+                "reserve_bps: must be within 0..=10000, got {}",
+                r.reserve_bps
+            ),
         ));
     }
     Ok(record)
@@ -176,7 +196,8 @@ pub fn daily_row_to_proto(r: &DailyRow) -> v1::DailyRow {
 }
 
 fn minor(field: &'static str, text: &str) -> Result<i128, FieldViolation> {
-    text.parse().map_err(|_| FieldViolation::invalid(field, format!("{field}: '{text}' is not an integer")))
+    text.parse()
+        .map_err(|_| FieldViolation::invalid(field, format!("{field}: '{text}' is not an integer")))
 }
 
 pub fn daily_row_from_proto(r: &v1::DailyRow) -> Result<DailyRow, FieldViolation> {
@@ -237,9 +258,16 @@ pub fn record_from_log(seq: u64, payload: &[u8]) -> Result<Record, FieldViolatio
         Some(v1::log_record::Body::Fact(event)) => RecordBody::Fact(fact_from_event(event)?),
         Some(v1::log_record::Body::Heartbeat(_)) => RecordBody::Heartbeat,
         Some(_) => {
-            return Err(FieldViolation::invalid("body", "a dimension record on a partition subject"));
+            return Err(FieldViolation::invalid(
+                "body",
+                "a dimension record on a partition subject",
+            ));
         }
         None => return Err(FactError::Missing { field: "body" }.into()),
     };
-    Ok(Record { seq, ingest_time_us: log.ingest_time_us, body })
+    Ok(Record {
+        seq,
+        ingest_time_us: log.ingest_time_us,
+        body,
+    })
 }

@@ -1,1 +1,31 @@
-fn main() {}
+//! `payledger-query`: the query service.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use payledger_query::QueryConfig;
+
+/// Answers exposure queries over gRPC: current balances, daily rows, and where
+/// each answer came from.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "PAYLEDGER_LISTEN", default_value = "127.0.0.1:50052")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    config: QueryConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    payledger_server_common::telemetry::init_tracing();
+    let cli = Cli::parse();
+    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+    payledger_query::run(
+        cli.config,
+        listener,
+        payledger_server_common::shutdown::signal_received(),
+    )
+    .await
+}

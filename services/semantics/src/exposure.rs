@@ -50,19 +50,24 @@ impl Exposure {
     }
 
     /// Unites shards folded separately; each partition may come from one shard only.
+    /// On error `self` is unchanged.
     pub fn merge(&mut self, other: Exposure) -> Result<(), SemanticsError> {
         if other.settings != self.settings {
             return Err(SemanticsError::Merge(
                 "shards were folded under other settings".into(),
             ));
         }
-        for (p, state) in other.partitions {
-            if self.partitions.insert(p, state).is_some() {
-                return Err(SemanticsError::Merge(format!(
-                    "partition {p} is in two shards"
-                )));
-            }
+        // Check before inserting anything, so that a refused merge changes nothing.
+        if let Some(p) = other
+            .partitions
+            .keys()
+            .find(|p| self.partitions.contains_key(p))
+        {
+            return Err(SemanticsError::Merge(format!(
+                "partition {p} is in two shards"
+            )));
         }
+        self.partitions.extend(other.partitions);
         Ok(())
     }
 

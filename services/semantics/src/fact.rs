@@ -134,7 +134,7 @@ impl FactError {
 }
 
 /// Checks an id against `1..=max` bytes of `[A-Za-z0-9._:-]`.
-pub(crate) fn check_id(field: &'static str, id: &str, max: usize) -> Result<(), FactError> {
+pub fn check_id(field: &'static str, id: &str, max: usize) -> Result<(), FactError> {
     if id.is_empty() {
         return Err(FactError::Missing { field });
     }

@@ -26,7 +26,10 @@ pub use dims::{
     RiskRecord, RiskUsed, to_reporting,
 };
 pub use exposure::Exposure;
-pub use fact::{EventKind, Fact, FactError, Record, RecordBody, check_event_time};
+pub use fact::{
+    EventKind, Fact, FactError, MAX_EVENT_ID_BYTES, MAX_MERCHANT_ID_BYTES, Record, RecordBody,
+    check_event_time, check_id,
+};
 pub use settings::{Settings, SettingsError, fnv1a_64, partition_of};
 pub use state::{CurrentRow, DailyRow, Outcome, PartitionState, SemanticsError, Status, Touched};
 pub use time::{Day, DayParseError, MICROS_PER_DAY};

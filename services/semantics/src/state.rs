@@ -149,8 +149,10 @@ struct CurrencyBook {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct DayState {
     total: i128,
-    /// Sparse deltas per bucket of the day, sorted by bucket index.
-    buckets: Vec<(u16, i128)>,
+    /// Sparse deltas per bucket of the day, sorted by bucket index. The index is
+    /// an i64: a valid bucket width may split a day into up to 86 400 000 000
+    /// buckets, and the tuple is 32 bytes (i128 alignment) whatever the index type.
+    buckets: Vec<(i64, i128)>,
     applied: u64,
     duplicates: u64,
     conflicts: u64,
@@ -320,8 +322,7 @@ impl PartitionState {
                 book.late += late;
                 book.log_position = seq;
 
-                let bucket =
-                    ((fact.event_time_us - day.start_us()) / settings.bucket_width_us) as u16;
+                let bucket = (fact.event_time_us - day.start_us()) / settings.bucket_width_us;
                 let today = book.days.entry(day).or_default();
                 today.total += delta;
                 match today.buckets.binary_search_by_key(&bucket, |(b, _)| *b) {
@@ -468,7 +469,7 @@ impl PartitionState {
                 Some((0, delta)) => *delta,
                 _ => 0,
             };
-            let mut peak = (opening + first_delta, 0u16);
+            let mut peak = (opening + first_delta, 0i64);
             let mut running = opening;
             for (bucket, delta) in &state.buckets {
                 running += delta;
@@ -483,7 +484,7 @@ impl PartitionState {
                 currency: book.currency,
                 closing_minor: balance,
                 peak_minor: peak.0,
-                peak_bucket_start_us: day.start_us() + i64::from(peak.1) * width,
+                peak_bucket_start_us: day.start_us() + peak.1 * width,
                 applied: state.applied,
                 duplicates: state.duplicates,
                 conflicts: state.conflicts,

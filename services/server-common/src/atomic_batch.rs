@@ -88,7 +88,12 @@ fn batch_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
-    format!("{:x}-{:x}-{:x}", std::process::id(), nanos, NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{:x}-{:x}-{:x}",
+        std::process::id(),
+        nanos,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Publishes `messages` as one atomic batch and waits for the commit's ack.
@@ -108,7 +113,9 @@ pub async fn publish_atomic(
     let mut commit = None;
     for (i, mut message) in messages.into_iter().enumerate() {
         message.headers.insert("Nats-Batch-Id", id.as_str());
-        message.headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+        message
+            .headers
+            .insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
         if i + 1 == sent {
             message.headers.insert("Nats-Batch-Commit", "1");
             commit = Some(message);
@@ -130,10 +137,19 @@ pub async fn publish_atomic(
     let ack: Ack = serde_json::from_slice(&reply.payload)
         .map_err(|e| BatchError::NoAck(format!("unreadable ack: {e}")))?;
     if let Some(error) = ack.error {
-        return Err(BatchError::Rejected { err_code: error.err_code, description: error.description });
+        return Err(BatchError::Rejected {
+            err_code: error.err_code,
+            description: error.description,
+        });
     }
     if ack.count != sent as u64 {
-        return Err(BatchError::Mismatch { sent, got: ack.count });
+        return Err(BatchError::Mismatch {
+            sent,
+            got: ack.count,
+        });
     }
-    Ok(BatchAck { last_sequence: ack.seq, count: ack.count })
+    Ok(BatchAck {
+        last_sequence: ack.seq,
+        count: ack.count,
+    })
 }

@@ -6,7 +6,8 @@ use payledger_semantics::Settings;
 
 /// Parses durations such as `90s`, `5m`, `35d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("'{text}': {e} (examples: 500ms, 90s, 5m, 35d)"))
+    humantime::parse_duration(text)
+        .map_err(|e| format!("'{text}': {e} (examples: 500ms, 90s, 5m, 35d)"))
 }
 
 pub fn micros(d: Duration) -> i64 {
@@ -16,7 +17,11 @@ pub fn micros(d: Duration) -> i64 {
 #[derive(clap::Args, Clone, Debug)]
 pub struct NatsArgs {
     /// NATS server URL (JetStream enabled).
-    #[arg(long = "nats-url", env = "PAYLEDGER_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long = "nats-url",
+        env = "PAYLEDGER_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub url: String,
     /// NATS credentials file (.creds), if the server requires one.
     #[arg(long = "nats-creds", env = "PAYLEDGER_NATS_CREDS")]
@@ -25,17 +30,27 @@ pub struct NatsArgs {
 
 impl NatsArgs {
     pub fn new(url: impl Into<String>) -> Self {
-        Self { url: url.into(), creds: None }
+        Self {
+            url: url.into(),
+            creds: None,
+        }
     }
 
     pub async fn connect(&self, name: &str) -> anyhow::Result<async_nats::Client> {
-        let mut options = async_nats::ConnectOptions::new().name(name).retry_on_initial_connect();
+        let mut options = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect();
         if let Some(creds) = &self.creds {
             options = options.credentials_file(creds).await?;
         }
         let client = tokio::time::timeout(Duration::from_secs(30), options.connect(&self.url))
             .await
-            .map_err(|_| anyhow::anyhow!("could not reach NATS at {} within 30 s; is nats-server running?", self.url))??;
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "could not reach NATS at {} within 30 s; is nats-server running?",
+                    self.url
+                )
+            })??;
         Ok(client)
     }
 }

@@ -75,7 +75,11 @@ impl LocalNats {
             .stderr(log)
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {}: {e}", binary.display()))?;
-        let mut nats = LocalNats { child, port, store_dir: store_dir.to_path_buf() };
+        let mut nats = LocalNats {
+            child,
+            port,
+            store_dir: store_dir.to_path_buf(),
+        };
         nats.wait_ready()?;
         Ok(nats)
     }
@@ -84,7 +88,8 @@ impl LocalNats {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
-                let log = std::fs::read_to_string(self.store_dir.join("nats-server.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(self.store_dir.join("nats-server.log"))
+                    .unwrap_or_default();
                 anyhow::bail!("nats-server exited with {status}:\n{log}");
             }
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
@@ -92,7 +97,10 @@ impl LocalNats {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        anyhow::bail!("nats-server did not listen on port {} within 20 s", self.port)
+        anyhow::bail!(
+            "nats-server did not listen on port {} within 20 s",
+            self.port
+        )
     }
 
     pub fn url(&self) -> String {

@@ -72,7 +72,8 @@ pub async fn ensure_stream(
     metadata.insert(META_FINGERPRINT.to_string(), settings.fingerprint());
     let config = stream::Config {
         name: STREAM.to_string(),
-        subjects: vec![format!("{EVENT_SUBJECT_PREFIX}*"), DIMS_SUBJECTS.to_string()],
+        // A wildcard is a whole token: `payledger.events.*`, not `…p*`.
+        subjects: vec!["payledger.events.*".to_string(), DIMS_SUBJECTS.to_string()],
         storage: stream::StorageType::File,
         num_replicas: options.replicas,
         duplicate_window: options.duplicate_window,
@@ -99,7 +100,9 @@ pub async fn ensure_stream(
 /// The semantics settings the stream was created with.
 pub async fn read_settings(js: &jetstream::Context) -> anyhow::Result<Settings> {
     let mut stream = js.get_stream(STREAM).await.map_err(|e| {
-        anyhow::anyhow!("stream {STREAM} not found ({e}); start ingest first, it creates the stream")
+        anyhow::anyhow!(
+            "stream {STREAM} not found ({e}); start ingest first, it creates the stream"
+        )
     })?;
     let info = stream.info().await?;
     let canonical = info.config.metadata.get(META_SETTINGS).ok_or_else(|| {
@@ -174,14 +177,20 @@ mod tests {
 
     #[test]
     fn settings_survive_the_metadata_round_trip() {
-        let s = Settings { partitions: 7, ..Settings::default() };
+        let s = Settings {
+            partitions: 7,
+            ..Settings::default()
+        };
         assert_eq!(parse_canonical(&s.canonical()).unwrap(), s);
     }
 
     #[test]
     fn ids_with_colons_and_dots_become_valid_keys() {
         let key = daily_key("m:1..x", Day(20_000), Currency::USD);
-        assert!(key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)));
+        assert!(
+            key.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b))
+        );
         assert!(!key.split('.').any(str::is_empty), "{key}");
     }
 }

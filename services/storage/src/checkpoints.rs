@@ -25,7 +25,10 @@ pub struct CheckpointStore {
 
 impl CheckpointStore {
     pub fn new(store: Arc<dyn ObjectStore>, keep: usize) -> Self {
-        Self { store, keep: keep.max(1) }
+        Self {
+            store,
+            keep: keep.max(1),
+        }
     }
 
     fn dir(partition: u32) -> Path {
@@ -50,8 +53,19 @@ impl CheckpointStore {
     /// Writes the checkpoint taken after reading `seq`, then prunes old ones. A
     /// checkpoint already present at `seq` (a rewrite after a crash) is kept.
     pub async fn put(&self, partition: u32, seq: u64, bytes: Bytes) -> Result<(), StorageError> {
-        let options = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(&Self::path(partition, seq), PutPayload::from(bytes), options).await {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(
+                &Self::path(partition, seq),
+                PutPayload::from(bytes),
+                options,
+            )
+            .await
+        {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
             Err(e) => return Err(e.into()),
         }
@@ -60,7 +74,9 @@ impl CheckpointStore {
             for old in &seqs[..seqs.len() - self.keep] {
                 match self.store.delete(&Self::path(partition, *old)).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => tracing::warn!(partition, seq = old, error = %e, "old checkpoint not deleted"),
+                    Err(e) => {
+                        tracing::warn!(partition, seq = old, error = %e, "old checkpoint not deleted")
+                    }
                 }
             }
         }
@@ -72,7 +88,12 @@ impl CheckpointStore {
         let Some(&seq) = self.list(partition).await?.last() else {
             return Ok(None);
         };
-        let bytes = self.store.get(&Self::path(partition, seq)).await?.bytes().await?;
+        let bytes = self
+            .store
+            .get(&Self::path(partition, seq))
+            .await?
+            .bytes()
+            .await?;
         Ok(Some(StoredCheckpoint { seq, bytes }))
     }
 }
@@ -84,15 +105,22 @@ mod tests {
     #[tokio::test]
     async fn newest_checkpoint_wins_and_old_ones_are_pruned() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CheckpointStore::new(crate::open_store(dir.path().to_str().unwrap()).unwrap(), 2);
+        let store =
+            CheckpointStore::new(crate::open_store(dir.path().to_str().unwrap()).unwrap(), 2);
         assert!(store.latest(3).await.unwrap().is_none());
         for seq in [5, 17, 120] {
-            store.put(3, seq, Bytes::from(format!("state@{seq}"))).await.unwrap();
+            store
+                .put(3, seq, Bytes::from(format!("state@{seq}")))
+                .await
+                .unwrap();
         }
         // A rewrite of an existing checkpoint is a no-op, not an error.
         store.put(3, 120, Bytes::from("state@120")).await.unwrap();
         let latest = store.latest(3).await.unwrap().unwrap();
-        assert_eq!((latest.seq, latest.bytes.as_ref()), (120, b"state@120".as_ref()));
+        assert_eq!(
+            (latest.seq, latest.bytes.as_ref()),
+            (120, b"state@120".as_ref())
+        );
         assert_eq!(store.list(3).await.unwrap(), vec![17, 120]);
         assert!(store.latest(4).await.unwrap().is_none());
     }

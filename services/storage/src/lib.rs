@@ -29,7 +29,10 @@ pub enum StorageError {
 /// `file:///…`) or any URL object_store understands (`s3://bucket/prefix`, with
 /// credentials and endpoint from the usual environment variables).
 pub fn open_store(location: &str) -> Result<Arc<dyn ObjectStore>, StorageError> {
-    let err = |message: String| StorageError::Location { location: location.to_string(), message };
+    let err = |message: String| StorageError::Location {
+        location: location.to_string(),
+        message,
+    };
     let local = match location.strip_prefix("file://") {
         Some(path) => Some(path),
         None if !location.contains("://") => Some(location),

@@ -1,0 +1,385 @@
+//! The `QueryService` gRPC API. Every answer carries its provenance.
+
+use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use payledger_proto::v1::query_service_server::{QueryService, QueryServiceServer};
+use payledger_proto::{daily_row_from_proto, v1};
+use payledger_semantics::{
+    Day, MAX_MERCHANT_ID_BYTES, REPORTING_CURRENCY, SEMANTICS_VERSION, Settings, check_id,
+    partition_of, to_reporting,
+};
+use tokio::sync::broadcast;
+use tonic::service::Routes;
+use tonic::{Request, Response, Status};
+
+use crate::tables::Tables;
+
+pub(crate) struct QueryApi {
+    pub tables: Arc<Tables>,
+    pub settings: Settings,
+    pub changes: broadcast::Sender<v1::CurrentRow>,
+    pub max_watch_merchants: usize,
+}
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+fn merchant(field: &'static str, id: &str) -> Result<(), Status> {
+    check_id(field, id, MAX_MERCHANT_ID_BYTES).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn day(field: &str, text: &str) -> Result<Day, Status> {
+    Day::parse(text).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+impl QueryApi {
+    pub fn into_routes(self) -> Routes {
+        Routes::new(QueryServiceServer::new(self))
+    }
+
+    fn stream_lag(&self, merchant_id: &str) -> v1::StreamLag {
+        let partition = partition_of(merchant_id, self.settings.partitions);
+        let progress = self.tables.progress.read().expect("progress lock");
+        match progress.get(&partition) {
+            Some((p, seen)) => v1::StreamLag {
+                partition,
+                known: true,
+                applied_sequence: p.applied_sequence,
+                pending_records: p.pending_records,
+                report_age_us: seen.elapsed().as_micros() as i64,
+            },
+            None => v1::StreamLag {
+                partition,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn stream_provenance(
+        &self,
+        merchant_id: &str,
+        log_position: u64,
+        restated: bool,
+    ) -> v1::Provenance {
+        v1::Provenance {
+            source: v1::Source::Stream as i32,
+            provisional: true,
+            restated,
+            snapshot_id: String::new(),
+            log_position,
+            semantics_version: SEMANTICS_VERSION,
+            settings_fingerprint: self.settings.fingerprint(),
+            stream_lag: Some(self.stream_lag(merchant_id)),
+        }
+    }
+
+    fn current_exposure(&self, merchant_id: &str) -> v1::CurrentExposure {
+        let rows: Vec<v1::CurrentRow> = self
+            .tables
+            .current
+            .read()
+            .expect("current table lock")
+            .get(merchant_id)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        let position = rows.iter().map(|r| r.log_position).max().unwrap_or(0);
+        v1::CurrentExposure {
+            merchant_id: merchant_id.to_string(),
+            rows,
+            provenance: Some(self.stream_provenance(merchant_id, position, false)),
+        }
+    }
+
+    /// One merchant-day from the stream tables, with the dimensions applied.
+    fn daily_exposure(
+        &self,
+        merchant_id: &str,
+        day: Day,
+        rows: Vec<v1::DailyRow>,
+    ) -> Result<v1::DailyExposure, Status> {
+        let parsed = rows
+            .iter()
+            .map(daily_row_from_proto)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::internal(format!("stored row unreadable: {e}")))?;
+        let reporting = {
+            let book = self.tables.dimensions.read().expect("dimension lock");
+            to_reporting(&parsed, &book, u64::MAX)
+        };
+        let position = rows.iter().map(|r| r.log_position).max().unwrap_or(0);
+        let restated = rows.iter().any(|r| r.restated);
+        Ok(v1::DailyExposure {
+            merchant_id: merchant_id.to_string(),
+            day: day.to_string(),
+            rows,
+            reporting: Some(reporting_to_proto(&reporting)),
+            provenance: Some(self.stream_provenance(merchant_id, position, restated)),
+        })
+    }
+
+    fn require_stream_side(consistency: i32) -> Result<(), Status> {
+        match v1::Consistency::try_from(consistency) {
+            Ok(
+                v1::Consistency::Unspecified | v1::Consistency::Auto | v1::Consistency::Provisional,
+            ) => Ok(()),
+            Ok(v1::Consistency::Authoritative) => Err(Status::failed_precondition(
+                "no committed replay snapshot exists yet, so there is no authoritative answer; \
+                 ask with consistency AUTO or PROVISIONAL for the stream's provisional rows",
+            )),
+            Err(_) => Err(Status::invalid_argument(format!(
+                "consistency: unknown value {consistency}"
+            ))),
+        }
+    }
+}
+
+fn reporting_to_proto(r: &payledger_semantics::Reporting) -> v1::Reporting {
+    v1::Reporting {
+        reporting_currency: REPORTING_CURRENCY.to_string(),
+        closing_reporting_minor: r.closing_reporting_minor.map(|v| v.to_string()),
+        reserve_minor: r.reserve_minor.map(|v| v.to_string()),
+        fx_versions: r
+            .fx_used
+            .iter()
+            .map(|f| v1::FxVersion {
+                currency: f.currency.to_string(),
+                effective_date: f.effective_day.to_string(),
+                version: f.version,
+                rate: f.rate.clone(),
+            })
+            .collect(),
+        risk_tier: r
+            .risk_used
+            .as_ref()
+            .map(|u| u.tier.clone())
+            .unwrap_or_default(),
+        risk_version: r.risk_used.as_ref().map(|u| u.version),
+        risk_effective_date: r
+            .risk_used
+            .as_ref()
+            .map(|u| u.effective_day.to_string())
+            .unwrap_or_default(),
+        reserve_bps: r
+            .risk_used
+            .as_ref()
+            .map(|u| u.reserve_bps)
+            .unwrap_or_default(),
+        missing_rates: r.missing_rates.iter().map(ToString::to_string).collect(),
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::CurrentExposure, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl QueryService for QueryApi {
+    async fn get_current_exposure(
+        &self,
+        request: Request<v1::GetCurrentExposureRequest>,
+    ) -> Result<Response<v1::CurrentExposure>, Status> {
+        let merchant_id = request.into_inner().merchant_id;
+        merchant("merchant_id", &merchant_id)?;
+        let exposure = self.current_exposure(&merchant_id);
+        if exposure.rows.is_empty() {
+            return Err(Status::not_found(format!(
+                "merchant '{merchant_id}' has no events in the stream tables"
+            )));
+        }
+        Ok(Response::new(exposure))
+    }
+
+    type WatchCurrentExposureStream = WatchStream;
+
+    async fn watch_current_exposure(
+        &self,
+        request: Request<v1::WatchCurrentExposureRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let merchants = request.into_inner().merchant_ids;
+        if merchants.is_empty() || merchants.len() > self.max_watch_merchants {
+            return Err(Status::invalid_argument(format!(
+                "merchant_ids: name 1 to {} merchants (--max-watch-merchants)",
+                self.max_watch_merchants
+            )));
+        }
+        for m in &merchants {
+            merchant("merchant_ids", m)?;
+        }
+        // Subscribe before taking the snapshot, so no change falls between them.
+        let mut changes = self.changes.subscribe();
+        let wanted: HashSet<String> = merchants.iter().cloned().collect();
+        let initial: Vec<v1::CurrentExposure> =
+            merchants.iter().map(|m| self.current_exposure(m)).collect();
+        let api = QueryApi {
+            tables: self.tables.clone(),
+            settings: self.settings,
+            changes: self.changes.clone(),
+            max_watch_merchants: self.max_watch_merchants,
+        };
+        let stream = async_stream(initial, move |tx| async move {
+            loop {
+                match changes.recv().await {
+                    Ok(row) if wanted.contains(&row.merchant_id) => {
+                        if tx
+                            .send(Ok(api.current_exposure(&row.merchant_id)))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Fell behind: resend the whole state of every watched merchant.
+                        for m in &wanted {
+                            if tx.send(Ok(api.current_exposure(m))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn get_daily_exposure(
+        &self,
+        request: Request<v1::GetDailyExposureRequest>,
+    ) -> Result<Response<v1::DailyExposure>, Status> {
+        let request = request.into_inner();
+        merchant("merchant_id", &request.merchant_id)?;
+        let day = day("day", &request.day)?;
+        Self::require_stream_side(request.consistency)?;
+        let rows: Vec<v1::DailyRow> = {
+            let daily = self.tables.daily.read().expect("daily table lock");
+            let from = (request.merchant_id.clone(), day, String::new());
+            daily
+                .range(from..)
+                .take_while(|((m, d, _), _)| *m == request.merchant_id && *d == day)
+                .map(|(_, r)| r.clone())
+                .collect()
+        };
+        if rows.is_empty() {
+            return Err(Status::not_found(format!(
+                "merchant '{}' has no events on {day} in the stream tables",
+                request.merchant_id
+            )));
+        }
+        Ok(Response::new(self.daily_exposure(
+            &request.merchant_id,
+            day,
+            rows,
+        )?))
+    }
+
+    async fn list_daily_exposure(
+        &self,
+        request: Request<v1::ListDailyExposureRequest>,
+    ) -> Result<Response<v1::ListDailyExposureResponse>, Status> {
+        let request = request.into_inner();
+        if !request.merchant_id.is_empty() {
+            merchant("merchant_id", &request.merchant_id)?;
+        }
+        let from = day("from_day", &request.from_day)?;
+        let to = day("to_day", &request.to_day)?;
+        if from > to {
+            return Err(Status::invalid_argument(format!(
+                "from_day {from} is after to_day {to}"
+            )));
+        }
+        Self::require_stream_side(request.consistency)?;
+        let page_size = match request.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n if n > MAX_PAGE => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size: at most {MAX_PAGE}, got {n}"
+                )));
+            }
+            n => n,
+        };
+        let after = decode_token(&request.page_token)?;
+        // Group by merchant-day, in (merchant, day) order, resuming after the token.
+        let mut groups: BTreeMap<(String, Day), Vec<v1::DailyRow>> = BTreeMap::new();
+        let mut more = false;
+        {
+            let daily = self.tables.daily.read().expect("daily table lock");
+            let start = match (&after, request.merchant_id.is_empty()) {
+                (Some((m, d)), _) => (m.clone(), Day(d.0 + 1), String::new()),
+                (None, false) => (request.merchant_id.clone(), from, String::new()),
+                (None, true) => (String::new(), Day(i32::MIN), String::new()),
+            };
+            for ((m, d, _), row) in daily.range(start..) {
+                if !request.merchant_id.is_empty() && *m != request.merchant_id {
+                    break;
+                }
+                if *d < from || *d > to {
+                    continue;
+                }
+                if !groups.contains_key(&(m.clone(), *d)) && groups.len() == page_size {
+                    more = true;
+                    break;
+                }
+                groups.entry((m.clone(), *d)).or_default().push(row.clone());
+            }
+        }
+        let next_page_token = match (more, groups.keys().next_back()) {
+            (true, Some((m, d))) => encode_token(m, *d),
+            _ => String::new(),
+        };
+        let items = groups
+            .into_iter()
+            .map(|((m, d), rows)| self.daily_exposure(&m, d, rows))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(v1::ListDailyExposureResponse {
+            items,
+            next_page_token,
+        }))
+    }
+}
+
+fn encode_token(merchant_id: &str, day: Day) -> String {
+    format!(
+        "{}.{}",
+        payledger_server_common::topology::encode_id(merchant_id),
+        day
+    )
+}
+
+fn decode_token(token: &str) -> Result<Option<(String, Day)>, Status> {
+    use base64::Engine;
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || {
+        Status::invalid_argument("page_token: not a token this service issued; start without one")
+    };
+    let (m, d) = token.rsplit_once('.').ok_or_else(bad)?;
+    let merchant = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(m)
+        .map_err(|_| bad())?;
+    let merchant = String::from_utf8(merchant).map_err(|_| bad())?;
+    Ok(Some((merchant, Day::parse(d).map_err(|_| bad())?)))
+}
+
+/// A response stream that first yields `initial`, then what `produce` sends.
+fn async_stream<F, Fut>(initial: Vec<v1::CurrentExposure>, produce: F) -> WatchStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<v1::CurrentExposure, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let task = produce(tx.clone());
+    tokio::spawn(async move {
+        for item in initial {
+            if tx.send(Ok(item)).await.is_err() {
+                return;
+            }
+        }
+        drop(tx);
+        task.await;
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
