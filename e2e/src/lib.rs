@@ -1,1 +1,357 @@
-//! placeholder
+//! Harness for end-to-end tests: a private nats-server, the real service binaries
+//! as child processes (killable with SIGKILL), gRPC clients, and the oracle that
+//! folds accepted events with the semantics crate.
+//!
+//! Every process and directory belongs to a [`Harness`]; dropping it (also when a
+//! test fails) kills the processes and removes the directories.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use payledger_proto::v1::{
+    self, ingest_service_client::IngestServiceClient, query_service_client::QueryServiceClient,
+};
+use payledger_proto::{current_row_from_proto, daily_row_from_proto, event_from_fact};
+use payledger_semantics::{CurrentRow, DailyRow, Exposure, Fact, Record, RecordBody, Settings};
+use payledger_server_common::local_nats::{LocalNats, free_port};
+use tonic::transport::Channel;
+
+/// The workspace's debug binaries; `just test` builds them before the tests run.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("debug").join(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "{} is missing: run `cargo build --bins` first (`just test` does)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// A service binary running as a child process, its stderr captured to a file.
+pub struct Service {
+    pub name: String,
+    pub addr: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Service {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL: no flush, no final checkpoint.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::ensure!(
+                    status.success(),
+                    "{} exited with {status} on SIGTERM",
+                    self.name
+                );
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        anyhow::bail!("{} did not stop within 20 s of SIGTERM", self.name)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub nats: LocalNats,
+    services: usize,
+}
+
+impl Harness {
+    pub fn start() -> anyhow::Result<Harness> {
+        let dir = tempfile::tempdir()?;
+        let nats = LocalNats::start(&dir.path().join("nats"))?;
+        Ok(Harness {
+            dir,
+            nats,
+            services: 0,
+        })
+    }
+
+    pub fn store(&self) -> String {
+        self.dir.path().join("store").display().to_string()
+    }
+
+    /// Starts `binary` with `args` plus `--listen` and `--nats-url`, and waits for
+    /// its gRPC health service to answer SERVING.
+    pub async fn spawn(&mut self, binary_name: &str, args: &[&str]) -> anyhow::Result<Service> {
+        self.services += 1;
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let log = self
+            .dir
+            .path()
+            .join(format!("{binary_name}-{}.log", self.services));
+        let child = Command::new(binary(binary_name)?)
+            .args(["--listen", &addr, "--nats-url", &self.nats.url()])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut service = Service {
+            name: binary_name.to_string(),
+            addr,
+            child,
+            log,
+        };
+        wait_serving(&mut service).await?;
+        Ok(service)
+    }
+}
+
+async fn wait_serving(service: &mut Service) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = service.child.try_wait()? {
+            anyhow::bail!("{} exited with {status}:\n{}", service.name, service.log());
+        }
+        if let Ok(channel) = Channel::from_shared(service.url())?.connect().await {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            };
+            if let Ok(r) = health.check(request).await
+                && r.get_ref().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} not serving within 60 s:\n{}",
+            service.name,
+            service.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn ingest_client(url: &str) -> anyhow::Result<IngestServiceClient<Channel>> {
+    Ok(IngestServiceClient::new(
+        Channel::from_shared(url.to_string())?.connect().await?,
+    ))
+}
+
+pub async fn query_client(url: &str) -> anyhow::Result<QueryServiceClient<Channel>> {
+    Ok(QueryServiceClient::new(
+        Channel::from_shared(url.to_string())?.connect().await?,
+    ))
+}
+
+/// Every event ingest accepted, with the sequence and ingest_time it answered:
+/// exactly what the log holds when heartbeats are off.
+#[derive(Default)]
+pub struct AcceptedLog {
+    pub records: BTreeMap<u64, Record>,
+    pub duplicates: usize,
+    pub rejected: usize,
+}
+
+impl AcceptedLog {
+    /// Publishes `events` and records what was accepted.
+    pub async fn publish(
+        &mut self,
+        client: &mut IngestServiceClient<Channel>,
+        events: Vec<v1::Event>,
+    ) -> anyhow::Result<()> {
+        let response = client
+            .publish(v1::PublishRequest {
+                events: events.clone(),
+            })
+            .await?
+            .into_inner();
+        anyhow::ensure!(
+            response.results.len() == events.len(),
+            "one result per event"
+        );
+        for (event, result) in events.iter().zip(response.results) {
+            match result.outcome {
+                Some(v1::publish_result::Outcome::Accepted(a)) => {
+                    let fact = payledger_proto::fact_from_event(event)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let record = Record {
+                        seq: a.sequence,
+                        ingest_time_us: a.ingest_time_us,
+                        body: RecordBody::Fact(fact),
+                    };
+                    anyhow::ensure!(
+                        self.records.insert(a.sequence, record).is_none(),
+                        "sequence {} answered twice",
+                        a.sequence
+                    );
+                }
+                Some(v1::publish_result::Outcome::Duplicate(d)) => {
+                    anyhow::ensure!(
+                        self.records.contains_key(&d.sequence),
+                        "duplicate of unknown sequence {}",
+                        d.sequence
+                    );
+                    self.duplicates += 1;
+                }
+                Some(v1::publish_result::Outcome::Rejected(_)) => self.rejected += 1,
+                None => anyhow::bail!("result without outcome"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The oracle: the accepted events folded, in log order, by the semantics crate.
+    pub fn fold(&self, settings: Settings) -> anyhow::Result<Exposure> {
+        let mut exposure = Exposure::new(settings);
+        for record in self.records.values() {
+            exposure.apply_fact(record)?;
+        }
+        Ok(exposure)
+    }
+
+    pub fn facts(&self) -> impl Iterator<Item = &Fact> {
+        self.records.values().filter_map(|r| match &r.body {
+            RecordBody::Fact(f) => Some(f),
+            RecordBody::Heartbeat => None,
+        })
+    }
+}
+
+/// Re-encodes a fact as the wire event it came from.
+pub fn event_of(fact: &Fact) -> v1::Event {
+    event_from_fact(fact)
+}
+
+/// Every daily row the query service serves, through ListDailyExposure pages.
+pub async fn served_daily_rows(
+    client: &mut QueryServiceClient<Channel>,
+) -> anyhow::Result<Vec<DailyRow>> {
+    let mut rows = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_daily_exposure(v1::ListDailyExposureRequest {
+                merchant_id: String::new(),
+                from_day: "1970-01-01".into(),
+                to_day: "2200-01-01".into(),
+                consistency: v1::Consistency::Provisional as i32,
+                page_size: 1000,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        for item in &page.items {
+            for row in &item.rows {
+                rows.push(daily_row_from_proto(row).map_err(|e| anyhow::anyhow!("{e}"))?);
+            }
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    rows.sort_by(|a, b| {
+        (&a.merchant_id, a.day, a.currency).cmp(&(&b.merchant_id, b.day, b.currency))
+    });
+    Ok(rows)
+}
+
+/// The current rows of `merchants` as the query service serves them.
+pub async fn served_current_rows(
+    client: &mut QueryServiceClient<Channel>,
+    merchants: impl IntoIterator<Item = String>,
+) -> anyhow::Result<Vec<CurrentRow>> {
+    let mut rows = Vec::new();
+    for merchant_id in merchants {
+        match client
+            .get_current_exposure(v1::GetCurrentExposureRequest { merchant_id })
+            .await
+        {
+            Ok(e) => {
+                for r in &e.get_ref().rows {
+                    rows.push(current_row_from_proto(r).map_err(|e| anyhow::anyhow!("{e}"))?);
+                }
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => return Err(s.into()),
+        }
+    }
+    rows.sort_by(|a, b| (&a.merchant_id, a.currency).cmp(&(&b.merchant_id, b.currency)));
+    Ok(rows)
+}
+
+/// Polls until the served rows equal the oracle's, or fails with the first difference.
+pub async fn assert_converges(
+    client: &mut QueryServiceClient<Channel>,
+    oracle: &Exposure,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let want_daily = oracle.daily_rows();
+    let want_current = oracle.current_rows();
+    let mut merchants: Vec<String> = want_current.iter().map(|r| r.merchant_id.clone()).collect();
+    merchants.dedup();
+    let deadline = Instant::now() + within;
+    loop {
+        let daily = served_daily_rows(client).await?;
+        let current = served_current_rows(client, merchants.clone()).await?;
+        if daily == want_daily && current == want_current {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let first_daily = want_daily.iter().zip(&daily).find(|(a, b)| a != b);
+            let first_current = want_current.iter().zip(&current).find(|(a, b)| a != b);
+            anyhow::bail!(
+                "served rows differ from the oracle after {within:?}: daily {} served vs {} expected, first difference {first_daily:#?}; \
+                 current {} served vs {} expected, first difference {first_current:#?}",
+                daily.len(),
+                want_daily.len(),
+                current.len(),
+                want_current.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Messages in the stream right now.
+pub async fn stream_messages(nats_url: &str) -> anyhow::Result<u64> {
+    let client = async_nats::connect(nats_url).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(payledger_server_common::topology::STREAM)
+        .await?;
+    Ok(stream.info().await?.state.messages)
+}
+
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

@@ -43,7 +43,11 @@ pub struct ProjectorConfig {
     #[arg(long, env = "PAYLEDGER_FLUSH_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
     pub flush_interval: Duration,
     /// Checkpoint after this many records...
-    #[arg(long, env = "PAYLEDGER_CHECKPOINT_EVERY", default_value_t = 100_000)]
+    #[arg(
+        long = "checkpoint-every",
+        env = "PAYLEDGER_CHECKPOINT_EVERY",
+        default_value_t = 100_000
+    )]
     pub checkpoint_every_records: u64,
     /// ...or this long, whichever comes first.
     #[arg(long, env = "PAYLEDGER_CHECKPOINT_INTERVAL", default_value = "10s", value_parser = parse_duration)]

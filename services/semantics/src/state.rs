@@ -150,9 +150,11 @@ struct CurrencyBook {
 struct DayState {
     total: i128,
     /// Sparse deltas per bucket of the day, sorted by bucket index. The index is
-    /// an i64: a valid bucket width may split a day into up to 86 400 000 000
-    /// buckets, and the tuple is 32 bytes (i128 alignment) whatever the index type.
-    buckets: Vec<(i64, i128)>,
+    /// a u64: a valid bucket width may split a day into up to 86 400 000 000
+    /// buckets (a u16 wrapped past 65 535). The tuple is 32 bytes (i128 alignment)
+    /// whatever the index type, and serde formats with varints (postcard) encode
+    /// a u64 below 65 536 exactly as they encoded the former u16.
+    buckets: Vec<(u64, i128)>,
     applied: u64,
     duplicates: u64,
     conflicts: u64,
@@ -322,7 +324,9 @@ impl PartitionState {
                 book.late += late;
                 book.log_position = seq;
 
-                let bucket = (fact.event_time_us - day.start_us()) / settings.bucket_width_us;
+                // In 0..buckets_per_day: the event lies inside its day.
+                let bucket =
+                    ((fact.event_time_us - day.start_us()) / settings.bucket_width_us) as u64;
                 let today = book.days.entry(day).or_default();
                 today.total += delta;
                 match today.buckets.binary_search_by_key(&bucket, |(b, _)| *b) {
@@ -469,7 +473,7 @@ impl PartitionState {
                 Some((0, delta)) => *delta,
                 _ => 0,
             };
-            let mut peak = (opening + first_delta, 0i64);
+            let mut peak = (opening + first_delta, 0u64);
             let mut running = opening;
             for (bucket, delta) in &state.buckets {
                 running += delta;
@@ -484,7 +488,7 @@ impl PartitionState {
                 currency: book.currency,
                 closing_minor: balance,
                 peak_minor: peak.0,
-                peak_bucket_start_us: day.start_us() + peak.1 * width,
+                peak_bucket_start_us: day.start_us() + peak.1 as i64 * width,
                 applied: state.applied,
                 duplicates: state.duplicates,
                 conflicts: state.conflicts,

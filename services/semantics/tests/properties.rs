@@ -75,9 +75,17 @@ struct Step {
     jitter_s: i64,
 }
 
+/// Times move on a 5-minute grid (from midnight) so that the boundaries of the
+/// rules (exactly the allowed lateness, exactly end of day + lateness, exactly
+/// event_time + H) are hit, not only straddled.
+const GRID_S: i64 = 300;
+
 fn lag() -> impl Strategy<Value = i64> {
-    // Mostly on time (up to 5 min in the future), some late by hours or days.
-    prop_oneof![8 => -300..600i64, 2 => 3_600..3 * 86_400i64]
+    // Mostly on time (up to 5 min in the future), some late by up to 3 days.
+    prop_oneof![
+        8 => (-1..=13i64).prop_map(|x| x * GRID_S),
+        2 => (12..=864i64).prop_map(|x| x * GRID_S),
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -107,8 +115,8 @@ fn op() -> impl Strategy<Value = Op> {
 fn step() -> impl Strategy<Value = Step> {
     (
         op(),
-        prop_oneof![8 => 0..600i64, 1 => 600..14_400i64],
-        prop_oneof![6 => Just(0i64), 1 => 0..180i64],
+        prop_oneof![8 => (0..=2i64).prop_map(|x| x * GRID_S), 1 => (2..=48i64).prop_map(|x| x * GRID_S)],
+        prop_oneof![6 => Just(0i64), 1 => (0..=2i64).prop_map(|x| x * 60)],
     )
         .prop_map(|(op, advance_s, jitter_s)| Step {
             op,
@@ -733,9 +741,18 @@ proptest! {
         let (i, j) = { let (a, b) = (i % (log.len() + 1), j % (log.len() + 1)); (a.min(b), a.max(b)) };
         // Two slots (between log records i-1 and i, and j-1 and j) that keep
         // their sequence and ingest_time whichever fact goes in them.
+        // The slots read at an ingest_time that moves no clock of the merchant
+        // (its highest so far, else the lowest of the log), so that every other
+        // record has the same outcome with or without the pair.
+        let lowest = log.iter().map(|(_, r)| r.ingest_time_us).min().unwrap();
         let slot = |at: usize, extra: u64| -> (u64, i64) {
             let seq = at as u64 * SEQ_STEP + extra;
-            let ingest = log[..at].last().map_or(T0, |(_, r)| r.ingest_time_us);
+            let ingest = log[..at]
+                .iter()
+                .filter(|(_, r)| fact_of(r).is_some_and(|f| f.merchant_id == original.merchant_id))
+                .map(|(_, r)| r.ingest_time_us)
+                .max()
+                .unwrap_or(lowest);
             (seq, ingest)
         };
         let with = |first: &Fact, second: &Fact| -> Exposure {

@@ -536,6 +536,24 @@ fn rule2_expired_identities_are_dropped_from_memory() {
 }
 
 #[test]
+fn rule2_prune_keeps_identities_at_exactly_the_horizon() {
+    let e = at(0, 10, 0);
+    let mut p = Part::of("m1");
+    for i in 0..64u64 {
+        let id = format!("old-{i}");
+        p.fact(i + 1, at(0, 10, 1), pay(&id, "m1", 1, "USD", e));
+    }
+    // The 65th identity prunes with the merchant's clock at exactly E + H:
+    // the old ones have not expired yet, so they stay.
+    p.fact(65, e + H, pay("new-0", "m1", 1, "USD", e + H));
+    assert_eq!(p.st.identities_remembered(), 65);
+    assert_eq!(
+        p.fact(66, e + H, pay("old-0", "m1", 1, "USD", e)),
+        Status::Duplicate
+    );
+}
+
+#[test]
 fn rule2_ingest_rejects_events_beyond_horizon_or_skew() {
     let s = Settings::default();
     let ingest = at(0, 12, 0);

@@ -13,6 +13,7 @@ pub fn init_tracing_with_default(default_filter: &str) {
     let json = std::env::var("PAYLEDGER_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // A second init (tests running services in one process) is harmless.
     let _ = if json {
