@@ -55,6 +55,10 @@ pub struct IngestConfig {
     /// Stream replicas when ingest creates the stream (3 in a cluster).
     #[arg(long, env = "PAYLEDGER_STREAM_REPLICAS", default_value_t = 1)]
     pub stream_replicas: usize,
+    /// Ids acked within the duplicate window that ingest remembers, to answer resends
+    /// without a round trip (about 100 bytes each); 0 turns the shortcut off.
+    #[arg(long, env = "PAYLEDGER_RECENT_IDS", default_value_t = 1_000_000)]
+    pub recent_ids_capacity: usize,
     /// JetStream's duplicate window for Nats-Msg-Id.
     #[arg(long, env = "PAYLEDGER_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration)]
     pub duplicate_window: Duration,
@@ -78,6 +82,7 @@ impl IngestConfig {
             ack_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(60),
             stream_replicas: 1,
+            recent_ids_capacity: 1_000_000,
             duplicate_window: Duration::from_secs(120),
             stream_max_age: Duration::from_secs(36 * 86_400),
             max_message_bytes: 64 * 1024,

@@ -2,8 +2,10 @@
 //! publishes when a batch holds an id JetStream has seen (so that every event still
 //! gets its own answer), dimension records and heartbeats.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
@@ -58,6 +60,42 @@ pub(crate) struct Publisher {
     ack_timeout: Duration,
     /// Per partition: ingest clock of the last record appended, for heartbeats.
     last_record_us: Vec<AtomicI64>,
+    recent: Mutex<RecentIds>,
+}
+
+/// Ids acked within the duplicate window, bounded in count. Only a shortcut:
+/// JetStream's own deduplication remains the guarantee.
+struct RecentIds {
+    by_id: HashMap<String, u64>,
+    order: VecDeque<(Instant, String)>,
+    window: Duration,
+    capacity: usize,
+}
+
+impl RecentIds {
+    fn expire(&mut self) {
+        while let Some((at, _)) = self.order.front() {
+            if at.elapsed() < self.window && self.order.len() <= self.capacity {
+                break;
+            }
+            let (_, id) = self.order.pop_front().expect("front exists");
+            self.by_id.remove(&id);
+        }
+    }
+
+    fn get(&mut self, id: &str) -> Option<u64> {
+        self.expire();
+        self.by_id.get(id).copied()
+    }
+
+    fn insert(&mut self, id: &str, seq: u64) {
+        if self.capacity == 0 {
+            return;
+        }
+        self.by_id.insert(id.to_string(), seq);
+        self.order.push_back((Instant::now(), id.to_string()));
+        self.expire();
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Status {
@@ -81,6 +119,13 @@ impl Publisher {
             last_record_us: (0..settings.partitions)
                 .map(|_| AtomicI64::new(i64::MIN))
                 .collect(),
+            recent: Mutex::new(RecentIds {
+                by_id: HashMap::new(),
+                order: VecDeque::new(),
+                // Shorter than JetStream's window, so a shortcut never outlives the guarantee.
+                window: config.duplicate_window.mul_f64(0.9),
+                capacity: config.recent_ids_capacity,
+            }),
         }
     }
 
@@ -93,68 +138,108 @@ impl Publisher {
         Bytes::from(record.encode_to_vec())
     }
 
-    /// Appends events, answering for each one, in order.
+    /// Appends events, answering for each one, in order. Resends known to have
+    /// been acked within the duplicate window are answered without a round trip.
     pub async fn append_events(
         &self,
         events: &[Prepared],
         ingest_time_us: i64,
     ) -> Result<Vec<Appended>, Status> {
-        let mut out = Vec::with_capacity(events.len());
-        for chunk in events.chunks(MAX_BATCH_MESSAGES) {
-            let messages = chunk
+        let mut out: Vec<Option<Appended>> = vec![None; events.len()];
+        let mut to_send = Vec::with_capacity(events.len());
+        {
+            let mut recent = self.recent.lock().expect("recent ids lock");
+            for (i, e) in events.iter().enumerate() {
+                match recent.get(&e.msg_id) {
+                    Some(seq) => out[i] = Some(Appended::Duplicate(seq)),
+                    None => to_send.push(i),
+                }
+            }
+        }
+        for chunk in to_send.chunks(MAX_BATCH_MESSAGES) {
+            self.append_batch(events, chunk, &mut out).await?;
+            for &i in chunk {
+                self.last_record_us[events[i].partition as usize]
+                    .fetch_max(ingest_time_us, Ordering::Relaxed);
+            }
+        }
+        let mut recent = self.recent.lock().expect("recent ids lock");
+        for &i in &to_send {
+            if let Some(Appended::Stored(seq)) = out[i] {
+                recent.insert(&events[i].msg_id, seq);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|a| a.expect("every event answered"))
+            .collect())
+    }
+
+    /// Appends `indices` of `events` as atomic batches. A batch JetStream refuses
+    /// because it holds an id already in the log is split in halves until the
+    /// resends stand alone, so every event still gets its own answer.
+    async fn append_batch(
+        &self,
+        events: &[Prepared],
+        indices: &[usize],
+        out: &mut [Option<Appended>],
+    ) -> Result<(), Status> {
+        let mut parts = vec![indices.to_vec()];
+        while let Some(part) = parts.pop() {
+            let messages = part
                 .iter()
-                .map(|e| {
+                .map(|&i| {
                     let mut headers = HeaderMap::new();
-                    headers.insert("Nats-Msg-Id", e.msg_id.as_str());
+                    headers.insert("Nats-Msg-Id", events[i].msg_id.as_str());
                     BatchMessage {
-                        subject: event_subject(e.partition),
+                        subject: event_subject(events[i].partition),
                         headers,
-                        payload: e.payload.clone(),
+                        payload: events[i].payload.clone(),
                     }
                 })
                 .collect();
             match publish_atomic(&self.client, messages, self.ack_timeout).await {
                 Ok(ack) => {
-                    out.extend((0..chunk.len()).map(|i| Appended::Stored(ack.sequence_of(i))));
+                    for (k, &i) in part.iter().enumerate() {
+                        out[i] = Some(Appended::Stored(ack.sequence_of(k)));
+                    }
                 }
                 Err(e) if e.err_code() == Some(ERR_DUPLICATE_MSG_ID) => {
-                    // Some event of the batch is a resend: ask for each one singly.
-                    out.extend(self.append_singly(chunk).await?);
+                    if part.len() == 1 {
+                        out[part[0]] = Some(self.append_single(&events[part[0]]).await?);
+                    } else {
+                        let (a, b) = part.split_at(part.len() / 2);
+                        parts.push(b.to_vec());
+                        parts.push(a.to_vec());
+                    }
                 }
                 Err(e @ BatchError::NoAck(_)) => return Err(unavailable(e)),
                 Err(e) => return Err(Status::internal(e.to_string())),
             }
-            for e in chunk {
-                self.last_record_us[e.partition as usize]
-                    .fetch_max(ingest_time_us, Ordering::Relaxed);
-            }
         }
-        Ok(out)
+        Ok(())
     }
 
-    async fn append_singly(&self, events: &[Prepared]) -> Result<Vec<Appended>, Status> {
-        // Pipelined: send all, then collect the acks in order.
-        let mut pending = Vec::with_capacity(events.len());
-        for e in events {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", e.msg_id.as_str());
-            let ack = self
-                .js
-                .publish_with_headers(event_subject(e.partition), headers, e.payload.clone())
-                .await
-                .map_err(unavailable)?;
-            pending.push(ack);
-        }
-        let mut out = Vec::with_capacity(events.len());
-        for ack in pending {
-            let ack = ack.await.map_err(unavailable)?;
-            out.push(if ack.duplicate {
-                Appended::Duplicate(ack.sequence)
-            } else {
-                Appended::Stored(ack.sequence)
-            });
-        }
-        Ok(out)
+    /// A plain publish, whose ack says whether JetStream already had the id.
+    async fn append_single(&self, event: &Prepared) -> Result<Appended, Status> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", event.msg_id.as_str());
+        let ack = self
+            .js
+            .publish_with_headers(
+                event_subject(event.partition),
+                headers,
+                event.payload.clone(),
+            )
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        Ok(if ack.duplicate {
+            Appended::Duplicate(ack.sequence)
+        } else {
+            Appended::Stored(ack.sequence)
+        })
     }
 
     /// Appends one dimension record; `msg_id` makes a resend a no-op.

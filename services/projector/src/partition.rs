@@ -147,15 +147,31 @@ struct Projection {
     pending_records: u64,
     records_since_checkpoint: u64,
     last_checkpoint: Instant,
+    last_progress: Instant,
 }
+
+/// While records are pending, progress is reported at most this often; a caught-up
+/// partition reports at once.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 impl Projection {
     async fn flush(&mut self) -> anyhow::Result<()> {
         let (daily, current) = self.pending.take_rows(&self.state);
-        // Daily rows before current rows: a reader that sees a current row change
-        // finds the daily rows behind it already stored.
-        self.daily.write(daily).await?;
-        self.current.write(current).await?;
+        // The two buckets are separate streams: their batches are fsynced concurrently.
+        tokio::try_join!(self.daily.write(daily), self.current.write(current))?;
+        if self.last_progress.elapsed() >= PROGRESS_INTERVAL || self.pending_records == 0 {
+            self.write_progress().await?;
+        }
+        if self.records_since_checkpoint >= self.ctx.tuning.checkpoint_every_records
+            || (self.records_since_checkpoint > 0
+                && self.last_checkpoint.elapsed() >= self.ctx.tuning.checkpoint_interval)
+        {
+            self.checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_progress(&mut self) -> anyhow::Result<()> {
         let progress = v1::PartitionProgress {
             partition: self.ctx.partition,
             applied_sequence: self.state.last_seq(),
@@ -170,12 +186,7 @@ impl Projection {
                 progress.encode_to_vec().into(),
             )
             .await?;
-        if self.records_since_checkpoint >= self.ctx.tuning.checkpoint_every_records
-            || (self.records_since_checkpoint > 0
-                && self.last_checkpoint.elapsed() >= self.ctx.tuning.checkpoint_interval)
-        {
-            self.checkpoint().await?;
-        }
+        self.last_progress = Instant::now();
         Ok(())
     }
 
@@ -259,6 +270,7 @@ pub(crate) async fn run(
         pending_records: 0,
         records_since_checkpoint: 0,
         last_checkpoint: Instant::now(),
+        last_progress: Instant::now(),
     };
     let mut first_applied: Option<u64> = None;
     let mut flush_at: Option<tokio::time::Instant> = None;
