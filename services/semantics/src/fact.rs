@@ -190,19 +190,21 @@ impl Fact {
     /// Fingerprint of everything but the identity: equal content means a duplicate,
     /// other content a conflict (rule 1).
     pub(crate) fn content_hash(&self) -> u64 {
-        let mut buf = Vec::with_capacity(64);
-        buf.push(self.kind as u8);
-        buf.extend_from_slice(&self.amount_minor.to_le_bytes());
-        buf.extend_from_slice(self.currency.as_str().as_bytes());
-        buf.extend_from_slice(&self.event_time_us.to_le_bytes());
-        match &self.corrects_event_id {
+        // Fixed-width fields on the stack; the optional target id hashed on its own.
+        let mut fixed = [0u8; 32];
+        fixed[0] = self.kind as u8;
+        fixed[1..9].copy_from_slice(&self.amount_minor.to_le_bytes());
+        fixed[9..12].copy_from_slice(self.currency.as_str().as_bytes());
+        fixed[12..20].copy_from_slice(&self.event_time_us.to_le_bytes());
+        let target = match &self.corrects_event_id {
             Some(target) => {
-                buf.push(1);
-                buf.extend_from_slice(target.as_bytes());
+                fixed[20] = 1;
+                xxhash_rust::xxh3::xxh3_64(target.as_bytes())
             }
-            None => buf.push(0),
-        }
-        xxhash_rust::xxh3::xxh3_64(&buf)
+            None => 0,
+        };
+        fixed[21..29].copy_from_slice(&target.to_le_bytes());
+        xxhash_rust::xxh3::xxh3_64(&fixed)
     }
 }
 

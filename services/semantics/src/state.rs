@@ -4,7 +4,6 @@
 //! judged per partition. So any interleaving of partitions that keeps each
 //! partition's order gives the same rows, and shards by partition merge by union.
 
-use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -143,7 +142,26 @@ struct CurrencyBook {
     conflicts: u64,
     late: u64,
     log_position: u64,
-    days: BTreeMap<Day, DayState>,
+    /// Sorted by day. Most events land on the newest day, so it is checked first.
+    days: Vec<(Day, DayState)>,
+}
+
+impl CurrencyBook {
+    /// The index of `day`'s state, inserted if missing.
+    fn day_index(&mut self, day: Day) -> usize {
+        if let Some((last, _)) = self.days.last() {
+            if *last == day {
+                return self.days.len() - 1;
+            }
+        }
+        match self.days.binary_search_by_key(&day, |(d, _)| *d) {
+            Ok(at) => at,
+            Err(at) => {
+                self.days.insert(at, (day, DayState::default()));
+                at
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -175,31 +193,31 @@ impl MerchantState {
         }
     }
 
-    fn book_mut(&mut self, currency: Currency) -> &mut CurrencyBook {
-        let at = match self.books.iter().position(|b| b.currency == currency) {
-            Some(at) => at,
-            None => {
-                self.books.push(CurrencyBook {
-                    currency,
-                    balance: 0,
-                    gross: 0,
-                    last_event_time_us: i64::MIN,
-                    applied: 0,
-                    duplicates: 0,
-                    conflicts: 0,
-                    late: 0,
-                    log_position: 0,
-                    days: BTreeMap::new(),
-                });
-                self.books.len() - 1
-            }
-        };
-        &mut self.books[at]
-    }
-
     fn book(&self, currency: Currency) -> Option<&CurrencyBook> {
         self.books.iter().find(|b| b.currency == currency)
     }
+}
+
+fn book_mut(books: &mut Vec<CurrencyBook>, currency: Currency) -> &mut CurrencyBook {
+    let at = match books.iter().position(|b| b.currency == currency) {
+        Some(at) => at,
+        None => {
+            books.push(CurrencyBook {
+                currency,
+                balance: 0,
+                gross: 0,
+                last_event_time_us: i64::MIN,
+                applied: 0,
+                duplicates: 0,
+                conflicts: 0,
+                late: 0,
+                log_position: 0,
+                days: Vec::new(),
+            });
+            books.len() - 1
+        }
+    };
+    &mut books[at]
 }
 
 impl PartitionState {
@@ -232,14 +250,6 @@ impl PartitionState {
         self.merchants.values().map(|m| m.identities.len()).sum()
     }
 
-    fn is_closed(&self, day: Day) -> bool {
-        // max_ingest_time_us is still the value from *before* the record at hand.
-        self.max_ingest_time_us
-            >= day
-                .end_us()
-                .saturating_add(self.settings.allowed_lateness_us)
-    }
-
     /// Folds one record. Records at or below the last sequence read are ignored, so
     /// a redelivery changes nothing. On error the state is unchanged.
     pub fn apply(&mut self, record: &Record) -> Result<Outcome, SemanticsError> {
@@ -262,26 +272,33 @@ impl PartitionState {
     }
 
     fn apply_fact(&mut self, record: &Record, fact: &Fact) -> Result<Outcome, SemanticsError> {
-        let expected = partition_of(&fact.merchant_id, self.settings.partitions);
-        if expected != self.partition {
-            return Err(SemanticsError::WrongPartition {
-                merchant_id: fact.merchant_id.clone(),
-                expected,
-                actual: self.partition,
-            });
-        }
         let settings = self.settings;
+        // The partition's clock from *before* this record decides closure.
+        let partition_max_ingest = self.max_ingest_time_us;
+        let is_closed = |d: Day| {
+            partition_max_ingest >= d.end_us().saturating_add(settings.allowed_lateness_us)
+        };
         let day = Day::of_micros(fact.event_time_us);
         let key = xxhash_rust::xxh3::xxh3_128(fact.event_id.as_bytes());
         let content = fact.content_hash();
+        let seq = record.seq;
 
-        let closed: Vec<Day>;
         let merchant = match self.merchants.get_mut(fact.merchant_id.as_str()) {
             Some(m) => m,
-            None => self
-                .merchants
-                .entry(fact.merchant_id.clone())
-                .or_insert_with(MerchantState::new),
+            None => {
+                // A merchant's partition never changes: checking its first fact suffices.
+                let expected = partition_of(&fact.merchant_id, settings.partitions);
+                if expected != self.partition {
+                    return Err(SemanticsError::WrongPartition {
+                        merchant_id: fact.merchant_id.clone(),
+                        expected,
+                        actual: self.partition,
+                    });
+                }
+                self.merchants
+                    .entry(fact.merchant_id.clone())
+                    .or_insert_with(MerchantState::new)
+            }
         };
         let status = match merchant.identities.get(&key) {
             Some(seen)
@@ -298,9 +315,7 @@ impl PartitionState {
             _ => Status::Applied,
         };
 
-        let seq = record.seq;
-        let merchant_max_ingest = merchant.max_ingest_time_us;
-        let book = merchant.book_mut(fact.currency);
+        let book = book_mut(&mut merchant.books, fact.currency);
         match status {
             Status::Applied => {
                 let delta = fact.kind.signed_delta(fact.amount_minor);
@@ -327,7 +342,8 @@ impl PartitionState {
                 // In 0..buckets_per_day: the event lies inside its day.
                 let bucket =
                     ((fact.event_time_us - day.start_us()) / settings.bucket_width_us) as u64;
-                let today = book.days.entry(day).or_default();
+                let at = book.day_index(day);
+                let today = &mut book.days[at].1;
                 today.total += delta;
                 match today.buckets.binary_search_by_key(&bucket, |(b, _)| *b) {
                     Ok(at) => today.buckets[at].1 += delta,
@@ -335,8 +351,12 @@ impl PartitionState {
                 }
                 today.applied += 1;
                 today.late += late;
-                // This day and every later one of the merchant and currency moved.
-                closed = book.days.range(day..).map(|(d, _)| *d).collect();
+                // This day and every later one of the merchant and currency moved;
+                // those already closed are restated.
+                for (d, state) in &mut book.days[at..] {
+                    state.log_position = seq;
+                    state.restated |= is_closed(*d);
+                }
                 merchant.identities.insert(
                     key,
                     Remembered {
@@ -347,7 +367,8 @@ impl PartitionState {
             }
             Status::Duplicate | Status::Conflict => {
                 book.log_position = seq;
-                let today = book.days.entry(day).or_default();
+                let at = book.day_index(day);
+                let today = &mut book.days[at].1;
                 if status == Status::Duplicate {
                     book.duplicates += 1;
                     today.duplicates += 1;
@@ -356,32 +377,11 @@ impl PartitionState {
                     today.conflicts += 1;
                 }
                 today.log_position = seq;
-                closed = Vec::new();
             }
             Status::Heartbeat | Status::AlreadyRead => unreachable!("a fact is read as one"),
         }
 
-        // Restatement and positions of the moved days, judged with the partition's
-        // clock from before this record.
-        if !closed.is_empty() {
-            let restated: Vec<bool> = closed.iter().map(|d| self.is_closed(*d)).collect();
-            let merchant = self
-                .merchants
-                .get_mut(fact.merchant_id.as_str())
-                .expect("inserted above");
-            let book = merchant.book_mut(fact.currency);
-            for (d, was_closed) in closed.iter().zip(restated) {
-                let state = book.days.get_mut(d).expect("listed above");
-                state.log_position = seq;
-                state.restated |= was_closed;
-            }
-        }
-
-        let merchant = self
-            .merchants
-            .get_mut(fact.merchant_id.as_str())
-            .expect("inserted above");
-        merchant.max_ingest_time_us = merchant_max_ingest.max(record.ingest_time_us);
+        merchant.max_ingest_time_us = merchant.max_ingest_time_us.max(record.ingest_time_us);
         if merchant.identities.len() > merchant.prune_at {
             let now = merchant.max_ingest_time_us;
             let horizon = settings.dedup_horizon_us;
@@ -460,9 +460,10 @@ impl PartitionState {
         last: Option<Day>,
     ) -> Vec<DailyRow> {
         let width = self.settings.bucket_width_us;
-        let mut balance: i128 = book.days.range(..from).map(|(_, d)| d.total).sum();
+        let start = book.days.partition_point(|(d, _)| *d < from);
+        let mut balance: i128 = book.days[..start].iter().map(|(_, d)| d.total).sum();
         let mut rows = Vec::new();
-        for (day, state) in book.days.range(from..) {
+        for (day, state) in &book.days[start..] {
             if last.is_some_and(|l| *day > l) {
                 break;
             }
