@@ -129,6 +129,40 @@ impl Harness {
     }
 }
 
+/// Waits until the gRPC server at `url` answers health checks with SERVING (for
+/// services not started through [`Harness::spawn`], e.g. in-process ones).
+pub async fn wait_healthy(url: &str, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    let mut last = String::from("no answer");
+    loop {
+        match Channel::from_shared(url.to_string())?.connect().await {
+            Ok(channel) => {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                let request = tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                };
+                match health.check(request).await {
+                    Ok(r)
+                        if r.get_ref().status
+                            == tonic_health::pb::health_check_response::ServingStatus::Serving
+                                as i32 =>
+                    {
+                        return Ok(());
+                    }
+                    Ok(r) => last = format!("status {:?}", r.get_ref().status),
+                    Err(s) => last = format!("{s}"),
+                }
+            }
+            Err(e) => last = format!("connect: {e}"),
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{url} not serving within {within:?}: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_serving(service: &mut Service) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -191,11 +225,17 @@ impl AcceptedLog {
             })
             .await?
             .into_inner();
-        anyhow::ensure!(
-            response.results.len() == events.len(),
-            "one result per event"
-        );
-        for (event, result) in events.iter().zip(response.results) {
+        self.record(&events, &response.results)
+    }
+
+    /// Records the answers of one Publish call of `events`.
+    pub fn record(
+        &mut self,
+        events: &[v1::Event],
+        results: &[v1::PublishResult],
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(results.len() == events.len(), "one result per event");
+        for (event, result) in events.iter().zip(results.iter().cloned()) {
             match result.outcome {
                 Some(v1::publish_result::Outcome::Accepted(a)) => {
                     let fact = payledger_proto::fact_from_event(event)
@@ -347,6 +387,62 @@ pub async fn stream_messages(nats_url: &str) -> anyhow::Result<u64> {
         .get_stream(payledger_server_common::topology::STREAM)
         .await?;
     Ok(stream.info().await?.state.messages)
+}
+
+/// One message of the stream, decoded.
+#[derive(Clone, Debug)]
+pub struct LogEntry {
+    pub seq: u64,
+    pub subject: String,
+    pub record: v1::LogRecord,
+}
+
+impl LogEntry {
+    /// The partition of an event subject (`payledger.events.p{N}`), if it is one.
+    pub fn partition(&self) -> Option<u32> {
+        payledger_server_common::topology::partition_of_subject(&self.subject)
+    }
+
+    pub fn is_heartbeat(&self) -> bool {
+        matches!(self.record.body, Some(v1::log_record::Body::Heartbeat(_)))
+    }
+
+    /// The record as the semantics reads it (facts and heartbeats only).
+    pub fn to_record(&self) -> anyhow::Result<Record> {
+        use prost::Message;
+        payledger_proto::record_from_log(self.seq, &self.record.encode_to_vec())
+            .map_err(|e| anyhow::anyhow!("sequence {} ({}): {e}", self.seq, self.subject))
+    }
+}
+
+/// Every message in the stream right now, in sequence order (the tests never
+/// delete messages, so the sequences from first to last are all present).
+pub async fn read_log(nats_url: &str) -> anyhow::Result<Vec<LogEntry>> {
+    use prost::Message;
+    let client = async_nats::connect(nats_url).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(payledger_server_common::topology::STREAM)
+        .await?;
+    let state = stream.info().await?.state.clone();
+    let mut entries = Vec::with_capacity(state.messages as usize);
+    if state.messages == 0 {
+        return Ok(entries);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        let message = stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| anyhow::anyhow!("reading sequence {seq} of the stream: {e}"))?;
+        let record = v1::LogRecord::decode(message.payload.as_ref())
+            .map_err(|e| anyhow::anyhow!("sequence {seq} is not a LogRecord: {e}"))?;
+        entries.push(LogEntry {
+            seq,
+            subject: message.subject.to_string(),
+            record,
+        });
+    }
+    Ok(entries)
 }
 
 pub fn now_us() -> i64 {

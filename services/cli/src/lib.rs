@@ -2,6 +2,7 @@
 //! clients for ingest and query. The library half is what the end-to-end tests
 //! and benchmarks share with the binary.
 
+pub mod bench;
 pub mod dev;
 pub mod events_file;
 pub mod generate;

@@ -93,6 +93,8 @@ enum Command {
     /// Read exposure from the query service.
     #[command(subcommand)]
     Query(QueryCommand),
+    /// Measure ingest, projection, freshness and the fold against baselines (use a release build).
+    Bench(payledger_cli::bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -660,7 +662,7 @@ async fn demo(dev: DevArgs, events: usize) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Dev(_) | Command::Demo { .. }) {
+    if matches!(cli.command, Command::Dev(_) | Command::Demo { .. } | Command::Bench(_)) {
         // Services log warnings only, to keep the output readable; RUST_LOG overrides.
         payledger_server_common::telemetry::init_tracing_with_default("warn");
     }
@@ -725,6 +727,7 @@ async fn main() -> anyhow::Result<()> {
             endpoints,
         } => ingest_file(file, batch, endpoints, cli.json).await?,
         Command::Query(command) => run_query(command, cli.json).await?,
+        Command::Bench(args) => payledger_cli::bench::run(args).await?,
     }
     Ok(())
 }

@@ -55,6 +55,12 @@ impl LocalNats {
 
     /// Starts (or restarts) on a given port, so that clients can reconnect to it.
     pub fn start_on(store_dir: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with(store_dir, port, true)
+    }
+
+    /// `fsync_always: false` keeps nats-server's default flush (every two minutes):
+    /// faster, and acknowledged writes can be lost. Benchmarks compare the two.
+    pub fn start_with(store_dir: &Path, port: u16, fsync_always: bool) -> anyhow::Result<Self> {
         let binary = find_nats_server()?;
         std::fs::create_dir_all(store_dir)?;
         let config = store_dir.join("nats.conf");
@@ -63,8 +69,9 @@ impl LocalNats {
             format!(
                 "listen: 127.0.0.1:{port}\n\
                  max_payload: 8MB\n\
-                 jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n",
-                store = store_dir.join("jetstream").display().to_string()
+                 jetstream {{\n  store_dir: {store:?}\n{sync}}}\n",
+                store = store_dir.join("jetstream").display().to_string(),
+                sync = if fsync_always { "  sync_interval: always\n" } else { "" }
             ),
         )?;
         let log = std::fs::File::create(store_dir.join("nats-server.log"))?;
