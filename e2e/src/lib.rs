@@ -133,9 +133,8 @@ impl Harness {
 /// services not started through [`Harness::spawn`], e.g. in-process ones).
 pub async fn wait_healthy(url: &str, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
-    let mut last = String::from("no answer");
     loop {
-        match Channel::from_shared(url.to_string())?.connect().await {
+        let last = match Channel::from_shared(url.to_string())?.connect().await {
             Ok(channel) => {
                 let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
                 let request = tonic_health::pb::HealthCheckRequest {
@@ -149,12 +148,12 @@ pub async fn wait_healthy(url: &str, within: Duration) -> anyhow::Result<()> {
                     {
                         return Ok(());
                     }
-                    Ok(r) => last = format!("status {:?}", r.get_ref().status),
-                    Err(s) => last = format!("{s}"),
+                    Ok(r) => format!("status {:?}", r.get_ref().status),
+                    Err(s) => format!("{s}"),
                 }
             }
-            Err(e) => last = format!("connect: {e}"),
-        }
+            Err(e) => format!("connect: {e}"),
+        };
         anyhow::ensure!(
             Instant::now() < deadline,
             "{url} not serving within {within:?}: {last}"

@@ -300,8 +300,9 @@ async fn freshness(stack: &Stack, rate: f64, secs: u64) -> anyhow::Result<Vec<i6
         .watch_current_exposure(v1::WatchCurrentExposureRequest { merchant_ids: ids })
         .await?
         .into_inner();
-    // (merchant, seq, ack instant) awaiting visibility.
-    let waiting: Arc<std::sync::Mutex<Vec<(String, u64, Instant)>>> = Arc::default();
+    // Per merchant, in sequence order: (seq, ack instant) awaiting visibility.
+    type Waiting = HashMap<String, std::collections::VecDeque<(u64, Instant)>>;
+    let waiting: Arc<std::sync::Mutex<Waiting>> = Arc::default();
     let latencies: Arc<std::sync::Mutex<Vec<i64>>> = Arc::default();
     let (w, l) = (waiting.clone(), latencies.clone());
     let watcher = tokio::spawn(async move {
@@ -309,15 +310,15 @@ async fn freshness(stack: &Stack, rate: f64, secs: u64) -> anyhow::Result<Vec<i6
             let position = e.rows.iter().map(|r| r.log_position).max().unwrap_or(0);
             let seen = Instant::now();
             let mut waiting = w.lock().expect("lock");
+            let Some(queue) = waiting.get_mut(&e.merchant_id) else { continue };
             let mut lat = l.lock().expect("lock");
-            waiting.retain(|(m, seq, acked)| {
-                if *m == e.merchant_id && *seq <= position {
-                    lat.push(seen.saturating_duration_since(*acked).as_micros() as i64);
-                    false
-                } else {
-                    true
+            while let Some((seq, acked)) = queue.front() {
+                if *seq > position {
+                    break;
                 }
-            });
+                lat.push(seen.saturating_duration_since(*acked).as_micros() as i64);
+                queue.pop_front();
+            }
         }
     });
     let mut ingest = IngestServiceClient::new(connect(stack.ingest).await?);
@@ -333,7 +334,7 @@ async fn freshness(stack: &Stack, rate: f64, secs: u64) -> anyhow::Result<Vec<i6
         let mut waiting = waiting.lock().expect("lock");
         for (e, r) in events.iter().zip(response.results) {
             if let Some(v1::publish_result::Outcome::Accepted(a)) = r.outcome {
-                waiting.push((e.merchant_id.clone(), a.sequence, acked));
+                waiting.entry(e.merchant_id.clone()).or_default().push_back((a.sequence, acked));
             }
         }
     }

@@ -158,7 +158,9 @@ impl Projection {
     async fn flush(&mut self) -> anyhow::Result<()> {
         let (daily, current) = self.pending.take_rows(&self.state);
         // The two buckets are separate streams: their batches are fsynced concurrently.
+        let rows = (daily.len(), current.len());
         tokio::try_join!(self.daily.write(daily), self.current.write(current))?;
+        tracing::debug!(partition = self.ctx.partition, seq = self.state.last_seq(), daily = rows.0, current = rows.1, "rows flushed");
         if self.last_progress.elapsed() >= PROGRESS_INTERVAL || self.pending_records == 0 {
             self.write_progress().await?;
         }

@@ -149,10 +149,10 @@ struct CurrencyBook {
 impl CurrencyBook {
     /// The index of `day`'s state, inserted if missing.
     fn day_index(&mut self, day: Day) -> usize {
-        if let Some((last, _)) = self.days.last() {
-            if *last == day {
-                return self.days.len() - 1;
-            }
+        if let Some((last, _)) = self.days.last()
+            && *last == day
+        {
+            return self.days.len() - 1;
         }
         match self.days.binary_search_by_key(&day, |(d, _)| *d) {
             Ok(at) => at,

@@ -4,6 +4,7 @@
 use std::future::Future;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 use tonic::transport::Server;
@@ -18,7 +19,8 @@ pub struct ServerLimits {
 }
 
 /// Serves `routes` plus `grpc.health.v1` (SERVING for each name in `served`, and for
-/// the server as a whole) and reflection of the payledger protos, until `shutdown`.
+/// the server as a whole) and reflection of the payledger protos (listing the
+/// services in `served` plus health and reflection), until `shutdown`.
 pub async fn serve_grpc(
     routes: Option<Routes>,
     served: &[&'static str],
@@ -35,19 +37,33 @@ pub async fn serve_grpc(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
+    // Advertise only the services this server runs: the descriptor set holds every
+    // payledger service, and listing one that answers UNIMPLEMENTED misleads.
+    let mut reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(payledger_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection");
+    for name in served {
+        reflection = reflection.with_service_name(*name);
+    }
+    let reflection = reflection.build_v1()?;
     let routes = match routes {
         Some(routes) => routes.add_service(health_service),
         None => Routes::new(health_service),
     }
     .add_service(reflection);
+    // Small responses must not wait for Nagle's algorithm: no delay on every connection.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn {
+            let _ = stream.set_nodelay(true);
+        }
+        conn
+    });
     Server::builder()
         .concurrency_limit_per_connection(limits.concurrency_per_connection)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }
