@@ -19,7 +19,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use payledger_ingest::{IngestConfig, SystemClock, message_id};
 use payledger_projector::ProjectorConfig;
-use payledger_proto::v1::{self, ingest_service_client::IngestServiceClient, query_service_client::QueryServiceClient};
+use payledger_proto::v1::{
+    self, ingest_service_client::IngestServiceClient, query_service_client::QueryServiceClient,
+};
 use payledger_proto::{fact_from_event, record_from_log};
 use payledger_semantics::{PartitionState, Settings, partition_of};
 use payledger_server_common::atomic_batch::{BatchMessage, publish_atomic};
@@ -48,7 +50,10 @@ pub struct BenchArgs {
 }
 
 fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 fn events(n: usize, seed: u64) -> Vec<v1::Event> {
@@ -66,7 +71,11 @@ fn events(n: usize, seed: u64) -> Vec<v1::Event> {
 }
 
 /// Bare async-nats: atomic batches of 1000 of the payloads ingest would write.
-async fn bare_publish(nats: &LocalNats, events: &[v1::Event], publishers: usize) -> anyhow::Result<f64> {
+async fn bare_publish(
+    nats: &LocalNats,
+    events: &[v1::Event],
+    publishers: usize,
+) -> anyhow::Result<f64> {
     let client = async_nats::connect(nats.url()).await?;
     let js = async_nats::jetstream::new(client.clone());
     let settings = Settings::default();
@@ -76,8 +85,16 @@ async fn bare_publish(nats: &LocalNats, events: &[v1::Event], publishers: usize)
         .iter()
         .map(|e| {
             let fact = fact_from_event(e).expect("generated events are valid");
-            let record = v1::LogRecord { ingest_time_us: now, body: Some(v1::log_record::Body::Fact(e.clone())), traceparent: String::new() };
-            (event_subject(partition_of(&fact.merchant_id, settings.partitions)), message_id(&fact), Bytes::from(record.encode_to_vec()))
+            let record = v1::LogRecord {
+                ingest_time_us: now,
+                body: Some(v1::log_record::Body::Fact(e.clone())),
+                traceparent: String::new(),
+            };
+            (
+                event_subject(partition_of(&fact.merchant_id, settings.partitions)),
+                message_id(&fact),
+                Bytes::from(record.encode_to_vec()),
+            )
         })
         .collect();
     let messages = Arc::new(messages);
@@ -87,14 +104,19 @@ async fn bare_publish(nats: &LocalNats, events: &[v1::Event], publishers: usize)
     for p in 0..publishers {
         let (client, messages) = (client.clone(), messages.clone());
         tasks.push(tokio::spawn(async move {
-            let mine = &messages[(p * per).min(messages.len())..((p + 1) * per).min(messages.len())];
+            let mine =
+                &messages[(p * per).min(messages.len())..((p + 1) * per).min(messages.len())];
             for chunk in mine.chunks(1000) {
                 let batch = chunk
                     .iter()
                     .map(|(subject, id, payload)| {
                         let mut headers = HeaderMap::new();
                         headers.insert("Nats-Msg-Id", id.as_str());
-                        BatchMessage { subject: subject.clone(), headers, payload: payload.clone() }
+                        BatchMessage {
+                            subject: subject.clone(),
+                            headers,
+                            payload: payload.clone(),
+                        }
                     })
                     .collect();
                 publish_atomic(&client, batch, Duration::from_secs(30)).await?;
@@ -136,23 +158,43 @@ impl Stack {
         let (stop, _) = tokio::sync::watch::channel(false);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let ingest = listener.local_addr()?;
-        let mut stack = Stack { ingest, query: None, stop, tasks: Vec::new() };
+        let mut stack = Stack {
+            ingest,
+            query: None,
+            stop,
+            tasks: Vec::new(),
+        };
         let mut config = IngestConfig::new(&nats.url());
         config.heartbeat_interval = Duration::ZERO;
         let shutdown = stack.until_stopped();
-        stack.tasks.push(tokio::spawn(payledger_ingest::run(config, Arc::new(SystemClock), listener, shutdown)));
+        stack.tasks.push(tokio::spawn(payledger_ingest::run(
+            config,
+            Arc::new(SystemClock),
+            listener,
+            shutdown,
+        )));
         Ok(stack)
     }
 
-    async fn start_projector_and_query(&mut self, nats: &LocalNats, store: &std::path::Path) -> anyhow::Result<()> {
+    async fn start_projector_and_query(
+        &mut self,
+        nats: &LocalNats,
+        store: &std::path::Path,
+    ) -> anyhow::Result<()> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let config = ProjectorConfig::new(&nats.url(), store.to_str().expect("utf-8 path"));
         let shutdown = self.until_stopped();
-        self.tasks.push(tokio::spawn(payledger_projector::run(config, listener, shutdown)));
+        self.tasks.push(tokio::spawn(payledger_projector::run(
+            config, listener, shutdown,
+        )));
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         self.query = Some(listener.local_addr()?);
         let shutdown = self.until_stopped();
-        self.tasks.push(tokio::spawn(payledger_query::run(payledger_query::QueryConfig::new(&nats.url()), listener, shutdown)));
+        self.tasks.push(tokio::spawn(payledger_query::run(
+            payledger_query::QueryConfig::new(&nats.url()),
+            listener,
+            shutdown,
+        )));
         Ok(())
     }
 
@@ -177,7 +219,11 @@ async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
 }
 
 /// Ingest over gRPC: `publishers` clients sending Publish calls of 1000 events.
-async fn grpc_publish(ingest: std::net::SocketAddr, events: &[v1::Event], publishers: usize) -> anyhow::Result<f64> {
+async fn grpc_publish(
+    ingest: std::net::SocketAddr,
+    events: &[v1::Event],
+    publishers: usize,
+) -> anyhow::Result<f64> {
     let channel = connect(ingest).await?;
     let events = Arc::new(events.to_vec());
     let per = events.len().div_ceil(publishers);
@@ -188,9 +234,17 @@ async fn grpc_publish(ingest: std::net::SocketAddr, events: &[v1::Event], publis
         tasks.push(tokio::spawn(async move {
             let mine = &events[(p * per).min(events.len())..((p + 1) * per).min(events.len())];
             for chunk in mine.chunks(1000) {
-                let response = client.publish(v1::PublishRequest { events: chunk.to_vec() }).await?.into_inner();
+                let response = client
+                    .publish(v1::PublishRequest {
+                        events: chunk.to_vec(),
+                    })
+                    .await?
+                    .into_inner();
                 anyhow::ensure!(
-                    response.results.iter().all(|r| matches!(r.outcome, Some(v1::publish_result::Outcome::Accepted(_)))),
+                    response.results.iter().all(|r| matches!(
+                        r.outcome,
+                        Some(v1::publish_result::Outcome::Accepted(_))
+                    )),
                     "every benchmark event is new and valid"
                 );
             }
@@ -204,11 +258,17 @@ async fn grpc_publish(ingest: std::net::SocketAddr, events: &[v1::Event], publis
 }
 
 /// The last sequence of every partition subject.
-async fn last_sequences(js: &async_nats::jetstream::Context, partitions: u32) -> anyhow::Result<HashMap<u32, u64>> {
+async fn last_sequences(
+    js: &async_nats::jetstream::Context,
+    partitions: u32,
+) -> anyhow::Result<HashMap<u32, u64>> {
     let stream = js.get_stream(STREAM).await?;
     let mut out = HashMap::new();
     for p in 0..partitions {
-        if let Ok(m) = stream.get_last_raw_message_by_subject(&event_subject(p)).await {
+        if let Ok(m) = stream
+            .get_last_raw_message_by_subject(&event_subject(p))
+            .await
+        {
             out.insert(p, m.sequence);
         }
     }
@@ -227,13 +287,19 @@ async fn bare_drain(nats: &LocalNats, partitions: u32) -> anyhow::Result<f64> {
         tasks.push(tokio::spawn(async move {
             let stream = js.get_stream(STREAM).await?;
             let consumer = stream
-                .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig { filter_subject: event_subject(p), ..Default::default() })
+                .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: event_subject(p),
+                    ..Default::default()
+                })
                 .await?;
             let mut messages = consumer.messages().await?;
             let mut n = 0u64;
             while let Some(m) = messages.next().await {
                 let m = m?;
-                let seq = m.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
+                let seq = m
+                    .info()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .stream_sequence;
                 std::hint::black_box(record_from_log(seq, &m.payload).ok());
                 n += 1;
                 if seq >= last {
@@ -251,7 +317,12 @@ async fn bare_drain(nats: &LocalNats, partitions: u32) -> anyhow::Result<f64> {
 }
 
 /// Time for the projector to apply every record and store the rows.
-async fn project(nats: &LocalNats, stack: &mut Stack, store: &std::path::Path, events: usize) -> anyhow::Result<f64> {
+async fn project(
+    nats: &LocalNats,
+    stack: &mut Stack,
+    store: &std::path::Path,
+    events: usize,
+) -> anyhow::Result<f64> {
     let client = async_nats::connect(nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let last = last_sequences(&js, Settings::default().partitions).await?;
@@ -275,7 +346,10 @@ async fn project(nats: &LocalNats, stack: &mut Stack, store: &std::path::Path, e
         if done {
             break;
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "projection did not finish in 10 minutes");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "projection did not finish in 10 minutes"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(events as f64 / started.elapsed().as_secs_f64())
@@ -310,7 +384,9 @@ async fn freshness(stack: &Stack, rate: f64, secs: u64) -> anyhow::Result<Vec<i6
             let position = e.rows.iter().map(|r| r.log_position).max().unwrap_or(0);
             let seen = Instant::now();
             let mut waiting = w.lock().expect("lock");
-            let Some(queue) = waiting.get_mut(&e.merchant_id) else { continue };
+            let Some(queue) = waiting.get_mut(&e.merchant_id) else {
+                continue;
+            };
             let mut lat = l.lock().expect("lock");
             while let Some((seq, acked)) = queue.front() {
                 if *seq > position {
@@ -326,18 +402,36 @@ async fn freshness(stack: &Stack, rate: f64, secs: u64) -> anyhow::Result<Vec<i6
     let interval = Duration::from_secs_f64(batch as f64 / rate);
     let mut ticker = tokio::time::interval(interval);
     let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut call_us = Vec::new();
     while Instant::now() < deadline {
         ticker.tick().await;
         let events = generator.batch(batch, now_us());
-        let response = ingest.publish(v1::PublishRequest { events: events.clone() }).await?.into_inner();
+        let sent = Instant::now();
+        let response = ingest
+            .publish(v1::PublishRequest {
+                events: events.clone(),
+            })
+            .await?
+            .into_inner();
         let acked = Instant::now();
+        call_us.push(acked.duration_since(sent).as_micros() as i64);
         let mut waiting = waiting.lock().expect("lock");
         for (e, r) in events.iter().zip(response.results) {
             if let Some(v1::publish_result::Outcome::Accepted(a)) = r.outcome {
-                waiting.entry(e.merchant_id.clone()).or_default().push_back((a.sequence, acked));
+                waiting
+                    .entry(e.merchant_id.clone())
+                    .or_default()
+                    .push_back((a.sequence, acked));
             }
         }
     }
+    call_us.sort_unstable();
+    eprintln!(
+        "publish call p50 {} µs p99 {} µs over {} calls",
+        call_us[call_us.len() / 2],
+        call_us[call_us.len() * 99 / 100],
+        call_us.len()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     watcher.abort();
     let mut latencies = latencies.lock().expect("lock").clone();
@@ -361,7 +455,10 @@ fn rss_bytes() -> u64 {
 
 /// Single-core fold of `n` events, and resident bytes per remembered identity.
 fn fold_and_memory(n: usize) -> (f64, f64, usize) {
-    let settings = Settings { partitions: 1, ..Settings::default() };
+    let settings = Settings {
+        partitions: 1,
+        ..Settings::default()
+    };
     let records: Vec<_> = events(n, 5)
         .into_iter()
         .enumerate()
@@ -392,12 +489,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "{} events per throughput run, {} publishers, batches of 1000; {} cores; nats-server 2.15.1 on loopback.\n",
         args.events,
         args.publishers,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     )?;
     writeln!(report, "| figure | payledger | baseline | ratio | target |")?;
     writeln!(report, "|---|---|---|---|---|")?;
     for fsync_always in [true, false] {
-        let label = if fsync_always { "sync_interval: always" } else { "server default flush" };
+        let label = if fsync_always {
+            "sync_interval: always"
+        } else {
+            "server default flush"
+        };
         eprintln!("ingest, {label}: bare publish baseline…");
         let base_dir = tempfile::tempdir()?;
         let base_nats = LocalNats::start_with(base_dir.path(), free_port()?, fsync_always)?;
@@ -441,8 +544,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     eprintln!("fold and memory…");
     let (fold_rate, per_identity, identities) = fold_and_memory(1_000_000);
-    writeln!(report, "| semantics fold events/s, one core (end-to-end decode excluded) | {fold_rate:.0} | | | ≥ 5 000 000 |")?;
-    writeln!(report, "| resident bytes per remembered identity ({identities} identities) | {per_identity:.1} | | | ≤ 48 |")?;
+    writeln!(
+        report,
+        "| semantics fold events/s, one core (end-to-end decode excluded) | {fold_rate:.0} | | | ≥ 5 000 000 |"
+    )?;
+    writeln!(
+        report,
+        "| resident bytes per remembered identity ({identities} identities) | {per_identity:.1} | | | ≤ 48 |"
+    )?;
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }

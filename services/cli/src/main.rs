@@ -662,7 +662,10 @@ async fn demo(dev: DevArgs, events: usize) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Dev(_) | Command::Demo { .. } | Command::Bench(_)) {
+    if matches!(
+        cli.command,
+        Command::Dev(_) | Command::Demo { .. } | Command::Bench(_)
+    ) {
         // Services log warnings only, to keep the output readable; RUST_LOG overrides.
         payledger_server_common::telemetry::init_tracing_with_default("warn");
     }

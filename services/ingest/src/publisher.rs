@@ -39,6 +39,11 @@ pub fn message_id(fact: &Fact) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&buf))
 }
 
+/// Below this many events, pipelined single publishes beat one atomic batch: on
+/// the server an atomic batch costs ≈2.9 ms whatever its size (it stages the batch
+/// in a store of its own), a single fsynced publish ≈0.2 ms.
+const ATOMIC_FROM_EVENTS: usize = 16;
+
 /// An event that passed validation, ready to append.
 pub(crate) struct Prepared {
     pub msg_id: String,
@@ -176,8 +181,9 @@ impl Publisher {
     }
 
     /// Appends `indices` of `events` as atomic batches. A batch JetStream refuses
-    /// because it holds an id already in the log is split in halves until the
-    /// resends stand alone, so every event still gets its own answer.
+    /// because it holds an id already in the log is split in halves; small parts go
+    /// as single publishes, whose acks tell resends apart, so every event still gets
+    /// its own answer.
     async fn append_batch(
         &self,
         events: &[Prepared],
@@ -186,6 +192,13 @@ impl Publisher {
     ) -> Result<(), Status> {
         let mut parts = vec![indices.to_vec()];
         while let Some(part) = parts.pop() {
+            if part.len() < ATOMIC_FROM_EVENTS {
+                let appended = self.append_singly(part.iter().map(|&i| &events[i])).await?;
+                for (&i, a) in part.iter().zip(appended) {
+                    out[i] = Some(a);
+                }
+                continue;
+            }
             let messages = part
                 .iter()
                 .map(|&i| {
@@ -205,13 +218,9 @@ impl Publisher {
                     }
                 }
                 Err(e) if e.err_code() == Some(ERR_DUPLICATE_MSG_ID) => {
-                    if part.len() == 1 {
-                        out[part[0]] = Some(self.append_single(&events[part[0]]).await?);
-                    } else {
-                        let (a, b) = part.split_at(part.len() / 2);
-                        parts.push(b.to_vec());
-                        parts.push(a.to_vec());
-                    }
+                    let (a, b) = part.split_at(part.len() / 2);
+                    parts.push(b.to_vec());
+                    parts.push(a.to_vec());
                 }
                 Err(e @ BatchError::NoAck(_)) => return Err(unavailable(e)),
                 Err(e) => return Err(Status::internal(e.to_string())),
@@ -220,26 +229,36 @@ impl Publisher {
         Ok(())
     }
 
-    /// A plain publish, whose ack says whether JetStream already had the id.
-    async fn append_single(&self, event: &Prepared) -> Result<Appended, Status> {
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.msg_id.as_str());
-        let ack = self
-            .js
-            .publish_with_headers(
-                event_subject(event.partition),
-                headers,
-                event.payload.clone(),
-            )
-            .await
-            .map_err(unavailable)?
-            .await
-            .map_err(unavailable)?;
-        Ok(if ack.duplicate {
-            Appended::Duplicate(ack.sequence)
-        } else {
-            Appended::Stored(ack.sequence)
-        })
+    /// Pipelined plain publishes; each ack says whether JetStream already had the id.
+    async fn append_singly(
+        &self,
+        events: impl Iterator<Item = &Prepared>,
+    ) -> Result<Vec<Appended>, Status> {
+        let mut acks = Vec::new();
+        for event in events {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event.msg_id.as_str());
+            acks.push(
+                self.js
+                    .publish_with_headers(
+                        event_subject(event.partition),
+                        headers,
+                        event.payload.clone(),
+                    )
+                    .await
+                    .map_err(unavailable)?,
+            );
+        }
+        let mut out = Vec::with_capacity(acks.len());
+        for ack in acks {
+            let ack = ack.await.map_err(unavailable)?;
+            out.push(if ack.duplicate {
+                Appended::Duplicate(ack.sequence)
+            } else {
+                Appended::Stored(ack.sequence)
+            });
+        }
+        Ok(out)
     }
 
     /// Appends one dimension record; `msg_id` makes a resend a no-op.

@@ -16,12 +16,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use payledger_proto::v1;
 use payledger_server_common::config::{NatsArgs, parse_duration};
 use payledger_server_common::serve::{ServerLimits, serve_grpc};
 use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, read_settings,
 };
 use payledger_storage::{CheckpointStore, open_store};
+use prost::Message;
 use tokio::net::TcpListener;
 
 pub use partition::Tuning;
@@ -130,17 +132,33 @@ pub async fn run(
         checkpoint_interval: config.checkpoint_interval,
         ack_timeout: config.ack_timeout,
     });
+    let position_daily = |b: &[u8]| v1::DailyRow::decode(b).ok().map(|r| r.log_position);
+    let position_current = |b: &[u8]| v1::CurrentRow::decode(b).ok().map(|r| r.log_position);
+    let (rows, row_writer) = rows::RowSink::spawn(
+        rows::RowWriter::new(
+            client.clone(),
+            js.get_key_value(DAILY_BUCKET).await?,
+            DAILY_BUCKET,
+            position_daily,
+            config.ack_timeout,
+        ),
+        rows::RowWriter::new(
+            client.clone(),
+            js.get_key_value(CURRENT_BUCKET).await?,
+            CURRENT_BUCKET,
+            position_current,
+            config.ack_timeout,
+        ),
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for partition in owned.iter().copied() {
         let ctx = partition::PartitionContext {
             partition,
             settings,
-            client: client.clone(),
             js: js.clone(),
             checkpoints: checkpoints.clone(),
-            current: js.get_key_value(CURRENT_BUCKET).await?,
-            daily: js.get_key_value(DAILY_BUCKET).await?,
+            rows: rows.clone(),
             progress: js.get_key_value(PROGRESS_BUCKET).await?,
             tuning: tuning.clone(),
         };
@@ -176,6 +194,9 @@ pub async fn run(
     for task in tasks {
         let _ = task.await;
     }
+    // Every partition has flushed; the writer ends once the last sender is gone.
+    drop(rows);
+    let _ = row_writer.await;
     tracing::info!("projector stopped");
     served
 }

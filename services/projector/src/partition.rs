@@ -16,14 +16,14 @@ use futures::StreamExt;
 use payledger_proto::{current_row_to_proto, daily_row_to_proto, record_from_log, v1};
 use payledger_semantics::{Currency, Day, PartitionState, RecordBody, Settings, Status, Touched};
 use payledger_server_common::topology::{
-    CURRENT_BUCKET, DAILY_BUCKET, STREAM, current_key, daily_key, event_subject, progress_key,
+    STREAM, current_key, daily_key, event_subject, progress_key,
 };
 use payledger_storage::CheckpointStore;
 use prost::Message;
 use tokio::sync::watch;
 
 use crate::checkpoint;
-use crate::rows::{RowWrite, RowWriter};
+use crate::rows::{RowSink, RowWrite};
 
 #[derive(Clone, Debug)]
 pub struct Tuning {
@@ -40,11 +40,9 @@ pub struct Tuning {
 pub(crate) struct PartitionContext {
     pub partition: u32,
     pub settings: Settings,
-    pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub checkpoints: CheckpointStore,
-    pub current: kv::Store,
-    pub daily: kv::Store,
+    pub rows: RowSink,
     pub progress: kv::Store,
     pub tuning: Arc<Tuning>,
 }
@@ -142,16 +140,14 @@ struct Projection {
     ctx: PartitionContext,
     state: PartitionState,
     pending: PendingRows,
-    daily: RowWriter,
-    current: RowWriter,
     pending_records: u64,
     records_since_checkpoint: u64,
     last_checkpoint: Instant,
     last_progress: Instant,
+    reported_seq: u64,
 }
 
-/// While records are pending, progress is reported at most this often; a caught-up
-/// partition reports at once.
+/// Progress is reported at most this often (each report is a fsynced KV write).
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 impl Projection {
@@ -159,9 +155,17 @@ impl Projection {
         let (daily, current) = self.pending.take_rows(&self.state);
         // The two buckets are separate streams: their batches are fsynced concurrently.
         let rows = (daily.len(), current.len());
-        tokio::try_join!(self.daily.write(daily), self.current.write(current))?;
-        tracing::debug!(partition = self.ctx.partition, seq = self.state.last_seq(), daily = rows.0, current = rows.1, "rows flushed");
-        if self.last_progress.elapsed() >= PROGRESS_INTERVAL || self.pending_records == 0 {
+        self.ctx.rows.store(daily, current).await?;
+        tracing::debug!(
+            partition = self.ctx.partition,
+            seq = self.state.last_seq(),
+            daily = rows.0,
+            current = rows.1,
+            "rows flushed"
+        );
+        if self.last_progress.elapsed() >= PROGRESS_INTERVAL
+            && self.reported_seq != self.state.last_seq()
+        {
             self.write_progress().await?;
         }
         if self.records_since_checkpoint >= self.ctx.tuning.checkpoint_every_records
@@ -171,6 +175,12 @@ impl Projection {
             self.checkpoint().await?;
         }
         Ok(())
+    }
+
+    /// When the last records read are not reported yet: when to report them.
+    fn progress_due(&self) -> Option<tokio::time::Instant> {
+        (self.reported_seq != self.state.last_seq())
+            .then(|| tokio::time::Instant::from_std(self.last_progress + PROGRESS_INTERVAL))
     }
 
     async fn write_progress(&mut self) -> anyhow::Result<()> {
@@ -189,6 +199,7 @@ impl Projection {
             )
             .await?;
         self.last_progress = Instant::now();
+        self.reported_seq = self.state.last_seq();
         Ok(())
     }
 
@@ -248,24 +259,7 @@ pub(crate) async fn run(
         .await?;
     let mut messages = consumer.messages().await?;
 
-    let position_daily = |b: &[u8]| v1::DailyRow::decode(b).ok().map(|r| r.log_position);
-    let position_current = |b: &[u8]| v1::CurrentRow::decode(b).ok().map(|r| r.log_position);
-    let ack_timeout = ctx.tuning.ack_timeout;
     let mut p = Projection {
-        daily: RowWriter::new(
-            ctx.client.clone(),
-            ctx.daily.clone(),
-            DAILY_BUCKET,
-            position_daily,
-            ack_timeout,
-        ),
-        current: RowWriter::new(
-            ctx.client.clone(),
-            ctx.current.clone(),
-            CURRENT_BUCKET,
-            position_current,
-            ack_timeout,
-        ),
         ctx,
         state,
         pending: PendingRows::default(),
@@ -273,6 +267,7 @@ pub(crate) async fn run(
         records_since_checkpoint: 0,
         last_checkpoint: Instant::now(),
         last_progress: Instant::now(),
+        reported_seq: 0,
     };
     let mut first_applied: Option<u64> = None;
     let mut flush_at: Option<tokio::time::Instant> = None;
@@ -284,7 +279,7 @@ pub(crate) async fn run(
             _ = stop.changed() => break,
             _ = tokio::time::sleep_until(deadline), if flush_at.is_some() => {
                 p.flush().await?;
-                flush_at = None;
+                flush_at = p.progress_due();
                 continue;
             }
             next = messages.next() => next,
@@ -321,7 +316,7 @@ pub(crate) async fn run(
         flush_at.get_or_insert_with(|| tokio::time::Instant::now() + p.ctx.tuning.flush_interval);
         if p.pending_records == 0 || p.pending.len() >= p.ctx.tuning.flush_rows {
             p.flush().await?;
-            flush_at = None;
+            flush_at = p.progress_due();
         }
     }
     p.flush().await?;

@@ -34,6 +34,7 @@ struct Known {
 
 pub(crate) struct RowWriter {
     client: async_nats::Client,
+    js: async_nats::jetstream::Context,
     store: kv::Store,
     bucket: String,
     known: HashMap<String, Known>,
@@ -44,6 +45,11 @@ pub(crate) struct RowWriter {
 
 const MAX_FENCE_RETRIES: usize = 8;
 
+/// Below this many rows, fenced single publishes beat one atomic batch: measured
+/// here, an atomic batch costs ≈2.9 ms whatever its size plus ≈0.012 ms a message,
+/// a pipelined single ≈0.18 ms a message.
+const ATOMIC_FROM_ROWS: usize = 16;
+
 impl RowWriter {
     pub fn new(
         client: async_nats::Client,
@@ -53,6 +59,7 @@ impl RowWriter {
         ack_timeout: Duration,
     ) -> Self {
         Self {
+            js: async_nats::jetstream::new(client.clone()),
             client,
             store,
             bucket: bucket.to_string(),
@@ -93,6 +100,54 @@ impl RowWriter {
         Ok(())
     }
 
+    /// All or nothing: one refused fence refuses the whole batch.
+    async fn publish_fenced_batch(
+        &self,
+        messages: Vec<BatchMessage>,
+    ) -> anyhow::Result<Vec<Option<u64>>> {
+        let n = messages.len();
+        match publish_atomic(&self.client, messages, self.ack_timeout).await {
+            Ok(ack) => Ok((0..n).map(|i| Some(ack.sequence_of(i))).collect()),
+            Err(e) if e.err_code() == Some(ERR_WRONG_LAST_SEQUENCE) => Ok(vec![None; n]),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Pipelined single publishes, each fenced on its own: for few rows, cheaper than
+    /// an atomic batch, whose fixed cost on the server is several fsyncs.
+    async fn publish_fenced_singly(
+        &self,
+        messages: Vec<BatchMessage>,
+    ) -> anyhow::Result<Vec<Option<u64>>> {
+        let mut acks = Vec::with_capacity(messages.len());
+        for m in messages {
+            acks.push(
+                self.js
+                    .publish_with_headers(m.subject, m.headers, m.payload)
+                    .await?,
+            );
+        }
+        let mut stored = Vec::with_capacity(acks.len());
+        for ack in acks {
+            match ack.await {
+                Ok(ack) => stored.push(Some(ack.sequence)),
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence =>
+                {
+                    stored.push(None)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Drops what is known of stored revisions; they are re-read on the next write.
+    pub fn forget(&mut self) {
+        self.known.clear();
+    }
+
     /// Writes `rows` (one per key), skipping any whose stored row is at least as new.
     /// Returns how many rows were written.
     pub async fn write(&mut self, rows: Vec<RowWrite>) -> anyhow::Result<usize> {
@@ -113,7 +168,7 @@ impl RowWriter {
             let keys: Vec<String> = pending.keys().cloned().collect();
             let mut refused = Vec::new();
             for chunk in keys.chunks(MAX_BATCH_MESSAGES) {
-                let messages = chunk
+                let messages: Vec<BatchMessage> = chunk
                     .iter()
                     .map(|k| {
                         let mut headers = HeaderMap::new();
@@ -128,24 +183,27 @@ impl RowWriter {
                         }
                     })
                     .collect();
-                match publish_atomic(&self.client, messages, self.ack_timeout).await {
-                    Ok(ack) => {
-                        for (i, k) in chunk.iter().enumerate() {
+                let stored = if messages.len() < ATOMIC_FROM_ROWS {
+                    self.publish_fenced_singly(messages).await?
+                } else {
+                    self.publish_fenced_batch(messages).await?
+                };
+                for (k, revision) in chunk.iter().zip(stored) {
+                    match revision {
+                        Some(revision) => {
                             let row = pending.remove(k).expect("pending key");
+                            let log_position = row.log_position;
                             self.known.insert(
                                 k.clone(),
                                 Known {
-                                    revision: ack.sequence_of(i),
-                                    log_position: row.log_position,
+                                    revision,
+                                    log_position,
                                 },
                             );
                             written += 1;
                         }
+                        None => refused.push(k.clone()),
                     }
-                    Err(e) if e.err_code() == Some(ERR_WRONG_LAST_SEQUENCE) => {
-                        refused.extend(chunk.iter().cloned());
-                    }
-                    Err(e) => return Err(e.into()),
                 }
             }
             if refused.is_empty() {
@@ -163,5 +221,94 @@ impl RowWriter {
             }
         }
         unreachable!("the retry loop returns")
+    }
+}
+
+/// Rows a partition asks to have stored, and where to say when they are.
+struct FlushRequest {
+    daily: Vec<RowWrite>,
+    current: Vec<RowWrite>,
+    stored: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// One writer for every partition of the process: requests that arrive while a
+/// write is under way are merged into the next one, so the number of fsynced
+/// batches follows the flush rate of the process, not the number of partitions
+/// (group commit).
+#[derive(Clone)]
+pub(crate) struct RowSink {
+    requests: tokio::sync::mpsc::Sender<FlushRequest>,
+}
+
+/// Most rows merged into one write (across both buckets).
+const MAX_ROWS_PER_WRITE: usize = 8 * MAX_BATCH_MESSAGES;
+
+impl RowSink {
+    pub fn spawn(
+        mut daily: RowWriter,
+        mut current: RowWriter,
+    ) -> (RowSink, tokio::task::JoinHandle<()>) {
+        let (requests, mut incoming) = tokio::sync::mpsc::channel::<FlushRequest>(1024);
+        let task = tokio::spawn(async move {
+            while let Some(first) = incoming.recv().await {
+                let mut batch = vec![first];
+                let mut rows = batch[0].daily.len() + batch[0].current.len();
+                while rows < MAX_ROWS_PER_WRITE {
+                    match incoming.try_recv() {
+                        Ok(next) => {
+                            rows += next.daily.len() + next.current.len();
+                            batch.push(next);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                // Keys of one partition never appear in another's rows, and a later
+                // request of the same partition holds newer rows: the last one wins.
+                let mut daily_rows: HashMap<String, RowWrite> = HashMap::new();
+                let mut current_rows: HashMap<String, RowWrite> = HashMap::new();
+                let mut waiters = Vec::with_capacity(batch.len());
+                for request in batch {
+                    daily_rows.extend(request.daily.into_iter().map(|r| (r.key.clone(), r)));
+                    current_rows.extend(request.current.into_iter().map(|r| (r.key.clone(), r)));
+                    waiters.push(request.stored);
+                }
+                let result = tokio::try_join!(
+                    daily.write(daily_rows.into_values().collect()),
+                    current.write(current_rows.into_values().collect())
+                );
+                let reply = match result {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        // What this writer believed about stored revisions may be stale now.
+                        daily.forget();
+                        current.forget();
+                        Err(e.to_string())
+                    }
+                };
+                for waiter in waiters {
+                    let _ = waiter.send(reply.clone());
+                }
+            }
+        });
+        (RowSink { requests }, task)
+    }
+
+    /// Stores the rows; returns once they are durable in KV.
+    pub async fn store(&self, daily: Vec<RowWrite>, current: Vec<RowWrite>) -> anyhow::Result<()> {
+        if daily.is_empty() && current.is_empty() {
+            return Ok(());
+        }
+        let (stored, done) = tokio::sync::oneshot::channel();
+        self.requests
+            .send(FlushRequest {
+                daily,
+                current,
+                stored,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the row writer has stopped"))?;
+        done.await
+            .map_err(|_| anyhow::anyhow!("the row writer has stopped"))?
+            .map_err(|e| anyhow::anyhow!("row write failed: {e}"))
     }
 }

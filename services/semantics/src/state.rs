@@ -4,7 +4,6 @@
 //! judged per partition. So any interleaving of partitions that keeps each
 //! partition's order gives the same rows, and shards by partition merge by union.
 
-
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 

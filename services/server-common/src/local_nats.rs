@@ -71,7 +71,11 @@ impl LocalNats {
                  max_payload: 8MB\n\
                  jetstream {{\n  store_dir: {store:?}\n{sync}}}\n",
                 store = store_dir.join("jetstream").display().to_string(),
-                sync = if fsync_always { "  sync_interval: always\n" } else { "" }
+                sync = if fsync_always {
+                    "  sync_interval: always\n"
+                } else {
+                    ""
+                }
             ),
         )?;
         let log = std::fs::File::create(store_dir.join("nats-server.log"))?;
