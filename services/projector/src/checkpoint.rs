@@ -2,11 +2,12 @@
 //! folded under. A checkpoint written under other settings is refused, never mixed.
 
 use bytes::Bytes;
-use payledger_semantics::{PartitionState, SEMANTICS_VERSION, Settings};
+use payledger_semantics::{PartitionState, SEMANTICS_VERSION, STATE_FORMAT, Settings};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]
 struct Checkpoint {
+    state_format: u32,
     semantics_version: u32,
     settings_fingerprint: String,
     settings: Settings,
@@ -15,6 +16,7 @@ struct Checkpoint {
 
 pub(crate) fn encode(state: &PartitionState) -> Result<Bytes, postcard::Error> {
     let checkpoint = Checkpoint {
+        state_format: STATE_FORMAT,
         semantics_version: SEMANTICS_VERSION,
         settings_fingerprint: state.settings().fingerprint(),
         settings: *state.settings(),
@@ -28,6 +30,13 @@ pub(crate) fn decode(
     expected: &Settings,
     partition: u32,
 ) -> anyhow::Result<PartitionState> {
+    // The format comes first, so it can be read whatever follows it.
+    let (format, _): (u32, _) = postcard::take_from_bytes(bytes)?;
+    anyhow::ensure!(
+        format == STATE_FORMAT,
+        "checkpoint of partition {partition} has state format {format}, this binary reads {STATE_FORMAT}; \
+         move the old checkpoints away to rebuild from the log"
+    );
     let checkpoint: Checkpoint = postcard::from_bytes(bytes)?;
     anyhow::ensure!(
         checkpoint.semantics_version == SEMANTICS_VERSION

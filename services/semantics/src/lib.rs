@@ -36,3 +36,8 @@ pub use time::{Day, DayParseError, MICROS_PER_DAY};
 
 /// Changes with any change of meaning; written into every row, checkpoint and manifest.
 pub const SEMANTICS_VERSION: u32 = 1;
+
+/// Changes with any change of how [`PartitionState`] is laid out or hashed, even
+/// without a change of meaning: saved state of another format is refused, and the
+/// projector rebuilds from the log instead.
+pub const STATE_FORMAT: u32 = 1;
