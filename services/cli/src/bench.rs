@@ -176,7 +176,7 @@ impl Stack {
         Ok(stack)
     }
 
-    async fn start_projector_and_query(
+    async fn start_projector(
         &mut self,
         nats: &LocalNats,
         store: &std::path::Path,
@@ -187,6 +187,10 @@ impl Stack {
         self.tasks.push(tokio::spawn(payledger_projector::run(
             config, listener, shutdown,
         )));
+        Ok(())
+    }
+
+    async fn start_query(&mut self, nats: &LocalNats) -> anyhow::Result<()> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         self.query = Some(listener.local_addr()?);
         let shutdown = self.until_stopped();
@@ -327,7 +331,7 @@ async fn project(
     let js = async_nats::jetstream::new(client);
     let last = last_sequences(&js, Settings::default().partitions).await?;
     let started = Instant::now();
-    stack.start_projector_and_query(nats, store).await?;
+    stack.start_projector(nats, store).await?;
     let progress = loop {
         if let Ok(kv) = js.get_key_value(PROGRESS_BUCKET).await {
             break kv;
@@ -543,6 +547,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             projected / drained
         )?;
         if fsync_always {
+            stack.start_query(&nats).await?;
             for (rate, publishers, batch) in [(grpc / 2.0, args.publishers, 100), (1000.0, 1, 10)] {
                 eprintln!("freshness at {rate:.0} events/s offered…");
                 let (lat, achieved) =

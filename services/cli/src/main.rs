@@ -510,7 +510,7 @@ fn json_provenance(p: Option<&v1::Provenance>) -> serde_json::Value {
     let Some(p) = p else {
         return serde_json::Value::Null;
     };
-    let lag = p.stream_lag.clone().unwrap_or_default();
+    let lag = p.stream_lag.unwrap_or_default();
     serde_json::json!({
         "source": v1::Source::try_from(p.source).map(|s| s.as_str_name()).unwrap_or("?"),
         "provisional": p.provisional, "restated": p.restated, "snapshot_id": p.snapshot_id,

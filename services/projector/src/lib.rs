@@ -72,7 +72,7 @@ impl ProjectorConfig {
             store: store.to_string(),
             own_partitions: String::new(),
             flush_rows: 2000,
-            flush_interval: Duration::from_millis(50),
+            flush_interval: Duration::from_millis(250),
             checkpoint_every_records: 100_000,
             checkpoint_interval: Duration::from_secs(10),
             checkpoints_kept: 3,

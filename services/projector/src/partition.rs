@@ -23,7 +23,7 @@ use prost::Message;
 use tokio::sync::watch;
 
 use crate::checkpoint;
-use crate::rows::{RowSink, RowWrite};
+use crate::rows::{RowSink, RowWrite, StoreTicket};
 
 #[derive(Clone, Debug)]
 pub struct Tuning {
@@ -145,26 +145,29 @@ struct Projection {
     last_checkpoint: Instant,
     last_progress: Instant,
     reported_seq: u64,
+    /// Rows handed to the writer after reading through this sequence, not yet durable.
+    in_flight: Option<(u64, StoreTicket)>,
+    /// Every record through this sequence has its rows stored.
+    durable_seq: u64,
 }
 
 /// Progress is reported at most this often (each report is a fsynced KV write).
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 impl Projection {
+    /// Hands the changed rows to the writer without waiting for them (the previous
+    /// flush is waited for first, so at most one is in flight), then reports progress
+    /// and checkpoints when due. Reading goes on while rows are being written.
     async fn flush(&mut self) -> anyhow::Result<()> {
         let (daily, current) = self.pending.take_rows(&self.state);
-        // The two buckets are separate streams: their batches are fsynced concurrently.
-        let rows = (daily.len(), current.len());
-        self.ctx.rows.store(daily, current).await?;
-        tracing::debug!(
-            partition = self.ctx.partition,
-            seq = self.state.last_seq(),
-            daily = rows.0,
-            current = rows.1,
-            "rows flushed"
-        );
+        let seq = self.state.last_seq();
+        self.settle().await?;
+        match self.ctx.rows.submit(daily, current).await? {
+            Some(ticket) => self.in_flight = Some((seq, ticket)),
+            None => self.durable_seq = seq,
+        }
         if self.last_progress.elapsed() >= PROGRESS_INTERVAL
-            && self.reported_seq != self.state.last_seq()
+            && self.reported_seq != self.durable_seq
         {
             self.write_progress().await?;
         }
@@ -172,21 +175,36 @@ impl Projection {
             || (self.records_since_checkpoint > 0
                 && self.last_checkpoint.elapsed() >= self.ctx.tuning.checkpoint_interval)
         {
+            // A checkpoint may only claim rows that are stored.
+            self.settle().await?;
             self.checkpoint().await?;
         }
         Ok(())
     }
 
-    /// When the last records read are not reported yet: when to report them.
-    fn progress_due(&self) -> Option<tokio::time::Instant> {
-        (self.reported_seq != self.state.last_seq())
+    /// Waits for the rows in flight to be durable.
+    async fn settle(&mut self) -> anyhow::Result<()> {
+        if let Some((seq, ticket)) = self.in_flight.take() {
+            ticket.stored().await?;
+            self.durable_seq = seq;
+        }
+        Ok(())
+    }
+
+    /// When to flush again although no record arrives: to settle rows in flight and
+    /// report progress.
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        if self.in_flight.is_some() {
+            return Some(tokio::time::Instant::now() + Duration::from_millis(1));
+        }
+        (self.reported_seq != self.durable_seq)
             .then(|| tokio::time::Instant::from_std(self.last_progress + PROGRESS_INTERVAL))
     }
 
     async fn write_progress(&mut self) -> anyhow::Result<()> {
         let progress = v1::PartitionProgress {
             partition: self.ctx.partition,
-            applied_sequence: self.state.last_seq(),
+            applied_sequence: self.durable_seq,
             pending_records: self.pending_records,
             written_at_us: now_us(),
             settings_fingerprint: self.ctx.settings.fingerprint(),
@@ -199,7 +217,7 @@ impl Projection {
             )
             .await?;
         self.last_progress = Instant::now();
-        self.reported_seq = self.state.last_seq();
+        self.reported_seq = self.durable_seq;
         Ok(())
     }
 
@@ -268,6 +286,8 @@ pub(crate) async fn run(
         last_checkpoint: Instant::now(),
         last_progress: Instant::now(),
         reported_seq: 0,
+        in_flight: None,
+        durable_seq: restored_seq,
     };
     let mut first_applied: Option<u64> = None;
     let mut flush_at: Option<tokio::time::Instant> = None;
@@ -279,7 +299,7 @@ pub(crate) async fn run(
             _ = stop.changed() => break,
             _ = tokio::time::sleep_until(deadline), if flush_at.is_some() => {
                 p.flush().await?;
-                flush_at = p.progress_due();
+                flush_at = p.next_due();
                 continue;
             }
             next = messages.next() => next,
@@ -316,12 +336,16 @@ pub(crate) async fn run(
         flush_at.get_or_insert_with(|| tokio::time::Instant::now() + p.ctx.tuning.flush_interval);
         if p.pending_records == 0 || p.pending.len() >= p.ctx.tuning.flush_rows {
             p.flush().await?;
-            flush_at = p.progress_due();
+            flush_at = p.next_due();
         }
     }
     p.flush().await?;
+    p.settle().await?;
     if p.records_since_checkpoint > 0 {
         p.checkpoint().await?;
+    }
+    if p.reported_seq != p.durable_seq {
+        p.write_progress().await?;
     }
     tracing::info!(
         partition,

@@ -160,7 +160,22 @@ impl RowWriter {
                 .filter(|k| !self.known.contains_key(*k))
                 .cloned()
                 .collect();
-            self.learn(unknown).await?;
+            if attempt == 0 {
+                // Optimistically assume a key never seen is not stored yet (true for
+                // new rows, the common case): a wrong guess is refused by the fence
+                // and the key is read on the next attempt.
+                for key in unknown {
+                    self.known.insert(
+                        key,
+                        Known {
+                            revision: 0,
+                            log_position: 0,
+                        },
+                    );
+                }
+            } else {
+                self.learn(unknown).await?;
+            }
             pending.retain(|k, r| self.known[k].log_position < r.log_position);
             if pending.is_empty() {
                 return Ok(written);
@@ -215,7 +230,7 @@ impl RowWriter {
                     self.bucket
                 );
             }
-            tracing::info!(bucket = %self.bucket, keys = refused.len(), "another writer moved rows; re-reading them");
+            tracing::debug!(bucket = %self.bucket, keys = refused.len(), "rows stored meanwhile or by another writer; re-reading them");
             for k in refused {
                 self.known.remove(&k);
             }
@@ -293,10 +308,15 @@ impl RowSink {
         (RowSink { requests }, task)
     }
 
-    /// Stores the rows; returns once they are durable in KV.
-    pub async fn store(&self, daily: Vec<RowWrite>, current: Vec<RowWrite>) -> anyhow::Result<()> {
+    /// Hands rows to the writer; the returned ticket resolves once they are durable
+    /// in KV. None when there is nothing to store.
+    pub async fn submit(
+        &self,
+        daily: Vec<RowWrite>,
+        current: Vec<RowWrite>,
+    ) -> anyhow::Result<Option<StoreTicket>> {
         if daily.is_empty() && current.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let (stored, done) = tokio::sync::oneshot::channel();
         self.requests
@@ -307,7 +327,16 @@ impl RowSink {
             })
             .await
             .map_err(|_| anyhow::anyhow!("the row writer has stopped"))?;
-        done.await
+        Ok(Some(StoreTicket(done)))
+    }
+}
+
+pub(crate) struct StoreTicket(tokio::sync::oneshot::Receiver<Result<(), String>>);
+
+impl StoreTicket {
+    pub async fn stored(self) -> anyhow::Result<()> {
+        self.0
+            .await
             .map_err(|_| anyhow::anyhow!("the row writer has stopped"))?
             .map_err(|e| anyhow::anyhow!("row write failed: {e}"))
     }
