@@ -45,3 +45,4 @@ verify: lint test
 # Benchmarks; results go to target/bench-report.md.
 bench: setup
     cargo bench -p payledger-semantics --bench fold -- --noplot
+    cargo run --quiet --release --bin payledger -- bench --events 500000

@@ -161,6 +161,14 @@ impl Projection {
     async fn flush(&mut self) -> anyhow::Result<()> {
         let (daily, current) = self.pending.take_rows(&self.state);
         let seq = self.state.last_seq();
+        tracing::trace!(
+            partition = self.ctx.partition,
+            seq,
+            pending_records = self.pending_records,
+            daily = daily.len(),
+            current = current.len(),
+            "flush"
+        );
         self.settle().await?;
         match self.ctx.rows.submit(daily, current).await? {
             Some(ticket) => self.in_flight = Some((seq, ticket)),
@@ -195,7 +203,14 @@ impl Projection {
     /// report progress.
     fn next_due(&self) -> Option<tokio::time::Instant> {
         if self.in_flight.is_some() {
-            return Some(tokio::time::Instant::now() + Duration::from_millis(1));
+            // Caught up: settle soon, so that progress reflects the stored rows. With a
+            // backlog the next records trigger the next flush anyway.
+            let wait = if self.pending_records == 0 {
+                Duration::from_millis(1)
+            } else {
+                self.ctx.tuning.flush_interval
+            };
+            return Some(tokio::time::Instant::now() + wait);
         }
         (self.reported_seq != self.durable_seq)
             .then(|| tokio::time::Instant::from_std(self.last_progress + PROGRESS_INTERVAL))

@@ -287,10 +287,22 @@ impl RowSink {
                     current_rows.extend(request.current.into_iter().map(|r| (r.key.clone(), r)));
                     waiters.push(request.stored);
                 }
+                let started = std::time::Instant::now();
+                let offered = (daily_rows.len(), current_rows.len(), waiters.len());
                 let result = tokio::try_join!(
                     daily.write(daily_rows.into_values().collect()),
                     current.write(current_rows.into_values().collect())
                 );
+                if let Ok((d, c)) = &result {
+                    tracing::debug!(
+                        requests = offered.2,
+                        daily = offered.0,
+                        current = offered.1,
+                        written = d + c,
+                        micros = started.elapsed().as_micros() as u64,
+                        "rows written"
+                    );
+                }
                 let reply = match result {
                     Ok(_) => Ok(()),
                     Err(e) => {
