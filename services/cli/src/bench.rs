@@ -548,7 +548,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         )?;
         if fsync_always {
             stack.start_query(&nats).await?;
-            for (rate, publishers, batch) in [(grpc / 2.0, args.publishers, 1000), (1000.0, 1, 10)] {
+            for (rate, publishers, batch) in [(grpc / 2.0, args.publishers, 1000), (1000.0, 1, 10)]
+            {
                 eprintln!("freshness at {rate:.0} events/s offered…");
                 let (lat, achieved) =
                     freshness(&stack, rate, publishers, batch, args.freshness_secs).await?;
