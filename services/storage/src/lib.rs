@@ -1,10 +1,11 @@
 //! The platform's object-storage layout (DESIGN.md section 5) over any
-//! `object_store` backend: the local filesystem by default, S3 and friends by URL.
+//! `object_store` backend: projector checkpoints and the Parquet archive of the log: the local filesystem by default, S3 and friends by URL.
 //!
 //! Every object is written once under a name that is a function of its content's
 //! position in the log, with put-if-absent, so a rewrite after a crash is
 //! idempotent and a reader never sees a torn object.
 
+mod archive;
 mod checkpoints;
 
 use std::sync::Arc;
@@ -13,6 +14,9 @@ use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use object_store::prefix::PrefixStore;
 
+pub use archive::{
+    ArchiveStore, ArchivedDim, CutRange, DimRecord, SegmentInfo, TilingError, verify_tiling,
+};
 pub use checkpoints::{CheckpointStore, StoredCheckpoint};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,700 @@
+//! The archive: the log written to object storage as Parquet, the long-term
+//! history that replay reads (DESIGN.md section 5).
+//!
+//! `archive/events/p{N}/{first:020}-{last:020}.parquet` and
+//! `archive/dims/{first:020}-{last:020}.parquet` hold the records of one *cut*
+//! (the sequence range `first..=last` of the whole stream, the same for every
+//! partition that has records in it), and `archive/_watermarks/{last:020}` marks a
+//! cut complete. A name is a function of the range, objects are put-if-absent, and a
+//! rewrite is checked against the stored content hash, so completing a cut after a
+//! crash is idempotent. The listing is the index: no mutable manifest.
+
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    Date32Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+    UInt32Builder, UInt64Builder,
+};
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use payledger_semantics::{
+    Currency, Day, EventKind, Fact, FxRecord, Rate, Record, RecordBody, RiskRecord,
+};
+
+use crate::StorageError;
+
+const ROWS_KEY: &str = "payledger.row_count";
+const HASH_KEY: &str = "payledger.content_hash";
+
+/// The sequence range of one cut, both ends included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CutRange {
+    pub first: u64,
+    pub last: u64,
+}
+
+impl CutRange {
+    fn file_name(&self) -> String {
+        format!("{:020}-{:020}.parquet", self.first, self.last)
+    }
+
+    fn parse(name: &str) -> Option<CutRange> {
+        let (first, last) = name.strip_suffix(".parquet")?.split_once('-')?;
+        Some(CutRange {
+            first: first.parse().ok()?,
+            last: last.parse().ok()?,
+        })
+    }
+}
+
+/// A dimension record as archived.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DimRecord {
+    Fx(FxRecord),
+    Risk(RiskRecord),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchivedDim {
+    pub seq: u64,
+    pub ingest_time_us: i64,
+    pub record: DimRecord,
+}
+
+/// A segment as written: where, how many rows, and the hash of its content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub path: String,
+    pub rows: u64,
+    pub content_hash: String,
+}
+
+#[derive(Clone)]
+pub struct ArchiveStore {
+    store: Arc<dyn ObjectStore>,
+}
+
+fn event_schema() -> SchemaRef {
+    let utc = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("seq", DataType::UInt64, false),
+        Field::new("partition", DataType::UInt32, false),
+        Field::new("record_type", DataType::Utf8, false),
+        Field::new("event_id", DataType::Utf8, true),
+        Field::new("merchant_id", DataType::Utf8, true),
+        Field::new("kind", DataType::Utf8, true),
+        Field::new("amount_minor", DataType::Int64, true),
+        Field::new("currency", DataType::Utf8, true),
+        Field::new("event_time", utc(), true),
+        Field::new("corrects_event_id", DataType::Utf8, true),
+        Field::new("ingest_time", utc(), false),
+    ]))
+}
+
+fn dim_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("seq", DataType::UInt64, false),
+        Field::new("dim_type", DataType::Utf8, false),
+        Field::new("currency", DataType::Utf8, true),
+        Field::new("rate", DataType::Utf8, true),
+        Field::new("merchant_id", DataType::Utf8, true),
+        Field::new("tier", DataType::Utf8, true),
+        Field::new("reserve_bps", DataType::Int32, true),
+        Field::new("effective_date", DataType::Date32, false),
+        Field::new("version", DataType::Int32, false),
+        Field::new(
+            "ingest_time",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+    ]))
+}
+
+/// Length-prefixed fields, so that no two contents hash the same bytes.
+struct ContentHasher(Vec<u8>);
+
+impl ContentHasher {
+    fn field(&mut self, bytes: &[u8]) {
+        self.0
+            .extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        self.0.extend_from_slice(bytes);
+    }
+
+    fn finish(&self) -> String {
+        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&self.0))
+    }
+}
+
+fn events_batch(partition: u32, records: &[Record]) -> Result<(RecordBatch, String), StorageError> {
+    let n = records.len();
+    let mut seq = UInt64Builder::with_capacity(n);
+    let mut part = UInt32Builder::with_capacity(n);
+    let mut record_type = StringBuilder::new();
+    let mut event_id = StringBuilder::new();
+    let mut merchant_id = StringBuilder::new();
+    let mut kind = StringBuilder::new();
+    let mut amount = Int64Builder::with_capacity(n);
+    let mut currency = StringBuilder::new();
+    let mut event_time = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut corrects = StringBuilder::new();
+    let mut ingest_time = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut hash = ContentHasher(Vec::with_capacity(n * 96));
+    for r in records {
+        seq.append_value(r.seq);
+        part.append_value(partition);
+        ingest_time.append_value(r.ingest_time_us);
+        hash.field(&r.seq.to_le_bytes());
+        hash.field(&r.ingest_time_us.to_le_bytes());
+        match &r.body {
+            RecordBody::Fact(f) => {
+                record_type.append_value("fact");
+                event_id.append_value(&f.event_id);
+                merchant_id.append_value(&f.merchant_id);
+                kind.append_value(f.kind.as_str());
+                amount.append_value(f.amount_minor);
+                currency.append_value(f.currency.as_str());
+                event_time.append_value(f.event_time_us);
+                corrects.append_option(f.corrects_event_id.as_deref());
+                for field in [
+                    f.event_id.as_bytes(),
+                    f.merchant_id.as_bytes(),
+                    f.kind.as_str().as_bytes(),
+                ] {
+                    hash.field(field);
+                }
+                hash.field(&f.amount_minor.to_le_bytes());
+                hash.field(f.currency.as_str().as_bytes());
+                hash.field(&f.event_time_us.to_le_bytes());
+                hash.field(f.corrects_event_id.as_deref().unwrap_or("").as_bytes());
+            }
+            RecordBody::Heartbeat => {
+                record_type.append_value("heartbeat");
+                event_id.append_null();
+                merchant_id.append_null();
+                kind.append_null();
+                amount.append_null();
+                currency.append_null();
+                event_time.append_null();
+                corrects.append_null();
+                hash.field(b"heartbeat");
+            }
+        }
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(seq.finish()),
+        Arc::new(part.finish()),
+        Arc::new(record_type.finish()),
+        Arc::new(event_id.finish()),
+        Arc::new(merchant_id.finish()),
+        Arc::new(kind.finish()),
+        Arc::new(amount.finish()),
+        Arc::new(currency.finish()),
+        Arc::new(event_time.finish()),
+        Arc::new(corrects.finish()),
+        Arc::new(ingest_time.finish()),
+    ];
+    let batch = RecordBatch::try_new(event_schema(), columns).map_err(corrupt("events batch"))?;
+    Ok((batch, hash.finish()))
+}
+
+fn dims_batch(records: &[ArchivedDim]) -> Result<(RecordBatch, String), StorageError> {
+    let n = records.len();
+    let mut seq = UInt64Builder::with_capacity(n);
+    let mut dim_type = StringBuilder::new();
+    let mut currency = StringBuilder::new();
+    let mut rate = StringBuilder::new();
+    let mut merchant_id = StringBuilder::new();
+    let mut tier = StringBuilder::new();
+    let mut reserve_bps = Int32Builder::with_capacity(n);
+    let mut effective = Date32Builder::with_capacity(n);
+    let mut version = Int32Builder::with_capacity(n);
+    let mut ingest_time = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut hash = ContentHasher(Vec::with_capacity(n * 64));
+    for d in records {
+        seq.append_value(d.seq);
+        ingest_time.append_value(d.ingest_time_us);
+        hash.field(&d.seq.to_le_bytes());
+        hash.field(&d.ingest_time_us.to_le_bytes());
+        match &d.record {
+            DimRecord::Fx(fx) => {
+                dim_type.append_value("fx");
+                currency.append_value(fx.currency.as_str());
+                rate.append_value(fx.rate.as_str());
+                merchant_id.append_null();
+                tier.append_null();
+                reserve_bps.append_null();
+                effective.append_value(fx.effective_day.0);
+                version.append_value(fx.version);
+                for field in [
+                    b"fx".as_slice(),
+                    fx.currency.as_str().as_bytes(),
+                    fx.rate.as_str().as_bytes(),
+                ] {
+                    hash.field(field);
+                }
+                hash.field(&fx.effective_day.0.to_le_bytes());
+                hash.field(&fx.version.to_le_bytes());
+            }
+            DimRecord::Risk(r) => {
+                dim_type.append_value("risk");
+                currency.append_null();
+                rate.append_null();
+                merchant_id.append_value(&r.merchant_id);
+                tier.append_value(&r.tier);
+                reserve_bps.append_value(r.reserve_bps);
+                effective.append_value(r.effective_day.0);
+                version.append_value(r.version);
+                for field in [
+                    b"risk".as_slice(),
+                    r.merchant_id.as_bytes(),
+                    r.tier.as_bytes(),
+                ] {
+                    hash.field(field);
+                }
+                hash.field(&r.reserve_bps.to_le_bytes());
+                hash.field(&r.effective_day.0.to_le_bytes());
+                hash.field(&r.version.to_le_bytes());
+            }
+        }
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(seq.finish()),
+        Arc::new(dim_type.finish()),
+        Arc::new(currency.finish()),
+        Arc::new(rate.finish()),
+        Arc::new(merchant_id.finish()),
+        Arc::new(tier.finish()),
+        Arc::new(reserve_bps.finish()),
+        Arc::new(effective.finish()),
+        Arc::new(version.finish()),
+        Arc::new(ingest_time.finish()),
+    ];
+    let batch = RecordBatch::try_new(dim_schema(), columns).map_err(corrupt("dims batch"))?;
+    Ok((batch, hash.finish()))
+}
+
+fn corrupt<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> StorageError {
+    move |e| StorageError::Corrupt {
+        path: what.to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn encode(batch: &RecordBatch, hash: &str) -> Result<Bytes, StorageError> {
+    let props = WriterProperties::builder()
+        .set_key_value_metadata(Some(vec![
+            KeyValue::new(ROWS_KEY.to_string(), batch.num_rows().to_string()),
+            KeyValue::new(HASH_KEY.to_string(), hash.to_string()),
+        ]))
+        .build();
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))
+        .map_err(corrupt("parquet writer"))?;
+    writer.write(batch).map_err(corrupt("parquet write"))?;
+    writer.close().map_err(corrupt("parquet close"))?;
+    Ok(Bytes::from(out))
+}
+
+/// Rows and content hash from a segment's footer.
+fn footer(path: &str, bytes: &Bytes) -> Result<(u64, String), StorageError> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).map_err(|e| {
+        StorageError::Corrupt {
+            path: path.to_string(),
+            message: e.to_string(),
+        }
+    })?;
+    let kv = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .cloned()
+        .unwrap_or_default();
+    let get = |key: &str| {
+        kv.iter()
+            .find(|k| k.key == key)
+            .and_then(|k| k.value.clone())
+    };
+    let missing = |key: &str| StorageError::Corrupt {
+        path: path.to_string(),
+        message: format!("no {key} in the footer"),
+    };
+    let rows = get(ROWS_KEY)
+        .ok_or_else(|| missing(ROWS_KEY))?
+        .parse()
+        .map_err(|_| missing(ROWS_KEY))?;
+    Ok((rows, get(HASH_KEY).ok_or_else(|| missing(HASH_KEY))?))
+}
+
+fn string_at(array: &dyn Array, i: usize) -> Option<String> {
+    let a = array.as_any().downcast_ref::<arrow_array::StringArray>()?;
+    (!a.is_null(i)).then(|| a.value(i).to_string())
+}
+
+impl ArchiveStore {
+    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
+        Self { store }
+    }
+
+    fn events_dir(partition: u32) -> Path {
+        Path::from(format!("archive/events/p{partition}"))
+    }
+
+    /// Writes a segment put-if-absent; an existing one must hold the same content.
+    async fn put_segment(
+        &self,
+        path: Path,
+        bytes: Bytes,
+        rows: u64,
+        hash: String,
+    ) -> Result<SegmentInfo, StorageError> {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), options)
+            .await
+        {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let stored = self.store.get(&path).await?.bytes().await?;
+                let (stored_rows, stored_hash) = footer(path.as_ref(), &stored)?;
+                if (stored_rows, &stored_hash) != (rows, &hash) {
+                    return Err(StorageError::Corrupt {
+                        path: path.to_string(),
+                        message: format!(
+                            "already holds {stored_rows} rows with hash {stored_hash}, the rewrite has {rows} rows with hash {hash}"
+                        ),
+                    });
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(SegmentInfo {
+            path: path.to_string(),
+            rows,
+            content_hash: hash,
+        })
+    }
+
+    /// Archives one partition's records of a cut (sorted by sequence, inside the range).
+    pub async fn put_events(
+        &self,
+        partition: u32,
+        cut: CutRange,
+        records: &[Record],
+    ) -> Result<SegmentInfo, StorageError> {
+        let path = Path::from(format!("archive/events/p{partition}/{}", cut.file_name()));
+        let (batch, hash) = events_batch(partition, records)?;
+        self.put_segment(path, encode(&batch, &hash)?, records.len() as u64, hash)
+            .await
+    }
+
+    pub async fn put_dims(
+        &self,
+        cut: CutRange,
+        records: &[ArchivedDim],
+    ) -> Result<SegmentInfo, StorageError> {
+        let path = Path::from(format!("archive/dims/{}", cut.file_name()));
+        let (batch, hash) = dims_batch(records)?;
+        self.put_segment(path, encode(&batch, &hash)?, records.len() as u64, hash)
+            .await
+    }
+
+    /// Marks the cut ending at `last` complete; written after all its segments.
+    pub async fn put_watermark(&self, last: u64) -> Result<(), StorageError> {
+        let path = Path::from(format!("archive/_watermarks/{last:020}"));
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from_static(b""), options)
+            .await
+        {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn names(&self, dir: &Path) -> Result<Vec<String>, StorageError> {
+        let objects: Vec<_> = self.store.list(Some(dir)).try_collect().await?;
+        let mut names: Vec<String> = objects
+            .iter()
+            .filter_map(|o| o.location.filename().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Every complete cut's end, ascending.
+    pub async fn watermarks(&self) -> Result<Vec<u64>, StorageError> {
+        Ok(self
+            .names(&Path::from("archive/_watermarks"))
+            .await?
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect())
+    }
+
+    /// A partition's segments, by range.
+    pub async fn event_segments(&self, partition: u32) -> Result<Vec<CutRange>, StorageError> {
+        Ok(self
+            .names(&Self::events_dir(partition))
+            .await?
+            .iter()
+            .filter_map(|n| CutRange::parse(n))
+            .collect())
+    }
+
+    pub async fn dim_segments(&self) -> Result<Vec<CutRange>, StorageError> {
+        Ok(self
+            .names(&Path::from("archive/dims"))
+            .await?
+            .iter()
+            .filter_map(|n| CutRange::parse(n))
+            .collect())
+    }
+
+    async fn read(&self, path: &Path) -> Result<(Vec<RecordBatch>, u64, String), StorageError> {
+        let bytes = self.store.get(path).await?.bytes().await?;
+        let (rows, hash) = footer(path.as_ref(), &bytes)?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.build())
+            .map_err(|e| StorageError::Corrupt {
+                path: path.to_string(),
+                message: e.to_string(),
+            })?;
+        let batches = reader
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StorageError::Corrupt {
+                path: path.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok((batches, rows, hash))
+    }
+
+    /// Reads a partition's segment back, verifying row count and content hash.
+    pub async fn read_events(
+        &self,
+        partition: u32,
+        cut: CutRange,
+    ) -> Result<Vec<Record>, StorageError> {
+        let path = Path::from(format!("archive/events/p{partition}/{}", cut.file_name()));
+        let bad = |message: String| StorageError::Corrupt {
+            path: path.to_string(),
+            message,
+        };
+        let (batches, rows, hash) = self.read(&path).await?;
+        let mut records = Vec::with_capacity(rows as usize);
+        for batch in &batches {
+            let col = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .cloned()
+                    .ok_or_else(|| bad(format!("no column {name}")))
+            };
+            let (seq, rtype, ingest) = (col("seq")?, col("record_type")?, col("ingest_time")?);
+            let seq = seq
+                .as_any()
+                .downcast_ref::<arrow_array::UInt64Array>()
+                .ok_or_else(|| bad("seq is not UINT64".into()))?;
+            let ingest = ingest
+                .as_any()
+                .downcast_ref::<arrow_array::TimestampMicrosecondArray>()
+                .ok_or_else(|| bad("ingest_time is not TIMESTAMP(MICROS)".into()))?;
+            let (event_id, merchant_id, kind, currency, corrects) = (
+                col("event_id")?,
+                col("merchant_id")?,
+                col("kind")?,
+                col("currency")?,
+                col("corrects_event_id")?,
+            );
+            let amount = col("amount_minor")?;
+            let amount = amount
+                .as_any()
+                .downcast_ref::<arrow_array::Int64Array>()
+                .ok_or_else(|| bad("amount_minor is not INT64".into()))?;
+            let event_time = col("event_time")?;
+            let event_time = event_time
+                .as_any()
+                .downcast_ref::<arrow_array::TimestampMicrosecondArray>()
+                .ok_or_else(|| bad("event_time is not TIMESTAMP(MICROS)".into()))?;
+            for i in 0..batch.num_rows() {
+                let body = match string_at(rtype.as_ref(), i).as_deref() {
+                    Some("heartbeat") => RecordBody::Heartbeat,
+                    Some("fact") => {
+                        let text = |a: &ArrayRef, what: &str| {
+                            string_at(a.as_ref(), i)
+                                .ok_or_else(|| bad(format!("row {i}: no {what}")))
+                        };
+                        let kind_text = text(&kind, "kind")?;
+                        RecordBody::Fact(Fact {
+                            event_id: text(&event_id, "event_id")?,
+                            merchant_id: text(&merchant_id, "merchant_id")?,
+                            kind: EventKind::parse(&kind_text)
+                                .ok_or_else(|| bad(format!("row {i}: kind {kind_text}")))?,
+                            amount_minor: amount.value(i),
+                            currency: Currency::parse(&text(&currency, "currency")?)
+                                .map_err(|e| bad(e.to_string()))?,
+                            event_time_us: event_time.value(i),
+                            corrects_event_id: string_at(corrects.as_ref(), i),
+                        })
+                    }
+                    other => return Err(bad(format!("row {i}: record_type {other:?}"))),
+                };
+                records.push(Record {
+                    seq: seq.value(i),
+                    ingest_time_us: ingest.value(i),
+                    body,
+                });
+            }
+        }
+        let (_, recomputed) = events_batch(partition, &records)?;
+        if records.len() as u64 != rows || recomputed != hash {
+            return Err(bad(format!(
+                "footer says {rows} rows with hash {hash}, the data has {} rows with hash {recomputed}",
+                records.len()
+            )));
+        }
+        Ok(records)
+    }
+
+    pub async fn read_dims(&self, cut: CutRange) -> Result<Vec<ArchivedDim>, StorageError> {
+        let path = Path::from(format!("archive/dims/{}", cut.file_name()));
+        let bad = |message: String| StorageError::Corrupt {
+            path: path.to_string(),
+            message,
+        };
+        let (batches, rows, hash) = self.read(&path).await?;
+        let mut records = Vec::with_capacity(rows as usize);
+        for batch in &batches {
+            let col = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .cloned()
+                    .ok_or_else(|| bad(format!("no column {name}")))
+            };
+            let seq = col("seq")?;
+            let seq = seq
+                .as_any()
+                .downcast_ref::<arrow_array::UInt64Array>()
+                .ok_or_else(|| bad("seq".into()))?;
+            let ingest = col("ingest_time")?;
+            let ingest = ingest
+                .as_any()
+                .downcast_ref::<arrow_array::TimestampMicrosecondArray>()
+                .ok_or_else(|| bad("ingest_time".into()))?;
+            let effective = col("effective_date")?;
+            let effective = effective
+                .as_any()
+                .downcast_ref::<arrow_array::Date32Array>()
+                .ok_or_else(|| bad("effective_date".into()))?;
+            let version = col("version")?;
+            let version = version
+                .as_any()
+                .downcast_ref::<arrow_array::Int32Array>()
+                .ok_or_else(|| bad("version".into()))?;
+            let bps = col("reserve_bps")?;
+            let bps = bps
+                .as_any()
+                .downcast_ref::<arrow_array::Int32Array>()
+                .ok_or_else(|| bad("reserve_bps".into()))?;
+            let (dim_type, currency, rate, merchant_id, tier) = (
+                col("dim_type")?,
+                col("currency")?,
+                col("rate")?,
+                col("merchant_id")?,
+                col("tier")?,
+            );
+            for i in 0..batch.num_rows() {
+                let text = |a: &ArrayRef, what: &str| {
+                    string_at(a.as_ref(), i).ok_or_else(|| bad(format!("row {i}: no {what}")))
+                };
+                let effective_day = Day(effective.value(i));
+                let record = match text(&dim_type, "dim_type")?.as_str() {
+                    "fx" => DimRecord::Fx(FxRecord {
+                        currency: Currency::parse(&text(&currency, "currency")?)
+                            .map_err(|e| bad(e.to_string()))?,
+                        rate: Rate::parse(&text(&rate, "rate")?).map_err(|e| bad(e.to_string()))?,
+                        effective_day,
+                        version: version.value(i),
+                    }),
+                    "risk" => DimRecord::Risk(RiskRecord {
+                        merchant_id: text(&merchant_id, "merchant_id")?,
+                        tier: text(&tier, "tier")?,
+                        reserve_bps: bps.value(i),
+                        effective_day,
+                        version: version.value(i),
+                    }),
+                    other => return Err(bad(format!("row {i}: dim_type {other}"))),
+                };
+                records.push(ArchivedDim {
+                    seq: seq.value(i),
+                    ingest_time_us: ingest.value(i),
+                    record,
+                });
+            }
+        }
+        let (_, recomputed) = dims_batch(&records)?;
+        if records.len() as u64 != rows || recomputed != hash {
+            return Err(bad(format!(
+                "footer says {rows} rows with hash {hash}, the data has {} with hash {recomputed}",
+                records.len()
+            )));
+        }
+        Ok(records)
+    }
+}
+
+/// Why the archive cannot be trusted up to a watermark.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TilingError {
+    #[error("segment {0:?} does not end at a watermark")]
+    NotACut(CutRange),
+    #[error("segments {0:?} and {1:?} overlap")]
+    Overlap(CutRange, CutRange),
+    #[error("segment {0:?} does not start right after a watermark (the previous cut ended at {1})")]
+    Gap(CutRange, u64),
+}
+
+/// Checks that segments tile the sequence space up to `up_to`: every segment is a
+/// whole cut (starts right after one watermark, ends at the next), and none overlap.
+/// A partition without records in a cut simply has no segment for it.
+pub fn verify_tiling(
+    segments: &[CutRange],
+    watermarks: &[u64],
+    up_to: u64,
+) -> Result<(), TilingError> {
+    let mut sorted: Vec<CutRange> = segments
+        .iter()
+        .copied()
+        .filter(|s| s.last <= up_to)
+        .collect();
+    sorted.sort();
+    for pair in sorted.windows(2) {
+        if pair[1].first <= pair[0].last {
+            return Err(TilingError::Overlap(pair[0], pair[1]));
+        }
+    }
+    for s in &sorted {
+        let Ok(at) = watermarks.binary_search(&s.last) else {
+            return Err(TilingError::NotACut(*s));
+        };
+        let previous = if at == 0 { 0 } else { watermarks[at - 1] };
+        if s.first != previous + 1 {
+            return Err(TilingError::Gap(*s, previous));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! The archive against a real object store (the local filesystem backend).
+
+use payledger_semantics::{
+    Currency, Day, EventKind, Fact, FxRecord, Rate, Record, RecordBody, RiskRecord,
+};
+use payledger_storage::{
+    ArchiveStore, ArchivedDim, CutRange, DimRecord, StorageError, TilingError, open_store,
+    verify_tiling,
+};
+
+fn store() -> (tempfile::TempDir, ArchiveStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ArchiveStore::new(open_store(dir.path().to_str().unwrap()).unwrap());
+    (dir, store)
+}
+
+fn fact(seq: u64, id: &str, amount: i64, corrects: Option<&str>) -> Record {
+    Record {
+        seq,
+        ingest_time_us: 1_700_000_000_000_000 + seq as i64,
+        body: RecordBody::Fact(Fact {
+            event_id: id.to_string(),
+            merchant_id: "m:1".to_string(),
+            kind: if corrects.is_some() {
+                EventKind::Correction
+            } else {
+                EventKind::PaymentCaptured
+            },
+            amount_minor: amount,
+            currency: Currency::parse("EUR").unwrap(),
+            event_time_us: 1_699_999_000_000_000,
+            corrects_event_id: corrects.map(str::to_string),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn event_segments_round_trip_with_heartbeats_and_corrections() {
+    let (_dir, archive) = store();
+    let cut = CutRange { first: 1, last: 10 };
+    let records = vec![
+        fact(2, "a", 100, None),
+        Record {
+            seq: 5,
+            ingest_time_us: 1_700_000_000_000_005,
+            body: RecordBody::Heartbeat,
+        },
+        fact(9, "b", -40, Some("a")),
+    ];
+    let info = archive.put_events(3, cut, &records).await.unwrap();
+    assert_eq!(info.rows, 3);
+    assert_eq!(
+        info.path,
+        "archive/events/p3/00000000000000000001-00000000000000000010.parquet"
+    );
+    assert_eq!(archive.read_events(3, cut).await.unwrap(), records);
+    assert_eq!(archive.event_segments(3).await.unwrap(), vec![cut]);
+    assert!(archive.event_segments(4).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn dimension_segments_round_trip() {
+    let (_dir, archive) = store();
+    let cut = CutRange {
+        first: 11,
+        last: 20,
+    };
+    let records = vec![
+        ArchivedDim {
+            seq: 12,
+            ingest_time_us: 7,
+            record: DimRecord::Fx(FxRecord {
+                currency: Currency::parse("JPY").unwrap(),
+                rate: Rate::parse("0.006712").unwrap(),
+                effective_day: Day(19_700),
+                version: 2,
+            }),
+        },
+        ArchivedDim {
+            seq: 15,
+            ingest_time_us: 8,
+            record: DimRecord::Risk(RiskRecord {
+                merchant_id: "m:1".into(),
+                tier: "high".into(),
+                reserve_bps: 2500,
+                effective_day: Day(19_701),
+                version: 1,
+            }),
+        },
+    ];
+    archive.put_dims(cut, &records).await.unwrap();
+    assert_eq!(archive.read_dims(cut).await.unwrap(), records);
+    assert_eq!(archive.dim_segments().await.unwrap(), vec![cut]);
+}
+
+#[tokio::test]
+async fn rewriting_a_segment_is_idempotent_and_a_different_rewrite_is_refused() {
+    let (_dir, archive) = store();
+    let cut = CutRange { first: 1, last: 4 };
+    let records = vec![fact(1, "a", 100, None), fact(4, "b", 5, None)];
+    let first = archive.put_events(0, cut, &records).await.unwrap();
+    assert_eq!(archive.put_events(0, cut, &records).await.unwrap(), first);
+    let other = vec![fact(1, "a", 101, None), fact(4, "b", 5, None)];
+    match archive.put_events(0, cut, &other).await {
+        Err(StorageError::Corrupt { message, .. }) => {
+            assert!(message.contains("already holds 2 rows"), "{message}")
+        }
+        other => panic!("expected a refused rewrite, got {other:?}"),
+    }
+    assert_eq!(archive.read_events(0, cut).await.unwrap(), records);
+}
+
+#[tokio::test]
+async fn watermarks_list_in_order_and_repeat_harmlessly() {
+    let (_dir, archive) = store();
+    for w in [40, 7, 1000, 40] {
+        archive.put_watermark(w).await.unwrap();
+    }
+    assert_eq!(archive.watermarks().await.unwrap(), vec![7, 40, 1000]);
+}
+
+#[test]
+fn tiling_accepts_whole_cuts_and_names_each_defect() {
+    let watermarks = [10, 20, 35];
+    let cut = |first, last| CutRange { first, last };
+    // p has records in cuts 1 and 3 only: no segment for cut 2 is not a gap.
+    assert_eq!(
+        verify_tiling(&[cut(1, 10), cut(21, 35)], &watermarks, 35),
+        Ok(())
+    );
+    assert_eq!(
+        verify_tiling(&[cut(1, 10), cut(15, 20)], &watermarks, 35),
+        Err(TilingError::Gap(cut(15, 20), 10))
+    );
+    assert_eq!(
+        verify_tiling(&[cut(1, 10), cut(5, 20)], &watermarks, 35),
+        Err(TilingError::Overlap(cut(1, 10), cut(5, 20)))
+    );
+    assert_eq!(
+        verify_tiling(&[cut(1, 12)], &watermarks, 35),
+        Err(TilingError::NotACut(cut(1, 12)))
+    );
+    // A cut past the verified watermark (being written) is not judged.
+    assert_eq!(
+        verify_tiling(&[cut(1, 10), cut(36, 50)], &watermarks, 35),
+        Ok(())
+    );
+}
