@@ -1,5 +1,6 @@
 //! `payledger dev`: the whole stack on one machine — a private nats-server that
-//! fsyncs every write, plus ingest, projector and query in this process.
+//! fsyncs every write, plus ingest (with the archiver), projector and query in this
+//! process, all keeping their objects under `<data>/store`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,9 +68,10 @@ impl DevStack {
             query_listener.local_addr()?,
             projector_listener.local_addr()?,
         );
+        let store = data.join("store");
         let mut ingest_config = IngestConfig::new(&nats.url());
         ingest_config.semantics = args.semantics.clone();
-        let store = data.join("store");
+        ingest_config.archive_store = Some(store.display().to_string());
         let projector_config =
             ProjectorConfig::new(&nats.url(), store.to_str().unwrap_or("./data"));
         let query_config = QueryConfig::new(&nats.url());

@@ -9,6 +9,7 @@
 //! the duplicate window is absorbed and answered with the original sequence.
 //! Quiet partitions get heartbeats so that their days close (DESIGN.md 4.5).
 
+mod archiver;
 mod clock;
 mod heartbeat;
 mod publisher;
@@ -65,6 +66,16 @@ pub struct IngestConfig {
     /// How long JetStream keeps records; at least the dedup horizon plus one day.
     #[arg(long, env = "PAYLEDGER_STREAM_MAX_AGE", default_value = "36d", value_parser = parse_duration)]
     pub stream_max_age: Duration,
+    /// Object storage to archive the log to (a directory, file:///…, s3://…); the
+    /// archiver runs only when this is set.
+    #[arg(long, env = "PAYLEDGER_ARCHIVE_STORE")]
+    pub archive_store: Option<String>,
+    /// An archive cut is written at the latest this long after its first record...
+    #[arg(long, env = "PAYLEDGER_ARCHIVE_FLUSH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub archive_flush_interval: Duration,
+    /// ...or once it holds this many records.
+    #[arg(long, env = "PAYLEDGER_ARCHIVE_CUT_RECORDS", default_value_t = 200_000)]
+    pub archive_cut_records: usize,
     /// Largest message the stream stores, in bytes.
     #[arg(long, env = "PAYLEDGER_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: i32,
@@ -83,6 +94,9 @@ impl IngestConfig {
             heartbeat_interval: Duration::from_secs(60),
             stream_replicas: 1,
             recent_ids_capacity: 1_000_000,
+            archive_store: None,
+            archive_flush_interval: Duration::from_secs(5),
+            archive_cut_records: 200_000,
             duplicate_window: Duration::from_secs(120),
             stream_max_age: Duration::from_secs(36 * 86_400),
             max_message_bytes: 64 * 1024,
@@ -128,17 +142,59 @@ pub async fn run(
     )
     .await?;
 
-    let publisher = Arc::new(publisher::Publisher::new(client, js, settings, &config));
+    let publisher = Arc::new(publisher::Publisher::new(
+        client,
+        js.clone(),
+        settings,
+        &config,
+    ));
     let local: SocketAddr = listener.local_addr()?;
-    let (stop_heartbeats, heartbeats_stopped) = tokio::sync::watch::channel(false);
+    let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
+    let archiver_stopped = background_stopped.clone();
     let heartbeat = (!config.heartbeat_interval.is_zero()).then(|| {
         tokio::spawn(heartbeat::run(
             publisher.clone(),
             clock.clone(),
             config.heartbeat_interval,
-            heartbeats_stopped,
+            background_stopped,
         ))
     });
+    let archiver = match &config.archive_store {
+        Some(location) => {
+            let archive =
+                payledger_storage::ArchiveStore::new(payledger_storage::open_store(location)?);
+            let tuning = archiver::ArchiverTuning {
+                flush_interval: config.archive_flush_interval,
+                max_cut_records: config.archive_cut_records.max(1),
+            };
+            let (js, stopped) = (js.clone(), archiver_stopped.clone());
+            let partitions = settings.partitions;
+            Some(tokio::spawn(async move {
+                let mut stopped = stopped;
+                loop {
+                    match archiver::run(
+                        js.clone(),
+                        archive.clone(),
+                        partitions,
+                        tuning.clone(),
+                        stopped.clone(),
+                    )
+                    .await
+                    {
+                        Ok(()) => return,
+                        Err(e) => {
+                            tracing::error!(error = %e, "archiver failed; resuming from the archive's listing");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                _ = stopped.changed() => return,
+                            }
+                        }
+                    }
+                }
+            }))
+        }
+        None => None,
+    };
     tracing::info!(%local, partitions = settings.partitions, fingerprint = %settings.fingerprint(), "ingest serving");
     let service = service::IngestApi::new(publisher, clock, &config);
     let result = serve_grpc(
@@ -152,8 +208,11 @@ pub async fn run(
         shutdown,
     )
     .await;
-    let _ = stop_heartbeats.send(true);
+    let _ = stop_background.send(true);
     if let Some(task) = heartbeat {
+        let _ = task.await;
+    }
+    if let Some(task) = archiver {
         let _ = task.await;
     }
     tracing::info!("ingest stopped");

@@ -1,0 +1,220 @@
+//! The archiver: writes the log to object storage as Parquet, cut by cut
+//! (DESIGN.md section 5).
+//!
+//! A cut covers the sequence range `(w, c]` of the whole stream, where `w` is the
+//! previous watermark: one segment per partition with records in it, one for the
+//! dimension records, then the watermark `c`. Where to resume is read from the
+//! archive's own listing, never from a consumer position: after a crash, segments
+//! past the highest watermark name the cut that was cut short, and that same cut is
+//! completed first (same ranges, same names, put-if-absent with hashes compared).
+//! So the segments of each partition tile the sequence space with no gap and no
+//! overlap.
+//!
+//! The stream keeps records for `max_age` (at least the dedup horizon plus a day):
+//! the archive must catch up within that time, which the lag metric shows.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
+use futures::StreamExt;
+use payledger_proto::{fx_from_proto, record_from_log, risk_from_proto, v1};
+use payledger_semantics::Record;
+use payledger_server_common::topology::{STREAM, partition_of_subject};
+use payledger_storage::{ArchiveStore, ArchivedDim, CutRange, DimRecord};
+use prost::Message;
+use tokio::sync::watch;
+
+#[derive(Clone, Debug)]
+pub struct ArchiverTuning {
+    /// A cut is written at the latest this long after its first record.
+    pub flush_interval: Duration,
+    /// ...or once it holds this many records.
+    pub max_cut_records: usize,
+}
+
+/// One cut being collected.
+#[derive(Default)]
+struct Cut {
+    events: BTreeMap<u32, Vec<Record>>,
+    dims: Vec<ArchivedDim>,
+    last: u64,
+    records: usize,
+}
+
+impl Cut {
+    fn add(&mut self, seq: u64, subject: &str, payload: &[u8]) {
+        self.last = seq;
+        self.records += 1;
+        if let Some(partition) = partition_of_subject(subject) {
+            match record_from_log(seq, payload) {
+                Ok(record) => self.events.entry(partition).or_default().push(record),
+                // The stream projector and replay skip the same records.
+                Err(e) => {
+                    tracing::warn!(seq, error = %e, "unreadable record left out of the archive")
+                }
+            }
+            return;
+        }
+        let Ok(log) = v1::LogRecord::decode(payload) else {
+            tracing::warn!(seq, "unreadable dimension record left out of the archive");
+            return;
+        };
+        let record = match &log.body {
+            Some(v1::log_record::Body::Fx(fx)) => fx_from_proto(fx).map(DimRecord::Fx),
+            Some(v1::log_record::Body::Risk(risk)) => risk_from_proto(risk).map(DimRecord::Risk),
+            _ => return,
+        };
+        match record {
+            Ok(record) => self.dims.push(ArchivedDim {
+                seq,
+                ingest_time_us: log.ingest_time_us,
+                record,
+            }),
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "invalid dimension record left out of the archive")
+            }
+        }
+    }
+
+    /// Writes every segment of the cut `(after, self.last]`, then its watermark.
+    async fn write(self, archive: &ArchiveStore, after: u64) -> anyhow::Result<u64> {
+        let range = CutRange {
+            first: after + 1,
+            last: self.last,
+        };
+        let mut writes = Vec::new();
+        for (partition, records) in &self.events {
+            writes.push(futures::future::Either::Left(
+                archive.put_events(*partition, range, records),
+            ));
+        }
+        if !self.dims.is_empty() {
+            writes.push(futures::future::Either::Right(
+                archive.put_dims(range, &self.dims),
+            ));
+        }
+        for result in futures::future::join_all(writes).await {
+            result?;
+        }
+        // Only now is the cut complete.
+        archive.put_watermark(range.last).await?;
+        tracing::debug!(
+            first = range.first,
+            last = range.last,
+            records = self.records,
+            "cut archived"
+        );
+        Ok(range.last)
+    }
+}
+
+/// The end of a cut that was cut short after watermark `w`, if any segment says so.
+async fn unfinished_cut(
+    archive: &ArchiveStore,
+    partitions: u32,
+    w: u64,
+) -> anyhow::Result<Option<u64>> {
+    let mut ends: Vec<u64> = archive
+        .dim_segments()
+        .await?
+        .iter()
+        .filter(|s| s.first == w + 1)
+        .map(|s| s.last)
+        .collect();
+    for p in 0..partitions {
+        ends.extend(
+            archive
+                .event_segments(p)
+                .await?
+                .iter()
+                .filter(|s| s.first == w + 1)
+                .map(|s| s.last),
+        );
+    }
+    ends.sort_unstable();
+    ends.dedup();
+    anyhow::ensure!(
+        ends.len() <= 1,
+        "segments after watermark {w} disagree on where their cut ends: {ends:?}"
+    );
+    Ok(ends.first().copied())
+}
+
+/// Archives the stream until `stop` turns true; the cut in progress is written first.
+pub async fn run(
+    js: jetstream::Context,
+    archive: ArchiveStore,
+    partitions: u32,
+    tuning: ArchiverTuning,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut watermark = archive.watermarks().await?.last().copied().unwrap_or(0);
+    let resume_cut = unfinished_cut(&archive, partitions, watermark).await?;
+    if let Some(end) = resume_cut {
+        tracing::info!(
+            watermark,
+            cut_end = end,
+            "completing a cut that was cut short"
+        );
+    }
+    tracing::info!(watermark, "archiver resuming after the highest watermark");
+
+    let stream = js.get_stream(STREAM).await?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            // Every subject of the stream: partitions and dimensions.
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: watermark + 1,
+            },
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut cut = Cut::default();
+    let mut flush_at: Option<tokio::time::Instant> = None;
+    loop {
+        // A cut that was cut short is completed with exactly its old range.
+        let forced_end = resume_cut.filter(|end| *end > watermark);
+        let deadline =
+            flush_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let next = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep_until(deadline), if flush_at.is_some() && forced_end.is_none() => None,
+            next = messages.next() => Some(next),
+        };
+        match next {
+            None => {}
+            Some(Some(Ok(message))) => {
+                let info = message
+                    .info()
+                    .map_err(|e| anyhow::anyhow!("message without metadata: {e}"))?;
+                cut.add(
+                    info.stream_sequence,
+                    message.subject.as_str(),
+                    &message.payload,
+                );
+                flush_at.get_or_insert_with(|| tokio::time::Instant::now() + tuning.flush_interval);
+                let complete = match forced_end {
+                    Some(end) => cut.last >= end,
+                    None => cut.records >= tuning.max_cut_records,
+                };
+                if !complete {
+                    continue;
+                }
+            }
+            Some(Some(Err(e))) => return Err(anyhow::anyhow!("reading the stream: {e}")),
+            Some(None) => anyhow::bail!("the archiver's consumer ended"),
+        }
+        if cut.records > 0 {
+            watermark = std::mem::take(&mut cut).write(&archive, watermark).await?;
+        }
+        flush_at = None;
+    }
+    if cut.records > 0 && resume_cut.is_none_or(|end| end <= watermark || cut.last == end) {
+        watermark = cut.write(&archive, watermark).await?;
+    }
+    tracing::info!(watermark, "archiver stopped");
+    Ok(())
+}
