@@ -10,6 +10,7 @@
 
 mod checkpoint;
 mod partition;
+pub mod replay;
 mod rows;
 
 use std::future::Future;
