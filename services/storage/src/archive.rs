@@ -288,7 +288,7 @@ fn corrupt<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> StorageErr
     }
 }
 
-fn encode(batch: &RecordBatch, hash: &str) -> Result<Bytes, StorageError> {
+pub(crate) fn encode_batch(batch: &RecordBatch, hash: &str) -> Result<Bytes, StorageError> {
     let props = WriterProperties::builder()
         .set_key_value_metadata(Some(vec![
             KeyValue::new(ROWS_KEY.to_string(), batch.num_rows().to_string()),
@@ -304,7 +304,7 @@ fn encode(batch: &RecordBatch, hash: &str) -> Result<Bytes, StorageError> {
 }
 
 /// Rows and content hash from a segment's footer.
-fn footer(path: &str, bytes: &Bytes) -> Result<(u64, String), StorageError> {
+pub(crate) fn footer(path: &str, bytes: &Bytes) -> Result<(u64, String), StorageError> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).map_err(|e| {
         StorageError::Corrupt {
             path: path.to_string(),
@@ -395,8 +395,13 @@ impl ArchiveStore {
     ) -> Result<SegmentInfo, StorageError> {
         let path = Path::from(format!("archive/events/p{partition}/{}", cut.file_name()));
         let (batch, hash) = events_batch(partition, records)?;
-        self.put_segment(path, encode(&batch, &hash)?, records.len() as u64, hash)
-            .await
+        self.put_segment(
+            path,
+            encode_batch(&batch, &hash)?,
+            records.len() as u64,
+            hash,
+        )
+        .await
     }
 
     pub async fn put_dims(
@@ -406,8 +411,13 @@ impl ArchiveStore {
     ) -> Result<SegmentInfo, StorageError> {
         let path = Path::from(format!("archive/dims/{}", cut.file_name()));
         let (batch, hash) = dims_batch(records)?;
-        self.put_segment(path, encode(&batch, &hash)?, records.len() as u64, hash)
-            .await
+        self.put_segment(
+            path,
+            encode_batch(&batch, &hash)?,
+            records.len() as u64,
+            hash,
+        )
+        .await
     }
 
     /// Marks the cut ending at `last` complete; written after all its segments.

@@ -1,5 +1,6 @@
 //! The platform's object-storage layout (DESIGN.md section 5) over any
-//! `object_store` backend: projector checkpoints and the Parquet archive of the log: the local filesystem by default, S3 and friends by URL.
+//! `object_store` backend: projector checkpoints, the Parquet archive of the log, and the
+//! authoritative table's snapshots and commit log: the local filesystem by default, S3 and friends by URL.
 //!
 //! Every object is written once under a name that is a function of its content's
 //! position in the log, with put-if-absent, so a rewrite after a crash is
@@ -7,6 +8,7 @@
 
 mod archive;
 mod checkpoints;
+mod snapshots;
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ pub use archive::{
     ArchiveStore, ArchivedDim, CutRange, DimRecord, SegmentInfo, TilingError, verify_tiling,
 };
 pub use checkpoints::{CheckpointStore, StoredCheckpoint};
+pub use snapshots::{Commit, CommitDraft, ObjectRef, SnapshotStore, commit_for_day};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

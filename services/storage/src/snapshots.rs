@@ -1,0 +1,416 @@
+//! The authoritative table `merchant_exposure_daily`: immutable snapshot parts and a
+//! commit log (DESIGN.md section 5).
+//!
+//! `tables/merchant_exposure_daily/snapshots/{snapshot_id}/p{N}.parquet` are
+//! written once under unique names; `…/_commits/{N:020}.json` publishes a snapshot
+//! with put-if-absent. Two replays racing for commit N: exactly one writes it, the
+//! other re-bases onto N+1. A commit publishes the rows of its day range only: for
+//! each day the commit with the highest log cutoff covering it wins (the higher
+//! commit number on ties), so the table is the union of commits. A commit log, not
+//! one pointer swapped in place, because object_store's local filesystem offers
+//! put-if-absent but not compare-and-swap.
+
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BooleanBuilder, Date32Builder, Decimal128Builder, StringBuilder, TimestampMicrosecondBuilder,
+    UInt32Builder, UInt64Builder,
+};
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use payledger_semantics::{Currency, DailyRow, Day};
+use serde::{Deserialize, Serialize};
+
+use crate::StorageError;
+use crate::archive::{SegmentInfo, encode_batch, footer};
+
+const TABLE: &str = "tables/merchant_exposure_daily";
+
+/// A snapshot part or archive segment a commit names, with its content hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub path: String,
+    pub rows: u64,
+    pub content_hash: String,
+}
+
+impl From<SegmentInfo> for ObjectRef {
+    fn from(s: SegmentInfo) -> Self {
+        ObjectRef {
+            path: s.path,
+            rows: s.rows,
+            content_hash: s.content_hash,
+        }
+    }
+}
+
+/// What a replay asks to publish.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitDraft {
+    pub snapshot_id: String,
+    pub replay_id: String,
+    pub from_day: Day,
+    pub to_day: Day,
+    pub log_cutoff: u64,
+    pub semantics_version: u32,
+    pub settings_fingerprint: String,
+    pub partitions: u32,
+    pub parts: Vec<ObjectRef>,
+    pub segments_read: Vec<ObjectRef>,
+}
+
+/// A published commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    pub number: u64,
+    #[serde(flatten)]
+    pub draft: CommitDraft,
+}
+
+impl Commit {
+    pub fn covers(&self, day: Day) -> bool {
+        self.draft.from_day <= day && day <= self.draft.to_day
+    }
+}
+
+/// The commit whose rows are authoritative for `day`: the highest log cutoff among
+/// those covering it, the higher commit number on ties.
+pub fn commit_for_day(commits: &[Commit], day: Day) -> Option<&Commit> {
+    commits
+        .iter()
+        .filter(|c| c.covers(day))
+        .max_by_key(|c| (c.draft.log_cutoff, c.number))
+}
+
+fn snapshot_schema() -> SchemaRef {
+    let minor = || DataType::Decimal128(38, 0);
+    Arc::new(Schema::new(vec![
+        Field::new("merchant_id", DataType::Utf8, false),
+        Field::new("day", DataType::Date32, false),
+        Field::new("currency", DataType::Utf8, false),
+        Field::new("closing_minor", minor(), false),
+        Field::new("peak_minor", minor(), false),
+        Field::new(
+            "peak_bucket_start",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("applied", DataType::UInt64, false),
+        Field::new("duplicates", DataType::UInt64, false),
+        Field::new("conflicts", DataType::UInt64, false),
+        Field::new("late", DataType::UInt64, false),
+        Field::new("restated", DataType::Boolean, false),
+        Field::new("log_position", DataType::UInt64, false),
+        Field::new("semantics_version", DataType::UInt32, false),
+    ]))
+}
+
+fn rows_batch(rows: &[DailyRow]) -> Result<(RecordBatch, String), StorageError> {
+    let bad = |e: arrow_schema::ArrowError| StorageError::Corrupt {
+        path: "snapshot batch".into(),
+        message: e.to_string(),
+    };
+    let mut merchant = StringBuilder::new();
+    let mut day = Date32Builder::new();
+    let mut currency = StringBuilder::new();
+    let mut closing = Decimal128Builder::new()
+        .with_precision_and_scale(38, 0)
+        .map_err(bad)?;
+    let mut peak = Decimal128Builder::new()
+        .with_precision_and_scale(38, 0)
+        .map_err(bad)?;
+    let mut peak_at = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+    let (mut applied, mut duplicates, mut conflicts, mut late, mut position) = (
+        UInt64Builder::new(),
+        UInt64Builder::new(),
+        UInt64Builder::new(),
+        UInt64Builder::new(),
+        UInt64Builder::new(),
+    );
+    let mut restated = BooleanBuilder::new();
+    let mut version = UInt32Builder::new();
+    let mut hash = Vec::with_capacity(rows.len() * 96);
+    for r in rows {
+        merchant.append_value(&r.merchant_id);
+        day.append_value(r.day.0);
+        currency.append_value(r.currency.as_str());
+        closing.append_value(r.closing_minor);
+        peak.append_value(r.peak_minor);
+        peak_at.append_value(r.peak_bucket_start_us);
+        applied.append_value(r.applied);
+        duplicates.append_value(r.duplicates);
+        conflicts.append_value(r.conflicts);
+        late.append_value(r.late);
+        restated.append_value(r.restated);
+        position.append_value(r.log_position);
+        version.append_value(r.semantics_version);
+        hash.extend_from_slice(&(r.merchant_id.len() as u32).to_le_bytes());
+        hash.extend_from_slice(r.merchant_id.as_bytes());
+        hash.extend_from_slice(&r.day.0.to_le_bytes());
+        hash.extend_from_slice(r.currency.as_str().as_bytes());
+        for v in [r.closing_minor, r.peak_minor] {
+            hash.extend_from_slice(&v.to_le_bytes());
+        }
+        hash.extend_from_slice(&r.peak_bucket_start_us.to_le_bytes());
+        for v in [r.applied, r.duplicates, r.conflicts, r.late, r.log_position] {
+            hash.extend_from_slice(&v.to_le_bytes());
+        }
+        hash.push(u8::from(r.restated));
+        hash.extend_from_slice(&r.semantics_version.to_le_bytes());
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(merchant.finish()),
+        Arc::new(day.finish()),
+        Arc::new(currency.finish()),
+        Arc::new(closing.finish()),
+        Arc::new(peak.finish()),
+        Arc::new(peak_at.finish()),
+        Arc::new(applied.finish()),
+        Arc::new(duplicates.finish()),
+        Arc::new(conflicts.finish()),
+        Arc::new(late.finish()),
+        Arc::new(restated.finish()),
+        Arc::new(position.finish()),
+        Arc::new(version.finish()),
+    ];
+    let batch = RecordBatch::try_new(snapshot_schema(), columns).map_err(bad)?;
+    Ok((
+        batch,
+        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&hash)),
+    ))
+}
+
+#[derive(Clone)]
+pub struct SnapshotStore {
+    store: Arc<dyn ObjectStore>,
+}
+
+fn part_path(snapshot_id: &str, partition: u32) -> Path {
+    Path::from(format!(
+        "{TABLE}/snapshots/{snapshot_id}/p{partition}.parquet"
+    ))
+}
+
+fn commit_path(number: u64) -> Path {
+    Path::from(format!("{TABLE}/_commits/{number:020}.json"))
+}
+
+impl SnapshotStore {
+    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
+        Self { store }
+    }
+
+    /// Writes one partition's rows into a staging snapshot (rows sorted by
+    /// merchant_id, day, currency). A rewrite must hold the same content.
+    pub async fn put_part(
+        &self,
+        snapshot_id: &str,
+        partition: u32,
+        rows: &[DailyRow],
+    ) -> Result<SegmentInfo, StorageError> {
+        let mut sorted = rows.to_vec();
+        sorted.sort_by(|a, b| {
+            (&a.merchant_id, a.day, a.currency).cmp(&(&b.merchant_id, b.day, b.currency))
+        });
+        let (batch, hash) = rows_batch(&sorted)?;
+        let bytes = encode_batch(&batch, &hash)?;
+        let path = part_path(snapshot_id, partition);
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), options)
+            .await
+        {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let stored = self.store.get(&path).await?.bytes().await?;
+                let (rows_stored, hash_stored) = footer(path.as_ref(), &stored)?;
+                if (rows_stored, &hash_stored) != (sorted.len() as u64, &hash) {
+                    return Err(StorageError::Corrupt {
+                        path: path.to_string(),
+                        message: format!(
+                            "already holds {rows_stored} rows with hash {hash_stored}, not {} with {hash}",
+                            sorted.len()
+                        ),
+                    });
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(SegmentInfo {
+            path: path.to_string(),
+            rows: sorted.len() as u64,
+            content_hash: hash,
+        })
+    }
+
+    /// Reads a part back, verifying its footer.
+    pub async fn read_part(
+        &self,
+        snapshot_id: &str,
+        partition: u32,
+    ) -> Result<Vec<DailyRow>, StorageError> {
+        let path = part_path(snapshot_id, partition);
+        let bad = |message: String| StorageError::Corrupt {
+            path: path.to_string(),
+            message,
+        };
+        let bytes: Bytes = self.store.get(&path).await?.bytes().await?;
+        let (rows, hash) = footer(path.as_ref(), &bytes)?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.build())
+            .map_err(|e| bad(e.to_string()))?;
+        let mut out = Vec::with_capacity(rows as usize);
+        for batch in reader {
+            let batch = batch.map_err(|e| bad(e.to_string()))?;
+            let col = |i: usize| batch.column(i).clone();
+            let text = |i: usize| {
+                col(i)
+                    .as_any()
+                    .downcast_ref::<arrow_array::StringArray>()
+                    .cloned()
+                    .ok_or_else(|| bad(format!("column {i} is not text")))
+            };
+            let u64s = |i: usize| {
+                col(i)
+                    .as_any()
+                    .downcast_ref::<arrow_array::UInt64Array>()
+                    .cloned()
+                    .ok_or_else(|| bad(format!("column {i} is not UINT64")))
+            };
+            let dec = |i: usize| {
+                col(i)
+                    .as_any()
+                    .downcast_ref::<arrow_array::Decimal128Array>()
+                    .cloned()
+                    .ok_or_else(|| bad(format!("column {i} is not DECIMAL")))
+            };
+            let (merchant, currency) = (text(0)?, text(2)?);
+            let day = col(1)
+                .as_any()
+                .downcast_ref::<arrow_array::Date32Array>()
+                .cloned()
+                .ok_or_else(|| bad("day".into()))?;
+            let (closing, peak) = (dec(3)?, dec(4)?);
+            let peak_at = col(5)
+                .as_any()
+                .downcast_ref::<arrow_array::TimestampMicrosecondArray>()
+                .cloned()
+                .ok_or_else(|| bad("peak_bucket_start".into()))?;
+            let (applied, duplicates, conflicts, late, position) =
+                (u64s(6)?, u64s(7)?, u64s(8)?, u64s(9)?, u64s(11)?);
+            let restated = col(10)
+                .as_any()
+                .downcast_ref::<arrow_array::BooleanArray>()
+                .cloned()
+                .ok_or_else(|| bad("restated".into()))?;
+            let version = col(12)
+                .as_any()
+                .downcast_ref::<arrow_array::UInt32Array>()
+                .cloned()
+                .ok_or_else(|| bad("semantics_version".into()))?;
+            for i in 0..batch.num_rows() {
+                out.push(DailyRow {
+                    merchant_id: merchant.value(i).to_string(),
+                    day: Day(day.value(i)),
+                    currency: Currency::parse(currency.value(i)).map_err(|e| bad(e.to_string()))?,
+                    closing_minor: closing.value(i),
+                    peak_minor: peak.value(i),
+                    peak_bucket_start_us: peak_at.value(i),
+                    applied: applied.value(i),
+                    duplicates: duplicates.value(i),
+                    conflicts: conflicts.value(i),
+                    late: late.value(i),
+                    restated: restated.value(i),
+                    log_position: position.value(i),
+                    semantics_version: version.value(i),
+                });
+            }
+        }
+        let (_, recomputed) = rows_batch(&out)?;
+        if out.len() as u64 != rows || recomputed != hash {
+            return Err(bad(format!(
+                "footer says {rows} rows with hash {hash}, the data has {} with {recomputed}",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Every commit, by number.
+    pub async fn commits(&self) -> Result<Vec<Commit>, StorageError> {
+        let dir = Path::from(format!("{TABLE}/_commits"));
+        let objects: Vec<_> = self.store.list(Some(&dir)).try_collect().await?;
+        let mut numbers: Vec<u64> = objects
+            .iter()
+            .filter_map(|o| o.location.filename()?.strip_suffix(".json")?.parse().ok())
+            .collect();
+        numbers.sort_unstable();
+        let mut commits = Vec::with_capacity(numbers.len());
+        for n in numbers {
+            commits.push(self.read_commit(n).await?);
+        }
+        Ok(commits)
+    }
+
+    async fn read_commit(&self, number: u64) -> Result<Commit, StorageError> {
+        let path = commit_path(number);
+        let bytes = self.store.get(&path).await?.bytes().await?;
+        serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
+            path: path.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Publishes `draft` as the next commit. Losing the race for a number re-bases
+    /// onto the next one; finding the same snapshot already committed (a retry after
+    /// a lost response) returns that commit.
+    pub async fn commit(&self, draft: CommitDraft) -> Result<Commit, StorageError> {
+        let existing = self.commits().await?;
+        if let Some(done) = existing
+            .iter()
+            .find(|c| c.draft.snapshot_id == draft.snapshot_id)
+        {
+            return Ok(done.clone());
+        }
+        let mut number = existing.last().map_or(1, |c| c.number + 1);
+        loop {
+            let commit = Commit {
+                number,
+                draft: draft.clone(),
+            };
+            let body = serde_json::to_vec_pretty(&commit).map_err(|e| StorageError::Corrupt {
+                path: "commit".into(),
+                message: e.to_string(),
+            })?;
+            let options = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            match self
+                .store
+                .put_opts(&commit_path(number), PutPayload::from(body), options)
+                .await
+            {
+                Ok(_) => return Ok(commit),
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    let other = self.read_commit(number).await?;
+                    if other.draft.snapshot_id == draft.snapshot_id {
+                        return Ok(other);
+                    }
+                    tracing::info!(number, snapshot = %draft.snapshot_id, "commit number taken by another replay; re-basing");
+                    number += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
