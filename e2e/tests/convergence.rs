@@ -36,7 +36,12 @@ async fn replay_of_the_archive_equals_the_stream_rows() -> anyhow::Result<()> {
             &["--store", projector_store.as_str()],
         )
         .await?;
-    let query = h.spawn("payledger-query", &[]).await?;
+    let query = h
+        .spawn(
+            "payledger-query",
+            &["--store", store.as_str(), "--commit-poll-interval", "100ms"],
+        )
+        .await?;
 
     let mut traffic = Generator::new(GenConfig {
         seed: 11,
@@ -125,5 +130,121 @@ async fn replay_of_the_archive_equals_the_stream_rows() -> anyhow::Result<()> {
         expected.reserve_minor.map(|v| v.to_string())
     );
     assert_eq!(served.risk_version, expected.risk_used.map(|r| r.version));
+
+    // Commit the replay as the authoritative table; AUTO now answers from it, with
+    // the same rows, while PROVISIONAL still answers from the stream.
+    let snapshots = payledger_storage::SnapshotStore::new(open_store(&store)?);
+    let today = payledger_semantics::Day::of_micros(now_us());
+    let request = payledger_projector::replay::ReplayRequest {
+        replay_id: "convergence".into(),
+        from_day: rows.iter().map(|r| r.day).min().expect("rows"),
+        to_day: today,
+        cutoff: Some(cutoff),
+    };
+    let mut replayed = Vec::new();
+    let commit = payledger_projector::replay::replay_and_commit(
+        &archive,
+        &snapshots,
+        Settings::default(),
+        &request,
+        |p| replayed.push(p),
+    )
+    .await?;
+    assert_eq!(replayed.len(), 16);
+    assert_eq!(commit.number, 1);
+    let target = rows
+        .iter()
+        .find(|r| r.day == today)
+        .expect("a row of today")
+        .clone();
+    let ask = |consistency: v1::Consistency, snapshot_id: &str| v1::GetDailyExposureRequest {
+        merchant_id: target.merchant_id.clone(),
+        day: today.to_string(),
+        consistency: consistency as i32,
+        snapshot_id: snapshot_id.to_string(),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let auto = loop {
+        let answer = query
+            .get_daily_exposure(ask(v1::Consistency::Auto, ""))
+            .await?
+            .into_inner();
+        if answer
+            .provenance
+            .as_ref()
+            .is_some_and(|p| p.source == v1::Source::Replay as i32)
+        {
+            break answer;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "AUTO never answered from the commit: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let provenance = auto.provenance.clone().expect("provenance");
+    assert!(!provenance.provisional);
+    assert_eq!(provenance.snapshot_id, commit.draft.snapshot_id);
+    let provisional = query
+        .get_daily_exposure(ask(v1::Consistency::Provisional, ""))
+        .await?
+        .into_inner();
+    assert_eq!(
+        provisional.provenance.as_ref().map(|p| p.source),
+        Some(v1::Source::Stream as i32)
+    );
+    assert_eq!(
+        auto.rows, provisional.rows,
+        "replay and stream rows are the same rows"
+    );
+    let as_of = query
+        .get_daily_exposure(ask(
+            v1::Consistency::Authoritative,
+            &commit.draft.snapshot_id,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(as_of.rows, auto.rows);
+    let unknown = query
+        .get_daily_exposure(ask(v1::Consistency::Authoritative, "no-such-snapshot"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    // New events after the cutoff: the stream has moved on, AUTO answers from it.
+    let ingest = h
+        .spawn("payledger-ingest", &["--heartbeat-interval", "0s"])
+        .await?;
+    let mut client = ingest_client(&ingest.url()).await?;
+    let late = v1::Event {
+        event_id: "after-the-cutoff".into(),
+        merchant_id: target.merchant_id.clone(),
+        kind: v1::EventKind::PaymentCaptured as i32,
+        amount_minor: 4200,
+        currency: target.currency.to_string(),
+        event_time_us: now_us() - 1_000_000,
+        corrects_event_id: String::new(),
+    };
+    log.publish(&mut client, vec![late]).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = query
+            .get_daily_exposure(ask(v1::Consistency::Auto, ""))
+            .await?
+            .into_inner();
+        if answer
+            .provenance
+            .as_ref()
+            .is_some_and(|p| p.source == v1::Source::Stream as i32)
+        {
+            assert!(answer.rows.iter().any(|r| r.log_position > cutoff));
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "AUTO kept the stale snapshot: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }

@@ -15,10 +15,12 @@ use tokio::sync::broadcast;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
+use crate::authoritative::Authoritative;
 use crate::tables::Tables;
 
 pub(crate) struct QueryApi {
     pub tables: Arc<Tables>,
+    pub authoritative: Option<Arc<Authoritative>>,
     pub settings: Settings,
     pub changes: broadcast::Sender<v1::CurrentRow>,
     pub max_watch_merchants: usize,
@@ -120,19 +122,115 @@ impl QueryApi {
         })
     }
 
-    fn require_stream_side(consistency: i32) -> Result<(), Status> {
+    fn consistency(consistency: i32) -> Result<v1::Consistency, Status> {
         match v1::Consistency::try_from(consistency) {
-            Ok(
-                v1::Consistency::Unspecified | v1::Consistency::Auto | v1::Consistency::Provisional,
-            ) => Ok(()),
-            Ok(v1::Consistency::Authoritative) => Err(Status::failed_precondition(
-                "no committed replay snapshot exists yet, so there is no authoritative answer; \
-                 ask with consistency AUTO or PROVISIONAL for the stream's provisional rows",
-            )),
+            Ok(v1::Consistency::Unspecified) => Ok(v1::Consistency::Auto),
+            Ok(c) => Ok(c),
             Err(_) => Err(Status::invalid_argument(format!(
                 "consistency: unknown value {consistency}"
             ))),
         }
+    }
+
+    fn stream_rows(&self, merchant_id: &str, day: Day) -> Vec<v1::DailyRow> {
+        let daily = self.tables.daily.read().expect("daily table lock");
+        let from = (merchant_id.to_string(), day, String::new());
+        daily
+            .range(from..)
+            .take_while(|((m, d, _), _)| m == merchant_id && *d == day)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    /// One merchant-day from one source (DESIGN.md section 6). AUTO answers from the
+    /// committed snapshot covering the day unless the stream has moved past its
+    /// cutoff there or knows a currency the snapshot lacks.
+    async fn route(
+        &self,
+        merchant_id: &str,
+        day: Day,
+        consistency: v1::Consistency,
+        snapshot_id: Option<&str>,
+    ) -> Result<Option<v1::DailyExposure>, Status> {
+        let stream = self.stream_rows(merchant_id, day);
+        let stream_answer = |rows: Vec<v1::DailyRow>| -> Result<Option<v1::DailyExposure>, Status> {
+            if rows.is_empty() {
+                Ok(None)
+            } else {
+                self.daily_exposure(merchant_id, day, rows).map(Some)
+            }
+        };
+        let partition = partition_of(merchant_id, self.settings.partitions);
+        match consistency {
+            v1::Consistency::Provisional => stream_answer(stream),
+            v1::Consistency::Authoritative => {
+                let auth = self.authoritative.as_ref().ok_or_else(|| {
+                    Status::failed_precondition("this query service has no --store, so no authoritative tables; ask for AUTO or PROVISIONAL")
+                })?;
+                let commit = auth.commit_for(day, snapshot_id)?.ok_or_else(|| {
+                    Status::failed_precondition(format!("no committed replay covers {day}; run a replay of that day, or ask for AUTO or PROVISIONAL"))
+                })?;
+                let rows = auth.rows(&commit, partition, merchant_id, day).await?;
+                if rows.is_empty() {
+                    Ok(None)
+                } else {
+                    self.replay_exposure(merchant_id, day, &commit, rows)
+                        .map(Some)
+                }
+            }
+            _ => {
+                if let Some(auth) = &self.authoritative
+                    && let Some(commit) = auth.commit_for(day, None)?
+                {
+                    let rows = auth.rows(&commit, partition, merchant_id, day).await?;
+                    let stream_moved_on = stream
+                        .iter()
+                        .any(|r| r.log_position > commit.draft.log_cutoff);
+                    let stream_only = stream
+                        .iter()
+                        .any(|s| !rows.iter().any(|r| r.currency.as_str() == s.currency));
+                    if !rows.is_empty() && !stream_moved_on && !stream_only {
+                        return self
+                            .replay_exposure(merchant_id, day, &commit, rows)
+                            .map(Some);
+                    }
+                }
+                stream_answer(stream)
+            }
+        }
+    }
+
+    fn replay_exposure(
+        &self,
+        merchant_id: &str,
+        day: Day,
+        commit: &payledger_storage::Commit,
+        rows: Vec<payledger_semantics::DailyRow>,
+    ) -> Result<v1::DailyExposure, Status> {
+        // Authoritative answers use the dimension records up to the snapshot's cutoff.
+        let reporting = {
+            let book = self.tables.dimensions.read().expect("dimension lock");
+            to_reporting(&rows, &book, commit.draft.log_cutoff)
+        };
+        Ok(v1::DailyExposure {
+            merchant_id: merchant_id.to_string(),
+            day: day.to_string(),
+            rows: rows
+                .iter()
+                .map(payledger_proto::daily_row_to_proto)
+                .collect(),
+            reporting: Some(reporting_to_proto(&reporting)),
+            provenance: Some(v1::Provenance {
+                source: v1::Source::Replay as i32,
+                provisional: false,
+                restated: rows.iter().any(|r| r.restated),
+                snapshot_id: commit.draft.snapshot_id.clone(),
+                log_position: rows.iter().map(|r| r.log_position).max().unwrap_or(0),
+                semantics_version: commit.draft.semantics_version,
+                settings_fingerprint: commit.draft.settings_fingerprint.clone(),
+                stream_lag: Some(self.stream_lag(merchant_id)),
+            }),
+        })
     }
 }
 
@@ -213,6 +311,7 @@ impl QueryService for QueryApi {
             merchants.iter().map(|m| self.current_exposure(m)).collect();
         let api = QueryApi {
             tables: self.tables.clone(),
+            authoritative: self.authoritative.clone(),
             settings: self.settings,
             changes: self.changes.clone(),
             max_watch_merchants: self.max_watch_merchants,
@@ -252,27 +351,24 @@ impl QueryService for QueryApi {
         let request = request.into_inner();
         merchant("merchant_id", &request.merchant_id)?;
         let day = day("day", &request.day)?;
-        Self::require_stream_side(request.consistency)?;
-        let rows: Vec<v1::DailyRow> = {
-            let daily = self.tables.daily.read().expect("daily table lock");
-            let from = (request.merchant_id.clone(), day, String::new());
-            daily
-                .range(from..)
-                .take_while(|((m, d, _), _)| *m == request.merchant_id && *d == day)
-                .map(|(_, r)| r.clone())
-                .collect()
-        };
-        if rows.is_empty() {
-            return Err(Status::not_found(format!(
-                "merchant '{}' has no events on {day} in the stream tables",
-                request.merchant_id
-            )));
+        let consistency = Self::consistency(request.consistency)?;
+        let snapshot_id = (!request.snapshot_id.is_empty()).then_some(request.snapshot_id.as_str());
+        if snapshot_id.is_some() && consistency != v1::Consistency::Authoritative {
+            return Err(Status::invalid_argument(
+                "snapshot_id: only with consistency AUTHORITATIVE",
+            ));
         }
-        Ok(Response::new(self.daily_exposure(
-            &request.merchant_id,
-            day,
-            rows,
-        )?))
+        match self
+            .route(&request.merchant_id, day, consistency, snapshot_id)
+            .await?
+        {
+            Some(answer) => Ok(Response::new(answer)),
+            None => Err(Status::not_found(format!(
+                "merchant '{}' has no rows on {day} ({})",
+                request.merchant_id,
+                consistency.as_str_name()
+            ))),
+        }
     }
 
     async fn list_daily_exposure(
@@ -290,7 +386,7 @@ impl QueryService for QueryApi {
                 "from_day {from} is after to_day {to}"
             )));
         }
-        Self::require_stream_side(request.consistency)?;
+        let consistency = Self::consistency(request.consistency)?;
         let page_size = match request.page_size as usize {
             0 => DEFAULT_PAGE,
             n if n > MAX_PAGE => {
@@ -329,10 +425,13 @@ impl QueryService for QueryApi {
             (true, Some((m, d))) => encode_token(m, *d),
             _ => String::new(),
         };
-        let items = groups
-            .into_iter()
-            .map(|((m, d), rows)| self.daily_exposure(&m, d, rows))
-            .collect::<Result<Vec<_>, _>>()?;
+        // The page is the merchant-days the stream knows; each answers from its own source.
+        let mut items = Vec::with_capacity(groups.len());
+        for (m, d) in groups.into_keys() {
+            if let Some(item) = self.route(&m, d, consistency, None).await? {
+                items.push(item);
+            }
+        }
         Ok(Response::new(v1::ListDailyExposureResponse {
             items,
             next_page_token,

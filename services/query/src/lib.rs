@@ -5,6 +5,7 @@
 //! itself. Every answer names its source and how far the stream has read.
 
 mod api;
+mod authoritative;
 mod tables;
 
 use std::future::Future;
@@ -27,6 +28,16 @@ pub struct QueryConfig {
     /// Requests handled at once per connection.
     #[arg(long, env = "PAYLEDGER_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
+    /// Object storage holding the authoritative tables (a directory, file:///…, s3://…);
+    /// without it every answer comes from the stream.
+    #[arg(long, env = "PAYLEDGER_STORE")]
+    pub store: Option<String>,
+    /// How often the commit log is read for new commits.
+    #[arg(long, env = "PAYLEDGER_COMMIT_POLL_INTERVAL", default_value = "2s", value_parser = payledger_server_common::config::parse_duration)]
+    pub commit_poll_interval: std::time::Duration,
+    /// Snapshot parts kept in memory.
+    #[arg(long, env = "PAYLEDGER_CACHED_PARTS", default_value_t = 256)]
+    pub cached_parts: usize,
     /// KV bucket replicas if the query service has to create the buckets.
     #[arg(long, env = "PAYLEDGER_KV_REPLICAS", default_value_t = 1)]
     pub kv_replicas: usize,
@@ -38,6 +49,9 @@ impl QueryConfig {
             nats: NatsArgs::new(nats_url),
             max_watch_merchants: 1000,
             max_concurrent_requests: 256,
+            store: None,
+            commit_poll_interval: std::time::Duration::from_secs(2),
+            cached_parts: 256,
             kv_replicas: 1,
         }
     }
@@ -63,7 +77,20 @@ pub async fn run(
     let tables = Arc::new(tables::Tables::default());
     let (changes, _) = tokio::sync::broadcast::channel(4096);
 
-    let followers = vec![
+    let authoritative = match &config.store {
+        Some(location) => {
+            let snapshots =
+                payledger_storage::SnapshotStore::new(payledger_storage::open_store(location)?);
+            let auth = Arc::new(authoritative::Authoritative::new(
+                snapshots,
+                config.cached_parts,
+            ));
+            auth.refresh().await?;
+            Some(auth)
+        }
+        None => None,
+    };
+    let mut followers = vec![
         tokio::spawn(tables::follow_bucket(
             js.get_key_value(CURRENT_BUCKET).await?,
             tables::current_applier(tables.clone(), changes.clone()),
@@ -78,7 +105,14 @@ pub async fn run(
         )),
         tokio::spawn(tables::follow_dimensions(js.clone(), tables.clone())),
     ];
+    if let Some(auth) = &authoritative {
+        followers.push(tokio::spawn(authoritative::follow_commits(
+            auth.clone(),
+            config.commit_poll_interval,
+        )));
+    }
     let api = api::QueryApi {
+        authoritative,
         tables,
         settings,
         changes,

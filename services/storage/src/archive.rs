@@ -500,6 +500,15 @@ impl ArchiveStore {
         partition: u32,
         cut: CutRange,
     ) -> Result<Vec<Record>, StorageError> {
+        Ok(self.read_events_with_info(partition, cut).await?.0)
+    }
+
+    /// Like [`ArchiveStore::read_events`], with what a commit records of the segment.
+    pub async fn read_events_with_info(
+        &self,
+        partition: u32,
+        cut: CutRange,
+    ) -> Result<(Vec<Record>, SegmentInfo), StorageError> {
         let path = Path::from(format!("archive/events/p{partition}/{}", cut.file_name()));
         let bad = |message: String| StorageError::Corrupt {
             path: path.to_string(),
@@ -577,7 +586,12 @@ impl ArchiveStore {
                 records.len()
             )));
         }
-        Ok(records)
+        let info = SegmentInfo {
+            path: path.to_string(),
+            rows,
+            content_hash: hash,
+        };
+        Ok((records, info))
     }
 
     pub async fn read_dims(&self, cut: CutRange) -> Result<Vec<ArchivedDim>, StorageError> {
