@@ -12,10 +12,13 @@ use payledger_semantics::{DailyRow, Day};
 use payledger_storage::{Commit, SnapshotStore, commit_for_day};
 use tonic::Status;
 
+/// Parsed snapshot parts by (snapshot_id, partition).
+type PartCache = HashMap<(String, u32), Arc<Vec<DailyRow>>>;
+
 pub(crate) struct Authoritative {
     snapshots: SnapshotStore,
     commits: RwLock<Vec<Commit>>,
-    parts: Mutex<HashMap<(String, u32), Arc<Vec<DailyRow>>>>,
+    parts: Mutex<PartCache>,
     max_cached_parts: usize,
 }
 
