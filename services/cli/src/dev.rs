@@ -74,7 +74,8 @@ impl DevStack {
         ingest_config.archive_store = Some(store.display().to_string());
         let projector_config =
             ProjectorConfig::new(&nats.url(), store.to_str().unwrap_or("./data"));
-        let query_config = QueryConfig::new(&nats.url());
+        let mut query_config = QueryConfig::new(&nats.url());
+        query_config.store = Some(store.display().to_string());
         // Ingest first: it creates the stream the others wait for.
         let tasks = vec![
             tokio::spawn(payledger_ingest::run(

@@ -93,6 +93,9 @@ enum Command {
     /// Read exposure from the query service.
     #[command(subcommand)]
     Query(QueryCommand),
+    /// Replay archived history and commit the authoritative daily table.
+    #[command(subcommand)]
+    Replay(ReplayCommand),
     /// Measure ingest, projection, freshness and the fold against baselines (use a release build).
     Bench(payledger_cli::bench::BenchArgs),
 }
@@ -132,6 +135,34 @@ enum QueryCommand {
         merchants: Vec<String>,
         #[command(flatten)]
         endpoints: Endpoints,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReplayCommand {
+    /// Fold the archive from its beginning through the cutoff, in this process, and
+    /// commit the rows of the day range as the authoritative snapshot.
+    Run {
+        /// First day to publish (YYYY-MM-DD).
+        #[arg(long, required_unless_present = "yesterday")]
+        from: Option<String>,
+        /// Last day to publish (YYYY-MM-DD).
+        #[arg(long, required_unless_present = "yesterday")]
+        to: Option<String>,
+        /// Publish yesterday (UTC) only: the nightly replay.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        yesterday: bool,
+        /// Log cutoff: an archive watermark; the highest by default.
+        #[arg(long)]
+        cutoff: Option<u64>,
+        /// Names the replay in the commit log.
+        #[arg(long, default_value = "manual")]
+        replay_id: String,
+        /// Object storage holding the archive and the tables.
+        #[arg(long, env = "PAYLEDGER_STORE", default_value = "./data/store")]
+        store: String,
+        #[command(flatten)]
+        nats: payledger_server_common::config::NatsArgs,
     },
 }
 
@@ -731,6 +762,78 @@ async fn main() -> anyhow::Result<()> {
         } => ingest_file(file, batch, endpoints, cli.json).await?,
         Command::Query(command) => run_query(command, cli.json).await?,
         Command::Bench(args) => payledger_cli::bench::run(args).await?,
+        Command::Replay(ReplayCommand::Run {
+            from,
+            to,
+            yesterday,
+            cutoff,
+            replay_id,
+            store,
+            nats,
+        }) => {
+            let day = |text: &str| {
+                payledger_semantics::Day::parse(text).map_err(|e| anyhow::anyhow!("{e}"))
+            };
+            let (from_day, to_day) = if yesterday {
+                let y =
+                    payledger_semantics::Day(payledger_semantics::Day::of_micros(now_us()).0 - 1);
+                (y, y)
+            } else {
+                (
+                    day(from.as_deref().unwrap_or_default())?,
+                    day(to.as_deref().unwrap_or_default())?,
+                )
+            };
+            anyhow::ensure!(
+                from_day <= to_day,
+                "--from {from_day} is after --to {to_day}"
+            );
+            // The semantics settings of the log are recorded with the stream.
+            let client = nats.connect("payledger-replay").await?;
+            let settings = payledger_server_common::topology::read_settings(
+                &async_nats::jetstream::new(client),
+            )
+            .await?;
+            let objects = payledger_storage::open_store(&store)?;
+            let archive = payledger_storage::ArchiveStore::new(objects.clone());
+            let snapshots = payledger_storage::SnapshotStore::new(objects);
+            let request = payledger_projector::replay::ReplayRequest {
+                replay_id,
+                from_day,
+                to_day,
+                cutoff,
+            };
+            let bar = ProgressBar::new(u64::from(settings.partitions));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} replaying [{bar:40}] {pos}/{len} partitions ({elapsed})",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            );
+            let commit = payledger_projector::replay::replay_and_commit(
+                &archive,
+                &snapshots,
+                settings,
+                &request,
+                |_| bar.inc(1),
+            )
+            .await?;
+            bar.finish_and_clear();
+            if cli.json {
+                print_json(&commit)?;
+            } else {
+                println!(
+                    "committed #{}: snapshot {} for {} to {}, log cutoff {}, {} rows",
+                    commit.number,
+                    commit.draft.snapshot_id,
+                    commit.draft.from_day,
+                    commit.draft.to_day,
+                    commit.draft.log_cutoff,
+                    commit.draft.parts.iter().map(|p| p.rows).sum::<u64>()
+                );
+            }
+        }
     }
     Ok(())
 }
