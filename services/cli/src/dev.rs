@@ -72,6 +72,7 @@ impl DevStack {
         let mut ingest_config = IngestConfig::new(&nats.url());
         ingest_config.semantics = args.semantics.clone();
         ingest_config.archive_store = Some(store.display().to_string());
+        ingest_config.archive_flush_interval = std::time::Duration::from_secs(1);
         let projector_config =
             ProjectorConfig::new(&nats.url(), store.to_str().unwrap_or("./data"));
         let mut query_config = QueryConfig::new(&nats.url());
