@@ -333,6 +333,46 @@ pub(crate) fn footer(path: &str, bytes: &Bytes) -> Result<(u64, String), Storage
     Ok((rows, get(HASH_KEY).ok_or_else(|| missing(HASH_KEY))?))
 }
 
+/// Writes an encoded Parquet object put-if-absent. An object already there (a
+/// rewrite after a crash) must hold the same rows and content hash, or the write is
+/// refused: names are functions of content, so a difference is corruption.
+pub(crate) async fn put_verified(
+    store: &Arc<dyn ObjectStore>,
+    path: Path,
+    bytes: Bytes,
+    rows: u64,
+    hash: String,
+) -> Result<SegmentInfo, StorageError> {
+    let options = PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
+    match store
+        .put_opts(&path, PutPayload::from(bytes), options)
+        .await
+    {
+        Ok(_) => {}
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            let stored = store.get(&path).await?.bytes().await?;
+            let (stored_rows, stored_hash) = footer(path.as_ref(), &stored)?;
+            if (stored_rows, &stored_hash) != (rows, &hash) {
+                return Err(StorageError::Corrupt {
+                    path: path.to_string(),
+                    message: format!(
+                        "already holds {stored_rows} rows with hash {stored_hash}, the rewrite has {rows} rows with hash {hash}"
+                    ),
+                });
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(SegmentInfo {
+        path: path.to_string(),
+        rows,
+        content_hash: hash,
+    })
+}
+
 fn string_at(array: &dyn Array, i: usize) -> Option<String> {
     let a = array.as_any().downcast_ref::<arrow_array::StringArray>()?;
     (!a.is_null(i)).then(|| a.value(i).to_string())
@@ -347,45 +387,6 @@ impl ArchiveStore {
         Path::from(format!("archive/events/p{partition}"))
     }
 
-    /// Writes a segment put-if-absent; an existing one must hold the same content.
-    async fn put_segment(
-        &self,
-        path: Path,
-        bytes: Bytes,
-        rows: u64,
-        hash: String,
-    ) -> Result<SegmentInfo, StorageError> {
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(bytes), options)
-            .await
-        {
-            Ok(_) => {}
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                let stored = self.store.get(&path).await?.bytes().await?;
-                let (stored_rows, stored_hash) = footer(path.as_ref(), &stored)?;
-                if (stored_rows, &stored_hash) != (rows, &hash) {
-                    return Err(StorageError::Corrupt {
-                        path: path.to_string(),
-                        message: format!(
-                            "already holds {stored_rows} rows with hash {stored_hash}, the rewrite has {rows} rows with hash {hash}"
-                        ),
-                    });
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-        Ok(SegmentInfo {
-            path: path.to_string(),
-            rows,
-            content_hash: hash,
-        })
-    }
-
     /// Archives one partition's records of a cut (sorted by sequence, inside the range).
     pub async fn put_events(
         &self,
@@ -395,7 +396,8 @@ impl ArchiveStore {
     ) -> Result<SegmentInfo, StorageError> {
         let path = Path::from(format!("archive/events/p{partition}/{}", cut.file_name()));
         let (batch, hash) = events_batch(partition, records)?;
-        self.put_segment(
+        put_verified(
+            &self.store,
             path,
             encode_batch(&batch, &hash)?,
             records.len() as u64,
@@ -411,7 +413,8 @@ impl ArchiveStore {
     ) -> Result<SegmentInfo, StorageError> {
         let path = Path::from(format!("archive/dims/{}", cut.file_name()));
         let (batch, hash) = dims_batch(records)?;
-        self.put_segment(
+        put_verified(
+            &self.store,
             path,
             encode_batch(&batch, &hash)?,
             records.len() as u64,

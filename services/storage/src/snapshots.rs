@@ -27,7 +27,7 @@ use payledger_semantics::{Currency, DailyRow, Day};
 use serde::{Deserialize, Serialize};
 
 use crate::StorageError;
-use crate::archive::{SegmentInfo, encode_batch, footer};
+use crate::archive::{SegmentInfo, encode_batch, footer, put_verified};
 
 const TABLE: &str = "tables/merchant_exposure_daily";
 
@@ -219,37 +219,14 @@ impl SnapshotStore {
         });
         let (batch, hash) = rows_batch(&sorted)?;
         let bytes = encode_batch(&batch, &hash)?;
-        let path = part_path(snapshot_id, partition);
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(bytes), options)
-            .await
-        {
-            Ok(_) => {}
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                let stored = self.store.get(&path).await?.bytes().await?;
-                let (rows_stored, hash_stored) = footer(path.as_ref(), &stored)?;
-                if (rows_stored, &hash_stored) != (sorted.len() as u64, &hash) {
-                    return Err(StorageError::Corrupt {
-                        path: path.to_string(),
-                        message: format!(
-                            "already holds {rows_stored} rows with hash {hash_stored}, not {} with {hash}",
-                            sorted.len()
-                        ),
-                    });
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-        Ok(SegmentInfo {
-            path: path.to_string(),
-            rows: sorted.len() as u64,
-            content_hash: hash,
-        })
+        put_verified(
+            &self.store,
+            part_path(snapshot_id, partition),
+            bytes,
+            sorted.len() as u64,
+            hash,
+        )
+        .await
     }
 
     /// Reads a part back, verifying its footer.
