@@ -211,6 +211,25 @@ async fn replay_of_the_archive_equals_the_stream_rows() -> anyhow::Result<()> {
         .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 
+    // Reconciliation over the committed range: every row equal.
+    let reconcile = v1::ReconcileRequest {
+        from_day: request.from_day.to_string(),
+        to_day: today.to_string(),
+        max_differences: 0,
+    };
+    let report = query.reconcile(reconcile.clone()).await?.into_inner();
+    assert_eq!(report.rows_equal as usize, rows.len(), "{report:?}");
+    assert_eq!(
+        (
+            report.rows_stream_ahead,
+            report.rows_divergent,
+            report.rows_missing
+        ),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(report.snapshot_ids, vec![commit.draft.snapshot_id.clone()]);
+
     // New events after the cutoff: the stream has moved on, AUTO answers from it.
     let ingest = h
         .spawn("payledger-ingest", &["--heartbeat-interval", "0s"])

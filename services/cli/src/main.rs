@@ -93,6 +93,18 @@ enum Command {
     /// Read exposure from the query service.
     #[command(subcommand)]
     Query(QueryCommand),
+    /// Compare the committed snapshots with the stream's rows and say why they differ.
+    Reconcile {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        /// Most differences listed.
+        #[arg(long, default_value_t = 50)]
+        max: u32,
+        #[command(flatten)]
+        endpoints: Endpoints,
+    },
     /// Replay archived history and commit the authoritative daily table.
     #[command(subcommand)]
     Replay(ReplayCommand),
@@ -820,6 +832,56 @@ async fn main() -> anyhow::Result<()> {
         } => ingest_file(file, batch, endpoints, cli.json).await?,
         Command::Query(command) => run_query(command, cli.json).await?,
         Command::Bench(args) => payledger_cli::bench::run(args).await?,
+        Command::Reconcile {
+            from,
+            to,
+            max,
+            endpoints,
+        } => {
+            let mut client = query_client(&endpoints.query_url).await?;
+            let report = client
+                .reconcile(v1::ReconcileRequest {
+                    from_day: from,
+                    to_day: to,
+                    max_differences: max,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if cli.json {
+                print_json(&serde_json::json!({
+                    "snapshot_ids": report.snapshot_ids, "uncovered_days": report.uncovered_days,
+                    "rows_equal": report.rows_equal, "rows_stream_ahead": report.rows_stream_ahead,
+                    "rows_divergent": report.rows_divergent, "rows_missing": report.rows_missing,
+                    "differences": report.differences.iter().map(|d| serde_json::json!({
+                        "merchant_id": d.merchant_id, "day": d.day, "currency": d.currency, "kind": d.kind,
+                        "detail": d.detail, "snapshot_id": d.snapshot_id, "log_cutoff": d.log_cutoff})).collect::<Vec<_>>(),
+                }))?;
+            } else {
+                println!(
+                    "{} equal, {} stream ahead of the snapshot, {} divergent, {} missing on one side (snapshots: {}{})",
+                    report.rows_equal,
+                    report.rows_stream_ahead,
+                    report.rows_divergent,
+                    report.rows_missing,
+                    report.snapshot_ids.join(", "),
+                    if report.uncovered_days.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; no commit for {}", report.uncovered_days.join(", "))
+                    }
+                );
+                for d in &report.differences {
+                    println!(
+                        "  {:<20} {} {} {}: {}",
+                        d.kind, d.merchant_id, d.day, d.currency, d.detail
+                    );
+                }
+                if report.rows_divergent + report.rows_missing > 0 {
+                    std::process::exit(3);
+                }
+            }
+        }
         Command::Replay(ReplayCommand::Run {
             from,
             to,

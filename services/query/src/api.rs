@@ -7,6 +7,7 @@ use std::sync::Arc;
 use futures::Stream;
 use payledger_proto::v1::query_service_server::{QueryService, QueryServiceServer};
 use payledger_proto::{daily_row_from_proto, v1};
+use payledger_semantics::DailyRow;
 use payledger_semantics::{
     Day, MAX_MERCHANT_ID_BYTES, REPORTING_CURRENCY, SEMANTICS_VERSION, Settings, check_id,
     partition_of, to_reporting,
@@ -437,6 +438,166 @@ impl QueryService for QueryApi {
             next_page_token,
         }))
     }
+
+    async fn reconcile(
+        &self,
+        request: Request<v1::ReconcileRequest>,
+    ) -> Result<Response<v1::ReconcileReport>, Status> {
+        let request = request.into_inner();
+        let from = day("from_day", &request.from_day)?;
+        let to = day("to_day", &request.to_day)?;
+        if from > to || to.0 - from.0 > 366 {
+            return Err(Status::invalid_argument(format!(
+                "from_day {from} to to_day {to}: at most 367 days, in order"
+            )));
+        }
+        let auth = self.authoritative.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this query service has no --store, so there is nothing to reconcile against",
+            )
+        })?;
+        let max_differences = match request.max_differences {
+            0 => 1000,
+            n => n as usize,
+        };
+        let mut report = v1::ReconcileReport::default();
+        let note = |report: &mut v1::ReconcileReport, d: v1::ReconcileDifference| {
+            if report.differences.len() < max_differences {
+                report.differences.push(d);
+            }
+        };
+        for d in from.0..=to.0 {
+            let day = Day(d);
+            let Some(commit) = auth.commit_for(day, None)? else {
+                report.uncovered_days.push(day.to_string());
+                continue;
+            };
+            if !report.snapshot_ids.contains(&commit.draft.snapshot_id) {
+                report.snapshot_ids.push(commit.draft.snapshot_id.clone());
+            }
+            let cutoff = commit.draft.log_cutoff;
+            let mut snapshot: BTreeMap<(String, String), DailyRow> = BTreeMap::new();
+            for partition in 0..self.settings.partitions {
+                for row in auth
+                    .part(&commit, partition)
+                    .await?
+                    .iter()
+                    .filter(|r| r.day == day)
+                {
+                    snapshot.insert(
+                        (row.merchant_id.clone(), row.currency.to_string()),
+                        row.clone(),
+                    );
+                }
+            }
+            let mut stream: BTreeMap<(String, String), DailyRow> = BTreeMap::new();
+            for ((m, row_day, c), row) in self.tables.daily.read().expect("daily table lock").iter()
+            {
+                if *row_day == day {
+                    let row =
+                        daily_row_from_proto(row).map_err(|e| Status::internal(e.to_string()))?;
+                    stream.insert((m.clone(), c.clone()), row);
+                }
+            }
+            let keys: std::collections::BTreeSet<_> =
+                snapshot.keys().chain(stream.keys()).cloned().collect();
+            for key in keys {
+                let difference = |kind: &str, detail: String| v1::ReconcileDifference {
+                    merchant_id: key.0.clone(),
+                    day: day.to_string(),
+                    currency: key.1.clone(),
+                    kind: kind.to_string(),
+                    detail,
+                    snapshot_id: commit.draft.snapshot_id.clone(),
+                    log_cutoff: cutoff,
+                };
+                match (stream.get(&key), snapshot.get(&key)) {
+                    (Some(s), Some(a)) if s == a => report.rows_equal += 1,
+                    (Some(s), Some(a)) if s.log_position > cutoff => {
+                        report.rows_stream_ahead += 1;
+                        note(
+                            &mut report,
+                            difference(
+                                "STREAM_AHEAD",
+                                format!(
+                                    "stream at log position {} > cutoff {cutoff}: {}",
+                                    s.log_position,
+                                    row_differences(s, a)
+                                ),
+                            ),
+                        );
+                    }
+                    (Some(s), Some(a)) => {
+                        report.rows_divergent += 1;
+                        note(&mut report, difference("DIVERGENT", row_differences(s, a)));
+                    }
+                    (Some(s), None) if s.log_position > cutoff => {
+                        report.rows_stream_ahead += 1;
+                        note(
+                            &mut report,
+                            difference(
+                                "STREAM_AHEAD",
+                                format!(
+                                    "row created at log position {} after cutoff {cutoff}",
+                                    s.log_position
+                                ),
+                            ),
+                        );
+                    }
+                    (Some(_), None) => {
+                        report.rows_missing += 1;
+                        note(
+                            &mut report,
+                            difference(
+                                "MISSING_IN_SNAPSHOT",
+                                "the stream has the row at the same log prefix".into(),
+                            ),
+                        );
+                    }
+                    (None, Some(_)) => {
+                        report.rows_missing += 1;
+                        note(
+                            &mut report,
+                            difference(
+                                "MISSING_IN_STREAM",
+                                "the stream has not projected this row (behind, or a bug)".into(),
+                            ),
+                        );
+                    }
+                    (None, None) => unreachable!("a key of one side"),
+                }
+            }
+        }
+        Ok(Response::new(report))
+    }
+}
+
+/// The fields two versions of a row disagree on.
+fn row_differences(stream: &DailyRow, snapshot: &DailyRow) -> String {
+    let mut out = Vec::new();
+    macro_rules! field {
+        ($name:ident) => {
+            if stream.$name != snapshot.$name {
+                out.push(format!(
+                    "{} {} (stream) vs {} (snapshot)",
+                    stringify!($name),
+                    stream.$name,
+                    snapshot.$name
+                ));
+            }
+        };
+    }
+    field!(closing_minor);
+    field!(peak_minor);
+    field!(peak_bucket_start_us);
+    field!(applied);
+    field!(duplicates);
+    field!(conflicts);
+    field!(late);
+    field!(restated);
+    field!(log_position);
+    field!(semantics_version);
+    out.join(", ")
 }
 
 fn encode_token(merchant_id: &str, day: Day) -> String {

@@ -67,6 +67,30 @@ impl Authoritative {
         Ok(Some(commit.clone()))
     }
 
+    /// One partition's part of a committed snapshot, cached.
+    pub async fn part(
+        &self,
+        commit: &Commit,
+        partition: u32,
+    ) -> Result<Arc<Vec<DailyRow>>, Status> {
+        let key = (commit.draft.snapshot_id.clone(), partition);
+        if let Some(part) = self.parts.lock().expect("parts lock").get(&key).cloned() {
+            return Ok(part);
+        }
+        let rows = self
+            .snapshots
+            .read_part(&key.0, partition)
+            .await
+            .map_err(|e| Status::unavailable(format!("reading snapshot part: {e}")))?;
+        let part = Arc::new(rows);
+        let mut parts = self.parts.lock().expect("parts lock");
+        if parts.len() >= self.max_cached_parts {
+            parts.clear();
+        }
+        parts.insert(key, part.clone());
+        Ok(part)
+    }
+
     /// The committed rows of one merchant-day.
     pub async fn rows(
         &self,
@@ -75,25 +99,7 @@ impl Authoritative {
         merchant_id: &str,
         day: Day,
     ) -> Result<Vec<DailyRow>, Status> {
-        let key = (commit.draft.snapshot_id.clone(), partition);
-        let cached = self.parts.lock().expect("parts lock").get(&key).cloned();
-        let part = match cached {
-            Some(part) => part,
-            None => {
-                let rows = self
-                    .snapshots
-                    .read_part(&key.0, partition)
-                    .await
-                    .map_err(|e| Status::unavailable(format!("reading snapshot part: {e}")))?;
-                let part = Arc::new(rows);
-                let mut parts = self.parts.lock().expect("parts lock");
-                if parts.len() >= self.max_cached_parts {
-                    parts.clear();
-                }
-                parts.insert(key, part.clone());
-                part
-            }
-        };
+        let part = self.part(commit, partition).await?;
         // Parts are sorted by (merchant_id, day, currency).
         let start = part.partition_point(|r| (r.merchant_id.as_str(), r.day) < (merchant_id, day));
         Ok(part[start..]
