@@ -103,7 +103,10 @@ async fn archiver_killed_mid_ingest_archives_every_record_exactly_once() -> anyh
         publish_retrying(&url, &mut log, events).await?;
     }
     let total = stream_messages(&h.nats.url()).await?;
-    let archive = ArchiveStore::new(open_store(&store)?);
+    let archive = ArchiveStore::new(
+        open_store(&store)?,
+        payledger_semantics::Settings::default().fingerprint(),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let (top, seqs) = loop {
         let (top, seqs) = archived_sequences(&archive).await?;
@@ -155,7 +158,10 @@ async fn a_cut_short_is_completed_with_the_same_range() -> anyhow::Result<()> {
         .await?;
     drop(plain);
     // A crash left one partition's segment of the cut (0, 400] and no watermark.
-    let archive = ArchiveStore::new(open_store(&store)?);
+    let archive = ArchiveStore::new(
+        open_store(&store)?,
+        payledger_semantics::Settings::default().fingerprint(),
+    );
     let p = payledger_semantics::partition_of(
         &log.facts().next().expect("events").merchant_id,
         PARTITIONS,

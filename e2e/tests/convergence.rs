@@ -81,7 +81,10 @@ async fn replay_of_the_archive_equals_the_stream_rows() -> anyhow::Result<()> {
     // A clean stop writes the cut in progress.
     ingest.terminate()?;
 
-    let archive = ArchiveStore::new(open_store(&store)?);
+    let archive = ArchiveStore::new(
+        open_store(&store)?,
+        payledger_semantics::Settings::default().fingerprint(),
+    );
     let cutoff = latest_cutoff(&archive).await?;
     assert_eq!(
         cutoff,

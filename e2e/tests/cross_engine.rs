@@ -51,7 +51,7 @@ async fn duckdb_closing_balances_from_the_archive_match_the_snapshot() -> anyhow
     ingest.terminate()?;
 
     let objects = open_store(&store)?;
-    let archive = ArchiveStore::new(objects.clone());
+    let archive = ArchiveStore::new(objects.clone(), Settings::default().fingerprint());
     let snapshots = SnapshotStore::new(objects);
     let request = ReplayRequest {
         replay_id: "duckdb".into(),

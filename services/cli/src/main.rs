@@ -701,7 +701,8 @@ async fn demo(dev: DevArgs, events: usize) -> anyhow::Result<()> {
     }
     // The authoritative side: replay the archive and commit today's rows.
     let objects = payledger_storage::open_store(&stack.data.join("store").display().to_string())?;
-    let archive = payledger_storage::ArchiveStore::new(objects.clone());
+    let settings = dev.semantics.settings()?;
+    let archive = payledger_storage::ArchiveStore::new(objects.clone(), settings.fingerprint());
     let last = tally.last_seq.values().copied().max().unwrap_or(0);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while payledger_projector::replay::latest_cutoff(&archive).await? < last {
@@ -718,7 +719,6 @@ async fn demo(dev: DevArgs, events: usize) -> anyhow::Result<()> {
         to_day: today,
         cutoff: None,
     };
-    let settings = dev.semantics.settings()?;
     let snapshots = payledger_storage::SnapshotStore::new(objects);
     let commit = payledger_projector::replay::replay_and_commit(
         &archive,
@@ -915,7 +915,8 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             let objects = payledger_storage::open_store(&store)?;
-            let archive = payledger_storage::ArchiveStore::new(objects.clone());
+            let archive =
+                payledger_storage::ArchiveStore::new(objects.clone(), settings.fingerprint());
             let snapshots = payledger_storage::SnapshotStore::new(objects);
             let request = payledger_projector::replay::ReplayRequest {
                 replay_id,

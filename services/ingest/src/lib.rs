@@ -161,8 +161,10 @@ pub async fn run(
     });
     let archiver = match &config.archive_store {
         Some(location) => {
-            let archive =
-                payledger_storage::ArchiveStore::new(payledger_storage::open_store(location)?);
+            let archive = payledger_storage::ArchiveStore::new(
+                payledger_storage::open_store(location)?,
+                settings.fingerprint(),
+            );
             let tuning = archiver::ArchiverTuning {
                 flush_interval: config.archive_flush_interval,
                 max_cut_records: config.archive_cut_records.max(1),

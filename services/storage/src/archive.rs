@@ -33,6 +33,9 @@ use crate::StorageError;
 
 const ROWS_KEY: &str = "payledger.row_count";
 const HASH_KEY: &str = "payledger.content_hash";
+/// The semantics settings the log was written under (rule 9): a replay refuses an
+/// archive of other settings instead of mixing them.
+const SETTINGS_KEY: &str = "payledger.settings_fingerprint";
 
 /// The sequence range of one cut, both ends included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -80,6 +83,7 @@ pub struct SegmentInfo {
 #[derive(Clone)]
 pub struct ArchiveStore {
     store: Arc<dyn ObjectStore>,
+    settings_fingerprint: String,
 }
 
 fn event_schema() -> SchemaRef {
@@ -288,12 +292,23 @@ fn corrupt<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> StorageErr
     }
 }
 
-pub(crate) fn encode_batch(batch: &RecordBatch, hash: &str) -> Result<Bytes, StorageError> {
+pub(crate) fn encode_batch(
+    batch: &RecordBatch,
+    hash: &str,
+    settings_fingerprint: Option<&str>,
+) -> Result<Bytes, StorageError> {
+    let mut metadata = vec![
+        KeyValue::new(ROWS_KEY.to_string(), batch.num_rows().to_string()),
+        KeyValue::new(HASH_KEY.to_string(), hash.to_string()),
+    ];
+    if let Some(fingerprint) = settings_fingerprint {
+        metadata.push(KeyValue::new(
+            SETTINGS_KEY.to_string(),
+            fingerprint.to_string(),
+        ));
+    }
     let props = WriterProperties::builder()
-        .set_key_value_metadata(Some(vec![
-            KeyValue::new(ROWS_KEY.to_string(), batch.num_rows().to_string()),
-            KeyValue::new(HASH_KEY.to_string(), hash.to_string()),
-        ]))
+        .set_key_value_metadata(Some(metadata))
         .build();
     let mut out = Vec::new();
     let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))
@@ -379,8 +394,12 @@ fn string_at(array: &dyn Array, i: usize) -> Option<String> {
 }
 
 impl ArchiveStore {
-    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
-        Self { store }
+    /// An archive of a log written under the settings with this fingerprint.
+    pub fn new(store: Arc<dyn ObjectStore>, settings_fingerprint: impl Into<String>) -> Self {
+        Self {
+            store,
+            settings_fingerprint: settings_fingerprint.into(),
+        }
     }
 
     fn events_dir(partition: u32) -> Path {
@@ -399,7 +418,7 @@ impl ArchiveStore {
         put_verified(
             &self.store,
             path,
-            encode_batch(&batch, &hash)?,
+            encode_batch(&batch, &hash, Some(&self.settings_fingerprint))?,
             records.len() as u64,
             hash,
         )
@@ -416,7 +435,7 @@ impl ArchiveStore {
         put_verified(
             &self.store,
             path,
-            encode_batch(&batch, &hash)?,
+            encode_batch(&batch, &hash, Some(&self.settings_fingerprint))?,
             records.len() as u64,
             hash,
         )
@@ -482,6 +501,24 @@ impl ArchiveStore {
     async fn read(&self, path: &Path) -> Result<(Vec<RecordBatch>, u64, String), StorageError> {
         let bytes = self.store.get(path).await?.bytes().await?;
         let (rows, hash) = footer(path.as_ref(), &bytes)?;
+        let written_under = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+            .ok()
+            .and_then(|b| b.metadata().file_metadata().key_value_metadata().cloned())
+            .and_then(|kv| {
+                kv.into_iter()
+                    .find(|k| k.key == SETTINGS_KEY)
+                    .and_then(|k| k.value)
+            });
+        if written_under.as_deref() != Some(self.settings_fingerprint.as_str()) {
+            return Err(StorageError::Corrupt {
+                path: path.to_string(),
+                message: format!(
+                    "written under semantics settings {}, this reader uses {}; replay it with the settings it was written under",
+                    written_under.as_deref().unwrap_or("(none recorded)"),
+                    self.settings_fingerprint
+                ),
+            });
+        }
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
             .and_then(|b| b.build())
             .map_err(|e| StorageError::Corrupt {

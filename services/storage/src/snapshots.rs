@@ -218,7 +218,7 @@ impl SnapshotStore {
             (&a.merchant_id, a.day, a.currency).cmp(&(&b.merchant_id, b.day, b.currency))
         });
         let (batch, hash) = rows_batch(&sorted)?;
-        let bytes = encode_batch(&batch, &hash)?;
+        let bytes = encode_batch(&batch, &hash, None)?;
         put_verified(
             &self.store,
             part_path(snapshot_id, partition),

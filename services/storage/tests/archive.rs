@@ -10,7 +10,10 @@ use payledger_storage::{
 
 fn store() -> (tempfile::TempDir, ArchiveStore) {
     let dir = tempfile::tempdir().unwrap();
-    let store = ArchiveStore::new(open_store(dir.path().to_str().unwrap()).unwrap());
+    let store = ArchiveStore::new(
+        open_store(dir.path().to_str().unwrap()).unwrap(),
+        "settings-a",
+    );
     (dir, store)
 }
 
@@ -145,4 +148,27 @@ fn tiling_accepts_whole_cuts_and_names_each_defect() {
         verify_tiling(&[cut(1, 10), cut(36, 50)], &watermarks, 35),
         Ok(())
     );
+}
+
+#[tokio::test]
+async fn an_archive_written_under_other_settings_is_refused() {
+    let (dir, archive) = store();
+    let cut = CutRange { first: 1, last: 1 };
+    archive
+        .put_events(0, cut, &[fact(1, "a", 100, None)])
+        .await
+        .unwrap();
+    let other = ArchiveStore::new(
+        open_store(dir.path().to_str().unwrap()).unwrap(),
+        "settings-b",
+    );
+    match other.read_events(0, cut).await {
+        Err(StorageError::Corrupt { message, .. }) => {
+            assert!(
+                message.contains("settings-a") && message.contains("settings-b"),
+                "{message}"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 }
