@@ -15,7 +15,10 @@ use arrow_array::builder::{
     Date32Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
     UInt32Builder, UInt64Builder,
 };
-use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_array::{
+    Array, ArrayRef, Date32Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray, UInt64Array,
+};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -388,9 +391,23 @@ pub(crate) async fn put_verified(
     })
 }
 
-fn string_at(array: &dyn Array, i: usize) -> Option<String> {
-    let a = array.as_any().downcast_ref::<arrow_array::StringArray>()?;
+fn string_at(a: &StringArray, i: usize) -> Option<String> {
     (!a.is_null(i)).then(|| a.value(i).to_string())
+}
+
+/// A column of `batch` as the array type of the column contract.
+pub(crate) fn column<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    name: &str,
+    path: &Path,
+) -> Result<&'a T, StorageError> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| StorageError::Corrupt {
+            path: path.to_string(),
+            message: format!("column {name} is missing or not of its contract type"),
+        })
 }
 
 impl ArchiveStore {
@@ -557,57 +574,34 @@ impl ArchiveStore {
         let (batches, rows, hash) = self.read(&path).await?;
         let mut records = Vec::with_capacity(rows as usize);
         for batch in &batches {
-            let col = |name: &str| {
-                batch
-                    .column_by_name(name)
-                    .cloned()
-                    .ok_or_else(|| bad(format!("no column {name}")))
-            };
-            let (seq, rtype, ingest) = (col("seq")?, col("record_type")?, col("ingest_time")?);
-            let seq = seq
-                .as_any()
-                .downcast_ref::<arrow_array::UInt64Array>()
-                .ok_or_else(|| bad("seq is not UINT64".into()))?;
-            let ingest = ingest
-                .as_any()
-                .downcast_ref::<arrow_array::TimestampMicrosecondArray>()
-                .ok_or_else(|| bad("ingest_time is not TIMESTAMP(MICROS)".into()))?;
-            let (event_id, merchant_id, kind, currency, corrects) = (
-                col("event_id")?,
-                col("merchant_id")?,
-                col("kind")?,
-                col("currency")?,
-                col("corrects_event_id")?,
-            );
-            let amount = col("amount_minor")?;
-            let amount = amount
-                .as_any()
-                .downcast_ref::<arrow_array::Int64Array>()
-                .ok_or_else(|| bad("amount_minor is not INT64".into()))?;
-            let event_time = col("event_time")?;
-            let event_time = event_time
-                .as_any()
-                .downcast_ref::<arrow_array::TimestampMicrosecondArray>()
-                .ok_or_else(|| bad("event_time is not TIMESTAMP(MICROS)".into()))?;
+            let seq = column::<UInt64Array>(batch, "seq", &path)?;
+            let rtype = column::<StringArray>(batch, "record_type", &path)?;
+            let ingest = column::<TimestampMicrosecondArray>(batch, "ingest_time", &path)?;
+            let event_id = column::<StringArray>(batch, "event_id", &path)?;
+            let merchant_id = column::<StringArray>(batch, "merchant_id", &path)?;
+            let kind = column::<StringArray>(batch, "kind", &path)?;
+            let amount = column::<Int64Array>(batch, "amount_minor", &path)?;
+            let currency = column::<StringArray>(batch, "currency", &path)?;
+            let event_time = column::<TimestampMicrosecondArray>(batch, "event_time", &path)?;
+            let corrects = column::<StringArray>(batch, "corrects_event_id", &path)?;
             for i in 0..batch.num_rows() {
-                let body = match string_at(rtype.as_ref(), i).as_deref() {
+                let body = match string_at(rtype, i).as_deref() {
                     Some("heartbeat") => RecordBody::Heartbeat,
                     Some("fact") => {
-                        let text = |a: &ArrayRef, what: &str| {
-                            string_at(a.as_ref(), i)
-                                .ok_or_else(|| bad(format!("row {i}: no {what}")))
+                        let text = |a: &StringArray, what: &str| {
+                            string_at(a, i).ok_or_else(|| bad(format!("row {i}: no {what}")))
                         };
-                        let kind_text = text(&kind, "kind")?;
+                        let kind_text = text(kind, "kind")?;
                         RecordBody::Fact(Fact {
-                            event_id: text(&event_id, "event_id")?,
-                            merchant_id: text(&merchant_id, "merchant_id")?,
+                            event_id: text(event_id, "event_id")?,
+                            merchant_id: text(merchant_id, "merchant_id")?,
                             kind: EventKind::parse(&kind_text)
                                 .ok_or_else(|| bad(format!("row {i}: kind {kind_text}")))?,
                             amount_minor: amount.value(i),
-                            currency: Currency::parse(&text(&currency, "currency")?)
+                            currency: Currency::parse(&text(currency, "currency")?)
                                 .map_err(|e| bad(e.to_string()))?,
                             event_time_us: event_time.value(i),
-                            corrects_event_id: string_at(corrects.as_ref(), i),
+                            corrects_event_id: string_at(corrects, i),
                         })
                     }
                     other => return Err(bad(format!("row {i}: record_type {other:?}"))),
@@ -643,60 +637,32 @@ impl ArchiveStore {
         let (batches, rows, hash) = self.read(&path).await?;
         let mut records = Vec::with_capacity(rows as usize);
         for batch in &batches {
-            let col = |name: &str| {
-                batch
-                    .column_by_name(name)
-                    .cloned()
-                    .ok_or_else(|| bad(format!("no column {name}")))
-            };
-            let seq = col("seq")?;
-            let seq = seq
-                .as_any()
-                .downcast_ref::<arrow_array::UInt64Array>()
-                .ok_or_else(|| bad("seq".into()))?;
-            let ingest = col("ingest_time")?;
-            let ingest = ingest
-                .as_any()
-                .downcast_ref::<arrow_array::TimestampMicrosecondArray>()
-                .ok_or_else(|| bad("ingest_time".into()))?;
-            let effective = col("effective_date")?;
-            let effective = effective
-                .as_any()
-                .downcast_ref::<arrow_array::Date32Array>()
-                .ok_or_else(|| bad("effective_date".into()))?;
-            let version = col("version")?;
-            let version = version
-                .as_any()
-                .downcast_ref::<arrow_array::Int32Array>()
-                .ok_or_else(|| bad("version".into()))?;
-            let bps = col("reserve_bps")?;
-            let bps = bps
-                .as_any()
-                .downcast_ref::<arrow_array::Int32Array>()
-                .ok_or_else(|| bad("reserve_bps".into()))?;
-            let (dim_type, currency, rate, merchant_id, tier) = (
-                col("dim_type")?,
-                col("currency")?,
-                col("rate")?,
-                col("merchant_id")?,
-                col("tier")?,
-            );
+            let seq = column::<UInt64Array>(batch, "seq", &path)?;
+            let ingest = column::<TimestampMicrosecondArray>(batch, "ingest_time", &path)?;
+            let effective = column::<Date32Array>(batch, "effective_date", &path)?;
+            let version = column::<Int32Array>(batch, "version", &path)?;
+            let bps = column::<Int32Array>(batch, "reserve_bps", &path)?;
+            let dim_type = column::<StringArray>(batch, "dim_type", &path)?;
+            let currency = column::<StringArray>(batch, "currency", &path)?;
+            let rate = column::<StringArray>(batch, "rate", &path)?;
+            let merchant_id = column::<StringArray>(batch, "merchant_id", &path)?;
+            let tier = column::<StringArray>(batch, "tier", &path)?;
             for i in 0..batch.num_rows() {
-                let text = |a: &ArrayRef, what: &str| {
-                    string_at(a.as_ref(), i).ok_or_else(|| bad(format!("row {i}: no {what}")))
+                let text = |a: &StringArray, what: &str| {
+                    string_at(a, i).ok_or_else(|| bad(format!("row {i}: no {what}")))
                 };
                 let effective_day = Day(effective.value(i));
-                let record = match text(&dim_type, "dim_type")?.as_str() {
+                let record = match text(dim_type, "dim_type")?.as_str() {
                     "fx" => DimRecord::Fx(FxRecord {
-                        currency: Currency::parse(&text(&currency, "currency")?)
+                        currency: Currency::parse(&text(currency, "currency")?)
                             .map_err(|e| bad(e.to_string()))?,
-                        rate: Rate::parse(&text(&rate, "rate")?).map_err(|e| bad(e.to_string()))?,
+                        rate: Rate::parse(&text(rate, "rate")?).map_err(|e| bad(e.to_string()))?,
                         effective_day,
                         version: version.value(i),
                     }),
                     "risk" => DimRecord::Risk(RiskRecord {
-                        merchant_id: text(&merchant_id, "merchant_id")?,
-                        tier: text(&tier, "tier")?,
+                        merchant_id: text(merchant_id, "merchant_id")?,
+                        tier: text(tier, "tier")?,
                         reserve_bps: bps.value(i),
                         effective_day,
                         version: version.value(i),

@@ -16,7 +16,10 @@ use arrow_array::builder::{
     BooleanBuilder, Date32Builder, Decimal128Builder, StringBuilder, TimestampMicrosecondBuilder,
     UInt32Builder, UInt64Builder,
 };
-use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_array::{
+    ArrayRef, BooleanArray, Date32Array, Decimal128Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray, UInt32Array, UInt64Array,
+};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -27,7 +30,7 @@ use payledger_semantics::{Currency, DailyRow, Day};
 use serde::{Deserialize, Serialize};
 
 use crate::StorageError;
-use crate::archive::{SegmentInfo, encode_batch, footer, put_verified};
+use crate::archive::{SegmentInfo, column, encode_batch, footer, put_verified};
 
 const TABLE: &str = "tables/merchant_exposure_daily";
 
@@ -248,52 +251,19 @@ impl SnapshotStore {
         let mut out = Vec::with_capacity(rows as usize);
         for batch in reader {
             let batch = batch.map_err(|e| bad(e.to_string()))?;
-            let col = |i: usize| batch.column(i).clone();
-            let text = |i: usize| {
-                col(i)
-                    .as_any()
-                    .downcast_ref::<arrow_array::StringArray>()
-                    .cloned()
-                    .ok_or_else(|| bad(format!("column {i} is not text")))
-            };
-            let u64s = |i: usize| {
-                col(i)
-                    .as_any()
-                    .downcast_ref::<arrow_array::UInt64Array>()
-                    .cloned()
-                    .ok_or_else(|| bad(format!("column {i} is not UINT64")))
-            };
-            let dec = |i: usize| {
-                col(i)
-                    .as_any()
-                    .downcast_ref::<arrow_array::Decimal128Array>()
-                    .cloned()
-                    .ok_or_else(|| bad(format!("column {i} is not DECIMAL")))
-            };
-            let (merchant, currency) = (text(0)?, text(2)?);
-            let day = col(1)
-                .as_any()
-                .downcast_ref::<arrow_array::Date32Array>()
-                .cloned()
-                .ok_or_else(|| bad("day".into()))?;
-            let (closing, peak) = (dec(3)?, dec(4)?);
-            let peak_at = col(5)
-                .as_any()
-                .downcast_ref::<arrow_array::TimestampMicrosecondArray>()
-                .cloned()
-                .ok_or_else(|| bad("peak_bucket_start".into()))?;
-            let (applied, duplicates, conflicts, late, position) =
-                (u64s(6)?, u64s(7)?, u64s(8)?, u64s(9)?, u64s(11)?);
-            let restated = col(10)
-                .as_any()
-                .downcast_ref::<arrow_array::BooleanArray>()
-                .cloned()
-                .ok_or_else(|| bad("restated".into()))?;
-            let version = col(12)
-                .as_any()
-                .downcast_ref::<arrow_array::UInt32Array>()
-                .cloned()
-                .ok_or_else(|| bad("semantics_version".into()))?;
+            let merchant = column::<StringArray>(&batch, "merchant_id", &path)?;
+            let day = column::<Date32Array>(&batch, "day", &path)?;
+            let currency = column::<StringArray>(&batch, "currency", &path)?;
+            let closing = column::<Decimal128Array>(&batch, "closing_minor", &path)?;
+            let peak = column::<Decimal128Array>(&batch, "peak_minor", &path)?;
+            let peak_at = column::<TimestampMicrosecondArray>(&batch, "peak_bucket_start", &path)?;
+            let applied = column::<UInt64Array>(&batch, "applied", &path)?;
+            let duplicates = column::<UInt64Array>(&batch, "duplicates", &path)?;
+            let conflicts = column::<UInt64Array>(&batch, "conflicts", &path)?;
+            let late = column::<UInt64Array>(&batch, "late", &path)?;
+            let restated = column::<BooleanArray>(&batch, "restated", &path)?;
+            let position = column::<UInt64Array>(&batch, "log_position", &path)?;
+            let version = column::<UInt32Array>(&batch, "semantics_version", &path)?;
             for i in 0..batch.num_rows() {
                 out.push(DailyRow {
                     merchant_id: merchant.value(i).to_string(),
