@@ -322,13 +322,22 @@ pub(crate) fn encode_batch(
 }
 
 /// Rows and content hash from a segment's footer.
-pub(crate) fn footer(path: &str, bytes: &Bytes) -> Result<(u64, String), StorageError> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).map_err(|e| {
-        StorageError::Corrupt {
-            path: path.to_string(),
-            message: e.to_string(),
-        }
-    })?;
+/// A Parquet object as written by this crate: its batches and its footer's claims.
+pub(crate) struct ParquetObject {
+    pub batches: Vec<RecordBatch>,
+    pub rows: u64,
+    pub hash: String,
+    pub settings: Option<String>,
+}
+
+/// Parses an object's footer once, then its batches.
+pub(crate) fn decode_object(path: &str, bytes: Bytes) -> Result<ParquetObject, StorageError> {
+    let bad = |message: String| StorageError::Corrupt {
+        path: path.to_string(),
+        message,
+    };
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| bad(e.to_string()))?;
     let kv = builder
         .metadata()
         .file_metadata()
@@ -340,15 +349,23 @@ pub(crate) fn footer(path: &str, bytes: &Bytes) -> Result<(u64, String), Storage
             .find(|k| k.key == key)
             .and_then(|k| k.value.clone())
     };
-    let missing = |key: &str| StorageError::Corrupt {
-        path: path.to_string(),
-        message: format!("no {key} in the footer"),
-    };
+    let missing = |key: &str| bad(format!("no {key} in the footer"));
     let rows = get(ROWS_KEY)
         .ok_or_else(|| missing(ROWS_KEY))?
         .parse()
         .map_err(|_| missing(ROWS_KEY))?;
-    Ok((rows, get(HASH_KEY).ok_or_else(|| missing(HASH_KEY))?))
+    let hash = get(HASH_KEY).ok_or_else(|| missing(HASH_KEY))?;
+    let settings = get(SETTINGS_KEY);
+    let batches = builder
+        .build()
+        .and_then(|reader| reader.collect::<Result<Vec<_>, _>>().map_err(Into::into))
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(ParquetObject {
+        batches,
+        rows,
+        hash,
+        settings,
+    })
 }
 
 /// Writes an encoded Parquet object put-if-absent. An object already there (a
@@ -372,7 +389,11 @@ pub(crate) async fn put_verified(
         Ok(_) => {}
         Err(object_store::Error::AlreadyExists { .. }) => {
             let stored = store.get(&path).await?.bytes().await?;
-            let (stored_rows, stored_hash) = footer(path.as_ref(), &stored)?;
+            let ParquetObject {
+                rows: stored_rows,
+                hash: stored_hash,
+                ..
+            } = decode_object(path.as_ref(), stored)?;
             if (stored_rows, &stored_hash) != (rows, &hash) {
                 return Err(StorageError::Corrupt {
                     path: path.to_string(),
@@ -517,38 +538,18 @@ impl ArchiveStore {
 
     async fn read(&self, path: &Path) -> Result<(Vec<RecordBatch>, u64, String), StorageError> {
         let bytes = self.store.get(path).await?.bytes().await?;
-        let (rows, hash) = footer(path.as_ref(), &bytes)?;
-        let written_under = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
-            .ok()
-            .and_then(|b| b.metadata().file_metadata().key_value_metadata().cloned())
-            .and_then(|kv| {
-                kv.into_iter()
-                    .find(|k| k.key == SETTINGS_KEY)
-                    .and_then(|k| k.value)
-            });
-        if written_under.as_deref() != Some(self.settings_fingerprint.as_str()) {
+        let object = decode_object(path.as_ref(), bytes)?;
+        if object.settings.as_deref() != Some(self.settings_fingerprint.as_str()) {
             return Err(StorageError::Corrupt {
                 path: path.to_string(),
                 message: format!(
                     "written under semantics settings {}, this reader uses {}; replay it with the settings it was written under",
-                    written_under.as_deref().unwrap_or("(none recorded)"),
+                    object.settings.as_deref().unwrap_or("(none recorded)"),
                     self.settings_fingerprint
                 ),
             });
         }
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .and_then(|b| b.build())
-            .map_err(|e| StorageError::Corrupt {
-                path: path.to_string(),
-                message: e.to_string(),
-            })?;
-        let batches = reader
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| StorageError::Corrupt {
-                path: path.to_string(),
-                message: e.to_string(),
-            })?;
-        Ok((batches, rows, hash))
+        Ok((object.batches, object.rows, object.hash))
     }
 
     /// Reads a partition's segment back, verifying row count and content hash.

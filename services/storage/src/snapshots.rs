@@ -21,16 +21,16 @@ use arrow_array::{
     TimestampMicrosecondArray, UInt32Array, UInt64Array,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use payledger_semantics::{Currency, DailyRow, Day};
 use serde::{Deserialize, Serialize};
 
 use crate::StorageError;
-use crate::archive::{SegmentInfo, column, encode_batch, footer, put_verified};
+use crate::archive::{
+    ParquetObject, SegmentInfo, column, decode_object, encode_batch, put_verified,
+};
 
 const TABLE: &str = "tables/merchant_exposure_daily";
 
@@ -243,14 +243,15 @@ impl SnapshotStore {
             path: path.to_string(),
             message,
         };
-        let bytes: Bytes = self.store.get(&path).await?.bytes().await?;
-        let (rows, hash) = footer(path.as_ref(), &bytes)?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .and_then(|b| b.build())
-            .map_err(|e| bad(e.to_string()))?;
+        let bytes = self.store.get(&path).await?.bytes().await?;
+        let ParquetObject {
+            batches,
+            rows,
+            hash,
+            ..
+        } = decode_object(path.as_ref(), bytes)?;
         let mut out = Vec::with_capacity(rows as usize);
-        for batch in reader {
-            let batch = batch.map_err(|e| bad(e.to_string()))?;
+        for batch in batches {
             let merchant = column::<StringArray>(&batch, "merchant_id", &path)?;
             let day = column::<Date32Array>(&batch, "day", &path)?;
             let currency = column::<StringArray>(&batch, "currency", &path)?;
