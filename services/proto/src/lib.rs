@@ -8,6 +8,7 @@ pub mod v1 {
 }
 
 mod convert;
+pub mod reconcile;
 
 pub use convert::{
     FieldViolation, current_row_from_proto, current_row_to_proto, daily_row_from_proto,

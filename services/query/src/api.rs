@@ -5,9 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use payledger_proto::reconcile::{DayRows, SnapshotSide, compare_day};
 use payledger_proto::v1::query_service_server::{QueryService, QueryServiceServer};
 use payledger_proto::{daily_row_from_proto, v1};
-use payledger_semantics::DailyRow;
 use payledger_semantics::{
     Day, MAX_MERCHANT_ID_BYTES, REPORTING_CURRENCY, SEMANTICS_VERSION, Settings, check_id,
     partition_of, to_reporting,
@@ -461,22 +461,13 @@ impl QueryService for QueryApi {
             n => n as usize,
         };
         let mut report = v1::ReconcileReport::default();
-        let note = |report: &mut v1::ReconcileReport, d: v1::ReconcileDifference| {
-            if report.differences.len() < max_differences {
-                report.differences.push(d);
-            }
-        };
         for d in from.0..=to.0 {
             let day = Day(d);
             let Some(commit) = auth.commit_for(day, None)? else {
                 report.uncovered_days.push(day.to_string());
                 continue;
             };
-            if !report.snapshot_ids.contains(&commit.draft.snapshot_id) {
-                report.snapshot_ids.push(commit.draft.snapshot_id.clone());
-            }
-            let cutoff = commit.draft.log_cutoff;
-            let mut snapshot: BTreeMap<(String, String), DailyRow> = BTreeMap::new();
+            let mut snapshot = DayRows::new();
             for partition in 0..self.settings.partitions {
                 for row in auth
                     .part(&commit, partition)
@@ -490,7 +481,7 @@ impl QueryService for QueryApi {
                     );
                 }
             }
-            let mut stream: BTreeMap<(String, String), DailyRow> = BTreeMap::new();
+            let mut stream = DayRows::new();
             for ((m, row_day, c), row) in self.tables.daily.read().expect("daily table lock").iter()
             {
                 if *row_day == day {
@@ -499,105 +490,15 @@ impl QueryService for QueryApi {
                     stream.insert((m.clone(), c.clone()), row);
                 }
             }
-            let keys: std::collections::BTreeSet<_> =
-                snapshot.keys().chain(stream.keys()).cloned().collect();
-            for key in keys {
-                let difference = |kind: &str, detail: String| v1::ReconcileDifference {
-                    merchant_id: key.0.clone(),
-                    day: day.to_string(),
-                    currency: key.1.clone(),
-                    kind: kind.to_string(),
-                    detail,
-                    snapshot_id: commit.draft.snapshot_id.clone(),
-                    log_cutoff: cutoff,
-                };
-                match (stream.get(&key), snapshot.get(&key)) {
-                    (Some(s), Some(a)) if s == a => report.rows_equal += 1,
-                    (Some(s), Some(a)) if s.log_position > cutoff => {
-                        report.rows_stream_ahead += 1;
-                        note(
-                            &mut report,
-                            difference(
-                                "STREAM_AHEAD",
-                                format!(
-                                    "stream at log position {} > cutoff {cutoff}: {}",
-                                    s.log_position,
-                                    row_differences(s, a)
-                                ),
-                            ),
-                        );
-                    }
-                    (Some(s), Some(a)) => {
-                        report.rows_divergent += 1;
-                        note(&mut report, difference("DIVERGENT", row_differences(s, a)));
-                    }
-                    (Some(s), None) if s.log_position > cutoff => {
-                        report.rows_stream_ahead += 1;
-                        note(
-                            &mut report,
-                            difference(
-                                "STREAM_AHEAD",
-                                format!(
-                                    "row created at log position {} after cutoff {cutoff}",
-                                    s.log_position
-                                ),
-                            ),
-                        );
-                    }
-                    (Some(_), None) => {
-                        report.rows_missing += 1;
-                        note(
-                            &mut report,
-                            difference(
-                                "MISSING_IN_SNAPSHOT",
-                                "the stream has the row at the same log prefix".into(),
-                            ),
-                        );
-                    }
-                    (None, Some(_)) => {
-                        report.rows_missing += 1;
-                        note(
-                            &mut report,
-                            difference(
-                                "MISSING_IN_STREAM",
-                                "the stream has not projected this row (behind, or a bug)".into(),
-                            ),
-                        );
-                    }
-                    (None, None) => unreachable!("a key of one side"),
-                }
-            }
+            let snapshot = SnapshotSide {
+                snapshot_id: &commit.draft.snapshot_id,
+                log_cutoff: commit.draft.log_cutoff,
+                rows: &snapshot,
+            };
+            compare_day(&mut report, max_differences, day, snapshot, &stream);
         }
         Ok(Response::new(report))
     }
-}
-
-/// The fields two versions of a row disagree on.
-fn row_differences(stream: &DailyRow, snapshot: &DailyRow) -> String {
-    let mut out = Vec::new();
-    macro_rules! field {
-        ($name:ident) => {
-            if stream.$name != snapshot.$name {
-                out.push(format!(
-                    "{} {} (stream) vs {} (snapshot)",
-                    stringify!($name),
-                    stream.$name,
-                    snapshot.$name
-                ));
-            }
-        };
-    }
-    field!(closing_minor);
-    field!(peak_minor);
-    field!(peak_bucket_start_us);
-    field!(applied);
-    field!(duplicates);
-    field!(conflicts);
-    field!(late);
-    field!(restated);
-    field!(log_position);
-    field!(semantics_version);
-    out.join(", ")
 }
 
 fn encode_token(merchant_id: &str, day: Day) -> String {
