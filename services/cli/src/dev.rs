@@ -1,14 +1,16 @@
 //! `payledger dev`: the whole stack on one machine — a private nats-server that
-//! fsyncs every write, plus ingest (with the archiver), projector and query in this
-//! process, all keeping their objects under `<data>/store`.
+//! fsyncs every write, plus ingest (with the archiver), the stream projector, two
+//! projector replay workers, the replay coordinator and query in this process, all
+//! keeping their objects under `<data>/store`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use payledger_ingest::{IngestConfig, SystemClock};
-use payledger_projector::ProjectorConfig;
+use payledger_projector::{Mode, ProjectorConfig};
 use payledger_query::QueryConfig;
+use payledger_replay_coordinator::CoordinatorConfig;
 use payledger_server_common::config::SemanticsArgs;
 use payledger_server_common::local_nats::LocalNats;
 use tokio::net::TcpListener;
@@ -24,9 +26,19 @@ pub struct DevArgs {
     /// Query's gRPC address.
     #[arg(long, default_value = "127.0.0.1:50052")]
     pub query: SocketAddr,
-    /// Projector's gRPC (health) address.
+    /// The stream projector's gRPC (health) address.
     #[arg(long, default_value = "127.0.0.1:50053")]
     pub projector: SocketAddr,
+    /// The replay coordinator's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50054")]
+    pub coordinator: SocketAddr,
+    /// The replay workers' gRPC addresses (projectors in replay mode).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:50055,127.0.0.1:50056"
+    )]
+    pub workers: Vec<SocketAddr>,
     #[command(flatten)]
     pub semantics: SemanticsArgs,
 }
@@ -36,6 +48,7 @@ pub struct DevStack {
     pub ingest: SocketAddr,
     pub query: SocketAddr,
     pub projector: SocketAddr,
+    pub coordinator: SocketAddr,
     pub data: PathBuf,
     _temp: Option<tempfile::TempDir>,
     stop: tokio::sync::watch::Sender<bool>,
@@ -73,12 +86,29 @@ impl DevStack {
         ingest_config.semantics = args.semantics.clone();
         ingest_config.archive_store = Some(store.display().to_string());
         ingest_config.archive_flush_interval = std::time::Duration::from_secs(1);
-        let projector_config =
-            ProjectorConfig::new(&nats.url(), store.to_str().unwrap_or("./data"));
+        let store_location = store.display().to_string();
+        let mut projector_config = ProjectorConfig::new(&nats.url(), &store_location);
+        projector_config.mode = Mode::Stream;
         let mut query_config = QueryConfig::new(&nats.url());
-        query_config.store = Some(store.display().to_string());
+        query_config.store = Some(store_location.clone());
+        let coordinator_listener = TcpListener::bind(args.coordinator).await?;
+        let coordinator = coordinator_listener.local_addr()?;
+        let mut worker_urls = Vec::new();
+        let mut worker_tasks = Vec::new();
+        for address in &args.workers {
+            let listener = TcpListener::bind(address).await?;
+            worker_urls.push(format!("http://{}", listener.local_addr()?));
+            let mut config = ProjectorConfig::new(&nats.url(), &store_location);
+            config.mode = Mode::Replay;
+            worker_tasks.push(tokio::spawn(payledger_projector::run(
+                config,
+                listener,
+                until_stopped(),
+            )));
+        }
+        let coordinator_config = CoordinatorConfig::new(&nats.url(), &store_location, worker_urls);
         // Ingest first: it creates the stream the others wait for.
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(payledger_ingest::run(
                 ingest_config,
                 Arc::new(SystemClock),
@@ -95,12 +125,19 @@ impl DevStack {
                 query_listener,
                 until_stopped(),
             )),
+            tokio::spawn(payledger_replay_coordinator::run(
+                coordinator_config,
+                coordinator_listener,
+                until_stopped(),
+            )),
         ];
+        tasks.extend(worker_tasks);
         Ok(DevStack {
             nats,
             ingest,
             query,
             projector,
+            coordinator,
             data,
             _temp: temp,
             stop,

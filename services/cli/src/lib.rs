@@ -6,3 +6,4 @@ pub mod bench;
 pub mod dev;
 pub mod events_file;
 pub mod generate;
+pub mod replay;

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use payledger_cli::dev::{DevArgs, DevStack};
 use payledger_cli::events_file::{EventLine, format_time_us};
 use payledger_cli::generate::{GenConfig, Generator};
+use payledger_cli::replay;
 use payledger_proto::v1::{
     self, ingest_service_client::IngestServiceClient, query_service_client::QueryServiceClient,
 };
@@ -105,7 +106,8 @@ enum Command {
         #[command(flatten)]
         endpoints: Endpoints,
     },
-    /// Replay archived history and commit the authoritative daily table.
+    /// Replay archived history and commit the authoritative daily table: through the
+    /// replay coordinator (start, status, list, cancel) or in this process (run).
     #[command(subcommand)]
     Replay(ReplayCommand),
     /// Measure ingest, projection, freshness and the fold against baselines (use a release build).
@@ -150,20 +152,97 @@ enum QueryCommand {
     },
 }
 
+/// The days a replay publishes.
+#[derive(clap::Args, Debug)]
+struct DayRange {
+    /// First day to publish (YYYY-MM-DD).
+    #[arg(long, required_unless_present = "yesterday")]
+    from: Option<String>,
+    /// Last day to publish (YYYY-MM-DD).
+    #[arg(long, required_unless_present = "yesterday")]
+    to: Option<String>,
+    /// Publish yesterday (UTC) only: the nightly replay.
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    yesterday: bool,
+}
+
+impl DayRange {
+    fn days(&self) -> anyhow::Result<(payledger_semantics::Day, payledger_semantics::Day)> {
+        use payledger_semantics::Day;
+        let day = |flag: &str, text: &Option<String>| {
+            Day::parse(text.as_deref().unwrap_or_default())
+                .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+        };
+        let (from, to) = if self.yesterday {
+            let y = Day(Day::of_micros(now_us()).0 - 1);
+            (y, y)
+        } else {
+            (day("from", &self.from)?, day("to", &self.to)?)
+        };
+        anyhow::ensure!(from <= to, "--from {from} is after --to {to}");
+        Ok((from, to))
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct CoordinatorUrl {
+    /// Replay coordinator URL.
+    #[arg(
+        long,
+        env = "PAYLEDGER_COORDINATOR_URL",
+        default_value = "http://127.0.0.1:50054"
+    )]
+    coordinator_url: String,
+}
+
 #[derive(Subcommand, Debug)]
 enum ReplayCommand {
-    /// Fold the archive from its beginning through the cutoff, in this process, and
-    /// commit the rows of the day range as the authoritative snapshot.
+    /// Ask the replay coordinator to replay the archive on the projector workers and
+    /// commit the rows of the day range; with --wait, follow it with a bar per shard.
+    ///
+    /// Exit status with --wait: 0 committed and reconciled without divergence, 2 the
+    /// replay failed or was cancelled, 3 committed but reconciliation found divergent
+    /// or missing rows.
+    Start {
+        #[command(flatten)]
+        days: DayRange,
+        /// Why (kept with the replay): "nightly", "late settlement file of 2026-11-20", ...
+        #[arg(long, default_value = "manual")]
+        reason: String,
+        /// Log cutoff: an archive watermark; the highest by default.
+        #[arg(long, default_value_t = 0)]
+        cutoff: u64,
+        /// Wait until the replay ends, showing progress per shard.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        coordinator: CoordinatorUrl,
+    },
+    /// Show one replay, shard by shard.
+    Status {
+        replay_id: String,
+        #[command(flatten)]
+        coordinator: CoordinatorUrl,
+    },
+    /// The latest replays, newest first.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        coordinator: CoordinatorUrl,
+    },
+    /// Stop a replay that has not committed yet.
+    Cancel {
+        replay_id: String,
+        #[command(flatten)]
+        coordinator: CoordinatorUrl,
+    },
+    /// Fold the archive from its beginning through the cutoff in this process (no
+    /// coordinator or workers needed) and commit the rows of the day range as the
+    /// authoritative snapshot.
     Run {
-        /// First day to publish (YYYY-MM-DD).
-        #[arg(long, required_unless_present = "yesterday")]
-        from: Option<String>,
-        /// Last day to publish (YYYY-MM-DD).
-        #[arg(long, required_unless_present = "yesterday")]
-        to: Option<String>,
-        /// Publish yesterday (UTC) only: the nightly replay.
-        #[arg(long, conflicts_with_all = ["from", "to"])]
-        yesterday: bool,
+        #[command(flatten)]
+        days: DayRange,
         /// Log cutoff: an archive watermark; the highest by default.
         #[arg(long)]
         cutoff: Option<u64>,
@@ -644,11 +723,12 @@ async fn ingest_file(
 async fn demo(dev: DevArgs, events: usize) -> anyhow::Result<()> {
     let stack = DevStack::start(&dev).await?;
     println!(
-        "stack up: nats {}  ingest {}  query {}  projector {}",
+        "stack up: nats {}  ingest {}  query {}  projector {}  coordinator {}",
         stack.nats.url(),
         stack.ingest,
         stack.query,
-        stack.projector
+        stack.projector,
+        stack.coordinator
     );
     let config = GenConfig {
         events,
@@ -712,25 +792,30 @@ async fn demo(dev: DevArgs, events: usize) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The nightly job, run now: the coordinator shards the replay over the two
+    // workers and commits the snapshot.
     let today = payledger_semantics::Day::of_micros(now_us());
-    let request = payledger_projector::replay::ReplayRequest {
-        replay_id: "demo".into(),
-        from_day: payledger_semantics::Day(today.0 - 1),
-        to_day: today,
-        cutoff: None,
-    };
-    let snapshots = payledger_storage::SnapshotStore::new(objects);
-    let commit = payledger_projector::replay::replay_and_commit(
-        &archive,
-        &snapshots,
-        settings,
-        &request,
-        |_| {},
-    )
-    .await?;
+    let mut coordinator = replay::client(&format!("http://{}", stack.coordinator)).await?;
+    let started = coordinator
+        .start_replay(v1::StartReplayRequest {
+            from_day: payledger_semantics::Day(today.0 - 1).to_string(),
+            to_day: today.to_string(),
+            reason: "demo".into(),
+            cutoff: 0,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
     println!(
-        "\nreplayed the archive through log position {} and committed snapshot {} (#{})",
-        commit.draft.log_cutoff, commit.draft.snapshot_id, commit.number
+        "
+replaying the archive through log position {} on the replay workers",
+        started.cutoff
+    );
+    let ended = replay::wait(&mut coordinator, &started.replay_id, true).await?;
+    replay::print(&ended, false);
+    anyhow::ensure!(
+        ended.state == i32::from(v1::ReplayState::Succeeded),
+        "the replay did not succeed"
     );
     if let Some((merchant, _)) = merchants.first() {
         let ask = v1::GetDailyExposureRequest {
@@ -778,8 +863,15 @@ async fn main() -> anyhow::Result<()> {
             println!("  ingest    http://{}", stack.ingest);
             println!("  query     http://{}", stack.query);
             println!("  projector http://{} (health)", stack.projector);
+            println!(
+                "  replay coordinator http://{} (workers {:?})",
+                stack.coordinator, args.workers
+            );
             println!("  data      {}", stack.data.display());
             println!("try: payledger gen --send --events 5000 && payledger query current m-00001");
+            println!(
+                "then: payledger replay start --from $(date -u +%F) --to $(date -u +%F) --wait"
+            );
             tokio::signal::ctrl_c().await?;
             stack.stop().await?;
         }
@@ -849,14 +941,7 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             if cli.json {
-                print_json(&serde_json::json!({
-                    "snapshot_ids": report.snapshot_ids, "uncovered_days": report.uncovered_days,
-                    "rows_equal": report.rows_equal, "rows_stream_ahead": report.rows_stream_ahead,
-                    "rows_divergent": report.rows_divergent, "rows_missing": report.rows_missing,
-                    "differences": report.differences.iter().map(|d| serde_json::json!({
-                        "merchant_id": d.merchant_id, "day": d.day, "currency": d.currency, "kind": d.kind,
-                        "detail": d.detail, "snapshot_id": d.snapshot_id, "log_cutoff": d.log_cutoff})).collect::<Vec<_>>(),
-                }))?;
+                print_json(&report)?;
             } else {
                 println!(
                     "{} equal, {} stream ahead of the snapshot, {} divergent, {} missing on one side (snapshots: {}{})",
@@ -882,32 +967,115 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Replay(ReplayCommand::Start {
+            days,
+            reason,
+            cutoff,
+            wait,
+            coordinator,
+        }) => {
+            let (from_day, to_day) = days.days()?;
+            let mut client = replay::client(&coordinator.coordinator_url).await?;
+            let started = client
+                .start_replay(v1::StartReplayRequest {
+                    from_day: from_day.to_string(),
+                    to_day: to_day.to_string(),
+                    reason,
+                    cutoff,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if !wait {
+                if cli.json {
+                    print_json(&replay::to_json(&started))?;
+                } else {
+                    replay::print(&started, false);
+                }
+                return Ok(());
+            }
+            if !cli.json {
+                println!(
+                    "replay {} of {from_day} to {to_day} through log position {}",
+                    started.replay_id, started.cutoff
+                );
+            }
+            let ended = replay::wait(&mut client, &started.replay_id, !cli.json).await?;
+            if cli.json {
+                print_json(&replay::to_json(&ended))?;
+            } else {
+                replay::print(&ended, false);
+            }
+            if ended.state != i32::from(v1::ReplayState::Succeeded) {
+                std::process::exit(2);
+            }
+            if ended
+                .reconciliation
+                .is_some_and(|c| c.rows_divergent + c.rows_missing > 0)
+            {
+                std::process::exit(3);
+            }
+        }
+        Command::Replay(ReplayCommand::Status {
+            replay_id,
+            coordinator,
+        }) => {
+            let mut client = replay::client(&coordinator.coordinator_url).await?;
+            let found = client
+                .get_replay(v1::GetReplayRequest { replay_id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if cli.json {
+                print_json(&replay::to_json(&found))?;
+            } else {
+                replay::print(&found, true);
+            }
+        }
+        Command::Replay(ReplayCommand::List { limit, coordinator }) => {
+            let mut client = replay::client(&coordinator.coordinator_url).await?;
+            let replays = client
+                .list_replays(v1::ListReplaysRequest { limit })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .replays;
+            if cli.json {
+                print_json(&replays.iter().map(replay::to_json).collect::<Vec<_>>())?;
+            } else if replays.is_empty() {
+                println!(
+                    "no replays yet; start one with `payledger replay start --yesterday --wait`"
+                );
+            } else {
+                for r in &replays {
+                    replay::print(r, false);
+                }
+            }
+        }
+        Command::Replay(ReplayCommand::Cancel {
+            replay_id,
+            coordinator,
+        }) => {
+            let mut client = replay::client(&coordinator.coordinator_url).await?;
+            let stopped = client
+                .cancel_replay(v1::CancelReplayRequest { replay_id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if cli.json {
+                print_json(&replay::to_json(&stopped))?;
+            } else {
+                replay::print(&stopped, false);
+            }
+        }
         Command::Replay(ReplayCommand::Run {
-            from,
-            to,
-            yesterday,
+            days,
             cutoff,
             replay_id,
             store,
             nats,
         }) => {
-            let day = |text: &str| {
-                payledger_semantics::Day::parse(text).map_err(|e| anyhow::anyhow!("{e}"))
-            };
-            let (from_day, to_day) = if yesterday {
-                let y =
-                    payledger_semantics::Day(payledger_semantics::Day::of_micros(now_us()).0 - 1);
-                (y, y)
-            } else {
-                (
-                    day(from.as_deref().unwrap_or_default())?,
-                    day(to.as_deref().unwrap_or_default())?,
-                )
-            };
-            anyhow::ensure!(
-                from_day <= to_day,
-                "--from {from_day} is after --to {to_day}"
-            );
+            let (from_day, to_day) = days.days()?;
             // The semantics settings of the log are recorded with the stream.
             let client = nats.connect("payledger-replay").await?;
             let settings = payledger_server_common::topology::read_settings(

@@ -7,11 +7,15 @@
 //! `exposure_daily`, and checkpoints state plus log position. A partition that
 //! fails restarts from its checkpoint; nothing is lost or counted twice because
 //! the fold is deterministic and row writes never go backwards.
+//!
+//! Replay mode serves `ProjectorService.RunShard`: the same fold over the archive,
+//! one shard of a replay at a time, written as snapshot parts (see `replay`).
 
 mod checkpoint;
 mod partition;
 pub mod replay;
 mod rows;
+mod worker;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,13 +33,51 @@ use tokio::net::TcpListener;
 
 pub use partition::Tuning;
 
+/// What a projector process does.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Project the owned partitions and serve RunShard.
+    Both,
+    /// Project the owned partitions only.
+    Stream,
+    /// Serve RunShard only (a replay worker).
+    Replay,
+}
+
+impl Mode {
+    fn streams(self) -> bool {
+        self != Mode::Replay
+    }
+    fn replays(self) -> bool {
+        self != Mode::Stream
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct ProjectorConfig {
     #[command(flatten)]
     pub nats: NatsArgs,
+    /// Stream projection, replay worker (RunShard), or both.
+    #[arg(long, env = "PAYLEDGER_MODE", value_enum, default_value_t = Mode::Both)]
+    pub mode: Mode,
     /// Object storage for checkpoints: a directory, file:///path or s3://bucket/prefix.
     #[arg(long, env = "PAYLEDGER_STORE", default_value = "./data")]
     pub store: String,
+    /// Object storage holding the archive and the authoritative table, which
+    /// RunShard reads and writes; default: --store.
+    #[arg(long, env = "PAYLEDGER_ARCHIVE_STORE")]
+    pub archive_store: Option<String>,
+    /// Shards this worker runs at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PAYLEDGER_MAX_CONCURRENT_SHARDS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_concurrent_shards: u16,
+    /// Pace replay reading to at most this many records per second per shard, so a
+    /// backfill leaves object storage and CPU to the live path; 0: unpaced.
+    #[arg(
+        long,
+        env = "PAYLEDGER_REPLAY_MAX_RECORDS_PER_SEC",
+        default_value_t = 0
+    )]
+    pub replay_max_records_per_sec: u64,
     /// Partitions this projector owns, e.g. "0-7" or "1,3,5"; empty: all of them.
     #[arg(long, env = "PAYLEDGER_OWN_PARTITIONS", default_value = "")]
     pub own_partitions: String,
@@ -70,7 +112,11 @@ impl ProjectorConfig {
     pub fn new(nats_url: &str, store: &str) -> Self {
         Self {
             nats: NatsArgs::new(nats_url),
+            mode: Mode::Both,
             store: store.to_string(),
+            archive_store: None,
+            max_concurrent_shards: 2,
+            replay_max_records_per_sec: 0,
             own_partitions: String::new(),
             flush_rows: 2000,
             flush_interval: Duration::from_millis(250),
@@ -106,7 +152,8 @@ pub fn parse_partitions(spec: &str, partitions: u32) -> anyhow::Result<Vec<u32>>
     Ok(out.into_iter().collect())
 }
 
-/// Projects the owned partitions, serving health on `listener`, until `shutdown`.
+/// Projects the owned partitions and/or serves RunShard on `listener` (with health
+/// and reflection), until `shutdown`.
 pub async fn run(
     config: ProjectorConfig,
     listener: TcpListener,
@@ -124,7 +171,11 @@ pub async fn run(
         }
     };
     ensure_buckets(&js, config.kv_replicas).await?;
-    let owned = parse_partitions(&config.own_partitions, settings.partitions)?;
+    let owned = if config.mode.streams() {
+        parse_partitions(&config.own_partitions, settings.partitions)?
+    } else {
+        Vec::new()
+    };
     let checkpoints = CheckpointStore::new(open_store(&config.store)?, config.checkpoints_kept);
     let tuning = Arc::new(Tuning {
         flush_rows: config.flush_rows.max(1),
@@ -179,10 +230,29 @@ pub async fn run(
             }
         }));
     }
-    tracing::info!(partitions = ?owned, store = %config.store, local = %listener.local_addr()?, "projector running");
+    let (routes, served_names) = if config.mode.replays() {
+        let store = open_store(config.archive_store.as_deref().unwrap_or(&config.store))?;
+        let worker = worker::Worker {
+            archive: payledger_storage::ArchiveStore::new(store.clone(), settings.fingerprint()),
+            snapshots: payledger_storage::SnapshotStore::new(store),
+            settings,
+            running: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_shards.into(),
+            )),
+            max_concurrent_shards: config.max_concurrent_shards.into(),
+            max_records_per_sec: Some(config.replay_max_records_per_sec).filter(|r| *r > 0),
+        };
+        (
+            Some(tonic::service::Routes::new(worker.into_service())),
+            &["payledger.v1.ProjectorService"][..],
+        )
+    } else {
+        (None, &[][..])
+    };
+    tracing::info!(mode = ?config.mode, partitions = ?owned, store = %config.store, local = %listener.local_addr()?, "projector running");
     let served = serve_grpc(
-        None,
-        &[],
+        routes,
+        served_names,
         listener,
         &ServerLimits {
             max_request_bytes: 4 << 20,

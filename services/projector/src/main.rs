@@ -1,4 +1,4 @@
-//! `payledger-projector`: the stream projector.
+//! `payledger-projector`: the stream projector and replay worker.
 
 use std::net::SocketAddr;
 
@@ -6,11 +6,12 @@ use clap::Parser;
 use payledger_projector::ProjectorConfig;
 
 /// Applies the exposure semantics to the log, partition by partition, keeping the
-/// KV tables exposure_current and exposure_daily and checkpointing to object storage.
+/// KV tables exposure_current and exposure_daily and checkpointing to object storage;
+/// and, as a replay worker, folds shards of the archive into snapshot parts (RunShard).
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
-    /// Address to serve gRPC health on.
+    /// Address to serve gRPC on (RunShard, health, reflection).
     #[arg(long, env = "PAYLEDGER_LISTEN", default_value = "127.0.0.1:50053")]
     listen: SocketAddr,
     #[command(flatten)]

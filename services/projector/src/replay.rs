@@ -5,8 +5,11 @@
 //! and folds them in sequence order from the beginning of history. For the same log
 //! prefix it yields exactly the stream projector's rows (DESIGN.md section 4).
 
-use payledger_semantics::{DimensionBook, Exposure, SemanticsError, Settings};
-use payledger_storage::{ArchiveStore, DimRecord, StorageError, TilingError, verify_tiling};
+use payledger_semantics::{Day, DimensionBook, Exposure, SemanticsError, Settings};
+use payledger_storage::{
+    ArchiveStore, CutRange, DimRecord, ObjectRef, SnapshotStore, StorageError, TilingError,
+    verify_tiling,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -45,37 +48,143 @@ pub async fn fold_partitions(
     partitions: &[u32],
     cutoff: u64,
 ) -> Result<Exposure, ReplayError> {
-    Ok(
-        fold_partitions_reading(archive, settings, partitions, cutoff)
-            .await?
-            .0,
-    )
-}
-
-/// Like [`fold_partitions`], with the segments read (paths, rows, content hashes).
-pub async fn fold_partitions_reading(
-    archive: &ArchiveStore,
-    settings: Settings,
-    partitions: &[u32],
-    cutoff: u64,
-) -> Result<(Exposure, Vec<payledger_storage::ObjectRef>), ReplayError> {
     let watermarks = checked_watermarks(archive, cutoff).await?;
     let mut exposure = Exposure::new(settings);
-    let mut read = Vec::new();
     for &partition in partitions {
-        let segments = archive.event_segments(partition).await?;
-        verify_tiling(&segments, &watermarks, cutoff)
-            .map_err(|source| ReplayError::Tiling { partition, source })?;
-        // Segment names sort by range, and each segment is sorted by sequence.
-        for cut in segments.into_iter().filter(|s| s.last <= cutoff) {
-            let (records, info) = archive.read_events_with_info(partition, cut).await?;
+        let segments = partition_segments(archive, partition, cutoff, &watermarks).await?;
+        exposure = fold_segments(archive, exposure, partition, &segments, |_| {})
+            .await?
+            .0;
+    }
+    Ok(exposure)
+}
+
+/// A partition's segments through `cutoff`, checked to tile the sequence space.
+async fn partition_segments(
+    archive: &ArchiveStore,
+    partition: u32,
+    cutoff: u64,
+    watermarks: &[u64],
+) -> Result<Vec<CutRange>, ReplayError> {
+    let segments = archive.event_segments(partition).await?;
+    verify_tiling(&segments, watermarks, cutoff)
+        .map_err(|source| ReplayError::Tiling { partition, source })?;
+    // Segment names sort by range, and each segment is sorted by sequence.
+    Ok(segments.into_iter().filter(|s| s.last <= cutoff).collect())
+}
+
+/// Applies `segments` of `partition` in order, calling `on_segment` with each
+/// segment's record count. The fold runs on the blocking pool so that a long
+/// replay never starves the server's other tasks (health checks, progress).
+async fn fold_segments(
+    archive: &ArchiveStore,
+    mut exposure: Exposure,
+    partition: u32,
+    segments: &[CutRange],
+    mut on_segment: impl FnMut(u64),
+) -> Result<(Exposure, Vec<ObjectRef>), ReplayError> {
+    let mut read = Vec::with_capacity(segments.len());
+    for &cut in segments {
+        let (records, info) = archive.read_events_with_info(partition, cut).await?;
+        let count = records.len() as u64;
+        exposure = tokio::task::spawn_blocking(move || {
             for record in &records {
                 exposure.apply(partition, record)?;
             }
-            read.push(info.into());
-        }
+            Ok::<_, SemanticsError>(exposure)
+        })
+        .await
+        .expect("the fold does not panic")?;
+        read.push(info.into());
+        on_segment(count);
     }
     Ok((exposure, read))
+}
+
+/// One shard of a replay: the partitions it folds and where their rows go.
+#[derive(Clone, Debug)]
+pub struct Shard {
+    pub snapshot_id: String,
+    pub partitions: Vec<u32>,
+    /// A watermark of the archive.
+    pub cutoff: u64,
+    pub from_day: Day,
+    pub to_day: Day,
+}
+
+/// Where a shard stands, reported after every segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardProgress {
+    pub segments_done: u64,
+    pub segments_total: u64,
+    pub records_done: u64,
+}
+
+/// What a shard wrote (one part per partition) and read.
+#[derive(Clone, Debug, Default)]
+pub struct ShardOutput {
+    pub parts: Vec<(u32, ObjectRef)>,
+    pub segments_read: Vec<(u32, ObjectRef)>,
+}
+
+/// Runs one shard: folds each partition from the beginning of history through the
+/// cutoff (closing balances are cumulative), keeps the rows of the day range and
+/// writes them as the partition's part of the staging snapshot. With
+/// `max_records_per_sec`, reading is paced so that a backfill leaves the object
+/// store and the cores to the live path.
+pub async fn run_shard(
+    archive: &ArchiveStore,
+    snapshots: &SnapshotStore,
+    settings: Settings,
+    shard: &Shard,
+    max_records_per_sec: Option<u64>,
+    mut on_progress: impl FnMut(ShardProgress),
+) -> Result<ShardOutput, ReplayError> {
+    let watermarks = checked_watermarks(archive, shard.cutoff).await?;
+    let mut plan = Vec::with_capacity(shard.partitions.len());
+    for &partition in &shard.partitions {
+        plan.push((
+            partition,
+            partition_segments(archive, partition, shard.cutoff, &watermarks).await?,
+        ));
+    }
+    let mut progress = ShardProgress {
+        segments_total: plan.iter().map(|(_, s)| s.len() as u64).sum(),
+        ..ShardProgress::default()
+    };
+    on_progress(progress);
+    let started = std::time::Instant::now();
+    let mut output = ShardOutput::default();
+    for (partition, segments) in plan {
+        let mut exposure = Exposure::new(settings);
+        for cut in segments {
+            let (folded, read) = fold_segments(archive, exposure, partition, &[cut], |records| {
+                progress.segments_done += 1;
+                progress.records_done += records;
+            })
+            .await?;
+            exposure = folded;
+            output
+                .segments_read
+                .extend(read.into_iter().map(|r| (partition, r)));
+            on_progress(progress);
+            if let Some(rate) = max_records_per_sec.filter(|r| *r > 0) {
+                let due =
+                    std::time::Duration::from_secs_f64(progress.records_done as f64 / rate as f64);
+                tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
+            }
+        }
+        let rows: Vec<_> = exposure
+            .daily_rows()
+            .into_iter()
+            .filter(|r| shard.from_day <= r.day && r.day <= shard.to_day)
+            .collect();
+        let part = snapshots
+            .put_part(&shard.snapshot_id, partition, &rows)
+            .await?;
+        output.parts.push((partition, part.into()));
+    }
+    Ok(output)
 }
 
 /// Every dimension record of the archive through `cutoff`.
@@ -102,8 +211,8 @@ pub async fn fold_dimensions(
 #[derive(Clone, Debug)]
 pub struct ReplayRequest {
     pub replay_id: String,
-    pub from_day: payledger_semantics::Day,
-    pub to_day: payledger_semantics::Day,
+    pub from_day: Day,
+    pub to_day: Day,
     /// A watermark of the archive; None: the highest.
     pub cutoff: Option<u64>,
 }
@@ -113,7 +222,7 @@ pub struct ReplayRequest {
 /// keep the rows of the day range, write one part per partition, then commit.
 pub async fn replay_and_commit(
     archive: &ArchiveStore,
-    snapshots: &payledger_storage::SnapshotStore,
+    snapshots: &SnapshotStore,
     settings: Settings,
     request: &ReplayRequest,
     mut on_partition: impl FnMut(u32),
@@ -126,20 +235,16 @@ pub async fn replay_and_commit(
     let mut parts = Vec::new();
     let mut segments_read = Vec::new();
     for partition in 0..settings.partitions {
-        let (folded, read) =
-            fold_partitions_reading(archive, settings, &[partition], cutoff).await?;
-        let rows: Vec<_> = folded
-            .daily_rows()
-            .into_iter()
-            .filter(|r| request.from_day <= r.day && r.day <= request.to_day)
-            .collect();
-        parts.push(
-            snapshots
-                .put_part(&snapshot_id, partition, &rows)
-                .await?
-                .into(),
-        );
-        segments_read.extend(read);
+        let shard = Shard {
+            snapshot_id: snapshot_id.clone(),
+            partitions: vec![partition],
+            cutoff,
+            from_day: request.from_day,
+            to_day: request.to_day,
+        };
+        let output = run_shard(archive, snapshots, settings, &shard, None, |_| {}).await?;
+        parts.extend(output.parts.into_iter().map(|(_, p)| p));
+        segments_read.extend(output.segments_read.into_iter().map(|(_, s)| s));
         on_partition(partition);
     }
     let draft = payledger_storage::CommitDraft {

@@ -199,6 +199,10 @@ fn part_path(snapshot_id: &str, partition: u32) -> Path {
     ))
 }
 
+fn reconciliation_path(number: u64) -> Path {
+    Path::from(format!("{TABLE}/_reconciliation/{number:020}.json"))
+}
+
 fn commit_path(number: u64) -> Path {
     Path::from(format!("{TABLE}/_commits/{number:020}.json"))
 }
@@ -238,6 +242,16 @@ impl SnapshotStore {
         snapshot_id: &str,
         partition: u32,
     ) -> Result<Vec<DailyRow>, StorageError> {
+        Ok(self.read_part_with_info(snapshot_id, partition).await?.0)
+    }
+
+    /// Reads a part back, verifying its footer against its data, with its path, row
+    /// count and content hash: how a coordinator checks a worker's report.
+    pub async fn read_part_with_info(
+        &self,
+        snapshot_id: &str,
+        partition: u32,
+    ) -> Result<(Vec<DailyRow>, SegmentInfo), StorageError> {
         let path = part_path(snapshot_id, partition);
         let bad = |message: String| StorageError::Corrupt {
             path: path.to_string(),
@@ -290,7 +304,33 @@ impl SnapshotStore {
                 out.len()
             )));
         }
-        Ok(out)
+        let info = SegmentInfo {
+            path: path.to_string(),
+            rows,
+            content_hash: hash,
+        };
+        Ok((out, info))
+    }
+
+    /// Stores the reconciliation report of commit `number` (JSON), replacing an
+    /// earlier one: a report is recomputed, never merged.
+    pub async fn put_reconciliation(
+        &self,
+        number: u64,
+        report: Vec<u8>,
+    ) -> Result<String, StorageError> {
+        let path = reconciliation_path(number);
+        self.store.put(&path, PutPayload::from(report)).await?;
+        Ok(path.to_string())
+    }
+
+    /// The stored reconciliation report of commit `number`, if any.
+    pub async fn reconciliation(&self, number: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.store.get(&reconciliation_path(number)).await {
+            Ok(object) => Ok(Some(object.bytes().await?.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Every commit, by number.

@@ -1,0 +1,169 @@
+//! The replay coordinator (DESIGN.md sections 2 and 5).
+//!
+//! A replay folds the archive from the beginning of history through a cutoff (a
+//! watermark) and publishes the rows of a day range as a new commit of the
+//! authoritative table. The coordinator splits it into shards of partitions, runs
+//! them on projector replay workers (`RunShard`) in parallel with a per-worker
+//! limit, retries a failed or vanished shard on another worker, verifies every part
+//! (row count and content hash read back from storage), commits with put-if-absent
+//! only when all shards are verified, then reconciles the snapshot with the stream's
+//! provisional rows and stores the report. Replay state is kept in the NATS KV
+//! bucket `replays`; a restarted coordinator resumes what was running.
+
+mod reconcile;
+mod registry;
+mod runner;
+mod service;
+mod workers;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use payledger_server_common::config::{NatsArgs, parse_duration};
+use payledger_server_common::serve::{ServerLimits, serve_grpc};
+use payledger_server_common::topology::{
+    DAILY_BUCKET, PROGRESS_BUCKET, STREAM, ensure_buckets, read_settings,
+};
+use payledger_storage::{ArchiveStore, SnapshotStore, open_store};
+use tokio::net::TcpListener;
+
+pub use registry::REPLAYS_BUCKET;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct CoordinatorConfig {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Object storage holding the archive and the authoritative table: a directory,
+    /// file:///path or s3://bucket/prefix (the same location ingest archives to).
+    #[arg(long, env = "PAYLEDGER_STORE", default_value = "./data")]
+    pub store: String,
+    /// Replay workers (projectors serving RunShard) as gRPC URLs, comma-separated,
+    /// e.g. http://projector-0:50053,http://projector-1:50053.
+    #[arg(
+        long,
+        env = "PAYLEDGER_WORKERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub workers: Vec<String>,
+    /// Shards one worker runs at once (keep it at most the workers'
+    /// --max-concurrent-shards).
+    #[arg(long, env = "PAYLEDGER_MAX_SHARDS_PER_WORKER", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_shards_per_worker: u16,
+    /// Partitions folded by one shard (one part per partition either way).
+    #[arg(long, env = "PAYLEDGER_PARTITIONS_PER_SHARD", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub partitions_per_shard: u32,
+    /// Attempts per shard before the replay fails.
+    #[arg(long, env = "PAYLEDGER_SHARD_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub shard_attempts: u32,
+    /// An attempt that reports no progress for this long is abandoned and retried.
+    #[arg(long, env = "PAYLEDGER_SHARD_STALL_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub shard_stall_timeout: Duration,
+    /// A worker whose attempt failed gets no new shard for this long (unless no
+    /// other worker is left).
+    #[arg(long, env = "PAYLEDGER_WORKER_COOLDOWN", default_value = "10s", value_parser = parse_duration)]
+    pub worker_cooldown: Duration,
+    /// Replays running at once; one more is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PAYLEDGER_MAX_ACTIVE_REPLAYS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_active_replays: u16,
+    /// How long reconciliation waits for the stream projector to apply the log
+    /// through the cutoff before comparing anyway (the report then says so).
+    #[arg(long, env = "PAYLEDGER_RECONCILE_WAIT", default_value = "60s", value_parser = parse_duration)]
+    pub reconcile_wait: Duration,
+    /// Differences listed in a stored reconciliation report (the counts are complete).
+    #[arg(
+        long,
+        env = "PAYLEDGER_MAX_DIFFERENCES_STORED",
+        default_value_t = 10_000
+    )]
+    pub max_differences_stored: usize,
+    /// KV bucket replicas when the coordinator creates buckets.
+    #[arg(long, env = "PAYLEDGER_KV_REPLICAS", default_value_t = 1)]
+    pub kv_replicas: usize,
+}
+
+impl CoordinatorConfig {
+    pub fn new(nats_url: &str, store: &str, workers: Vec<String>) -> Self {
+        Self {
+            nats: NatsArgs::new(nats_url),
+            store: store.to_string(),
+            workers,
+            max_shards_per_worker: 1,
+            partitions_per_shard: 1,
+            shard_attempts: 3,
+            shard_stall_timeout: Duration::from_secs(60),
+            worker_cooldown: Duration::from_secs(10),
+            max_active_replays: 4,
+            reconcile_wait: Duration::from_secs(60),
+            max_differences_stored: 10_000,
+            kv_replicas: 1,
+        }
+    }
+}
+
+/// Serves the coordinator on `listener` until `shutdown`. Replays still running at
+/// shutdown stay RUNNING in the KV bucket and are resumed by the next coordinator.
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let workers = workers::Workers::new(
+        &config.workers,
+        config.max_shards_per_worker.into(),
+        config.worker_cooldown,
+    )?;
+    let client = config.nats.connect("payledger-replay-coordinator").await?;
+    let js = async_nats::jetstream::new(client);
+    let settings = loop {
+        match read_settings(&js).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::info!(error = %e, "waiting for the stream");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    ensure_buckets(&js, config.kv_replicas).await?;
+    let store = open_store(&config.store)?;
+    let (registry, unfinished) = registry::Registry::open(&js, config.kv_replicas).await?;
+    let ctx = Arc::new(runner::Context {
+        registry: Arc::new(registry),
+        workers: Arc::new(workers),
+        archive: ArchiveStore::new(store.clone(), settings.fingerprint()),
+        snapshots: SnapshotStore::new(store),
+        settings,
+        stream: js.get_stream(STREAM).await?,
+        daily: js.get_key_value(DAILY_BUCKET).await?,
+        progress: js.get_key_value(PROGRESS_BUCKET).await?,
+        limits: runner::Limits {
+            partitions_per_shard: config.partitions_per_shard,
+            shard_attempts: config.shard_attempts,
+            shard_stall_timeout: config.shard_stall_timeout,
+            max_active_replays: config.max_active_replays.into(),
+            reconcile_wait: config.reconcile_wait,
+            max_differences_stored: config.max_differences_stored,
+        },
+    });
+    for id in unfinished {
+        tracing::info!(replay = %id, "resuming a replay the previous coordinator left unfinished");
+        tokio::spawn(runner::drive(ctx.clone(), id));
+    }
+    tracing::info!(workers = ?config.workers, store = %config.store, local = %listener.local_addr()?, "replay coordinator serving");
+    serve_grpc(
+        Some(tonic::service::Routes::new(
+            service::CoordinatorApi { ctx }.into_service(),
+        )),
+        &["payledger.v1.ReplayCoordinator"],
+        listener,
+        &ServerLimits {
+            max_request_bytes: 64 << 10,
+            concurrency_per_connection: 64,
+        },
+        shutdown,
+    )
+    .await?;
+    tracing::info!("replay coordinator stopped");
+    Ok(())
+}

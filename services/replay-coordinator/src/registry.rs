@@ -1,0 +1,188 @@
+//! Replays by id: in memory for reads and watches, persisted to the NATS KV bucket
+//! `replays` so that a restarted coordinator knows what it was doing.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use futures::TryStreamExt;
+use payledger_proto::v1;
+use prost::Message;
+use tokio::sync::watch;
+
+pub const REPLAYS_BUCKET: &str = "replays";
+
+/// Progress-only changes reach the KV bucket at most this often; state changes
+/// are written at once.
+const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
+
+struct Entry {
+    current: watch::Sender<v1::Replay>,
+    cancel: watch::Sender<bool>,
+    persisted_at: Instant,
+}
+
+pub(crate) struct Registry {
+    kv: kv::Store,
+    entries: Mutex<HashMap<String, Entry>>,
+    /// Orders KV writes: an older state must never overwrite a newer one.
+    persist: tokio::sync::Mutex<()>,
+}
+
+pub(crate) fn is_terminal(state: i32) -> bool {
+    matches!(
+        v1::ReplayState::try_from(state),
+        Ok(v1::ReplayState::Succeeded | v1::ReplayState::Failed | v1::ReplayState::Cancelled)
+    )
+}
+
+pub(crate) fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+impl Registry {
+    /// Opens the bucket and loads every replay; returns the ids of unfinished ones.
+    pub async fn open(
+        js: &jetstream::Context,
+        replicas: usize,
+    ) -> anyhow::Result<(Registry, Vec<String>)> {
+        let kv = match js.get_key_value(REPLAYS_BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => {
+                js.create_key_value(kv::Config {
+                    bucket: REPLAYS_BUCKET.to_string(),
+                    description: "Replay state of the replay coordinator".into(),
+                    history: 1,
+                    num_replicas: replicas,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await?
+            }
+        };
+        let keys: Vec<String> = kv.keys().await?.try_collect().await?;
+        let mut entries = HashMap::new();
+        let mut unfinished = Vec::new();
+        for key in keys {
+            let Some(bytes) = kv.get(&key).await? else {
+                continue;
+            };
+            let replay = v1::Replay::decode(bytes.as_ref()).map_err(|e| {
+                anyhow::anyhow!("replay '{key}' in bucket {REPLAYS_BUCKET} is unreadable: {e}")
+            })?;
+            if !is_terminal(replay.state) {
+                unfinished.push(replay.replay_id.clone());
+            }
+            entries.insert(key, Entry::new(replay));
+        }
+        let registry = Registry {
+            kv,
+            entries: Mutex::new(entries),
+            persist: tokio::sync::Mutex::new(()),
+        };
+        Ok((registry, unfinished))
+    }
+
+    pub async fn insert(&self, replay: v1::Replay) -> anyhow::Result<()> {
+        let _order = self.persist.lock().await;
+        self.kv
+            .put(&replay.replay_id, replay.encode_to_vec().into())
+            .await?;
+        self.entries
+            .lock()
+            .expect("registry lock")
+            .insert(replay.replay_id.clone(), Entry::new(replay));
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Option<v1::Replay> {
+        let entries = self.entries.lock().expect("registry lock");
+        entries.get(id).map(|e| e.current.borrow().clone())
+    }
+
+    /// Every replay, newest first.
+    pub fn list(&self) -> Vec<v1::Replay> {
+        let entries = self.entries.lock().expect("registry lock");
+        let mut all: Vec<_> = entries
+            .values()
+            .map(|e| e.current.borrow().clone())
+            .collect();
+        all.sort_by(|a, b| (b.created_at_us, &b.replay_id).cmp(&(a.created_at_us, &a.replay_id)));
+        all
+    }
+
+    pub fn active(&self) -> usize {
+        let entries = self.entries.lock().expect("registry lock");
+        entries
+            .values()
+            .filter(|e| !is_terminal(e.current.borrow().state))
+            .count()
+    }
+
+    pub fn watch(&self, id: &str) -> Option<watch::Receiver<v1::Replay>> {
+        let entries = self.entries.lock().expect("registry lock");
+        entries.get(id).map(|e| e.current.subscribe())
+    }
+
+    pub fn cancelled(&self, id: &str) -> Option<watch::Receiver<bool>> {
+        let entries = self.entries.lock().expect("registry lock");
+        entries.get(id).map(|e| e.cancel.subscribe())
+    }
+
+    pub fn request_cancel(&self, id: &str) {
+        let entries = self.entries.lock().expect("registry lock");
+        if let Some(e) = entries.get(id) {
+            e.cancel.send_replace(true);
+        }
+    }
+
+    /// Changes a replay, tells its watchers, and persists it: at once when its
+    /// state or a shard's state changed, else at most every PERSIST_INTERVAL.
+    pub async fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut v1::Replay),
+    ) -> anyhow::Result<v1::Replay> {
+        let _order = self.persist.lock().await;
+        let (replay, persist) = {
+            let mut entries = self.entries.lock().expect("registry lock");
+            let entry = entries
+                .get_mut(id)
+                .ok_or_else(|| anyhow::anyhow!("replay {id} is not known"))?;
+            let mut replay = entry.current.borrow().clone();
+            let states = |r: &v1::Replay| {
+                (
+                    r.state,
+                    r.shards.iter().map(|s| s.state).collect::<Vec<_>>(),
+                )
+            };
+            let before = states(&replay);
+            change(&mut replay);
+            replay.updated_at_us = now_us();
+            let persist =
+                states(&replay) != before || entry.persisted_at.elapsed() >= PERSIST_INTERVAL;
+            if persist {
+                entry.persisted_at = Instant::now();
+            }
+            entry.current.send_replace(replay.clone());
+            (replay, persist)
+        };
+        if persist {
+            self.kv.put(id, replay.encode_to_vec().into()).await?;
+        }
+        Ok(replay)
+    }
+}
+
+impl Entry {
+    fn new(replay: v1::Replay) -> Self {
+        Entry {
+            current: watch::channel(replay).0,
+            cancel: watch::channel(false).0,
+            persisted_at: Instant::now(),
+        }
+    }
+}

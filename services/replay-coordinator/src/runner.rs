@@ -1,0 +1,404 @@
+//! Drives one replay: shards on workers (with retries elsewhere), verification of
+//! every part, the commit, then reconciliation. Each phase starts from what the
+//! persisted replay says, so a restarted coordinator resumes the same way.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{kv, stream::Stream as JsStream};
+use payledger_proto::v1;
+use payledger_proto::v1::projector_service_client::ProjectorServiceClient;
+use payledger_semantics::{Day, SEMANTICS_VERSION, Settings};
+use payledger_storage::{ArchiveStore, CommitDraft, ObjectRef, SnapshotStore};
+use tokio::task::JoinSet;
+
+use crate::registry::{Registry, now_us};
+use crate::workers::{Lease, Workers};
+
+pub(crate) struct Limits {
+    pub partitions_per_shard: u32,
+    pub shard_attempts: u32,
+    pub shard_stall_timeout: Duration,
+    pub max_active_replays: usize,
+    pub reconcile_wait: Duration,
+    pub max_differences_stored: usize,
+}
+
+pub(crate) struct Context {
+    pub registry: Arc<Registry>,
+    pub workers: Arc<Workers>,
+    pub archive: ArchiveStore,
+    pub snapshots: SnapshotStore,
+    pub settings: Settings,
+    pub stream: JsStream,
+    pub daily: kv::Store,
+    pub progress: kv::Store,
+    pub limits: Limits,
+}
+
+/// Why a replay stopped before it succeeded.
+pub(crate) enum Stop {
+    Cancelled,
+    Failed(String),
+}
+
+impl From<anyhow::Error> for Stop {
+    fn from(e: anyhow::Error) -> Self {
+        Stop::Failed(format!("{e:#}"))
+    }
+}
+
+/// The shards of a replay: consecutive partitions, `per_shard` at a time.
+pub(crate) fn plan_shards(partitions: u32, per_shard: u32) -> Vec<v1::ShardStatus> {
+    let per_shard = per_shard.max(1);
+    (0..partitions)
+        .step_by(per_shard as usize)
+        .enumerate()
+        .map(|(index, first)| v1::ShardStatus {
+            index: index as u32,
+            partitions: (first..(first + per_shard).min(partitions)).collect(),
+            state: v1::ShardState::Pending.into(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+pub(crate) async fn drive(ctx: Arc<Context>, id: String) {
+    let outcome = drive_phases(&ctx, &id).await;
+    let finished = now_us();
+    let result = match outcome {
+        Ok(()) => return,
+        Err(Stop::Cancelled) => {
+            tracing::info!(replay = %id, "replay cancelled");
+            ctx.registry
+                .update(&id, |r| {
+                    r.state = v1::ReplayState::Cancelled.into();
+                    r.finished_at_us = finished;
+                })
+                .await
+        }
+        Err(Stop::Failed(error)) => {
+            tracing::error!(replay = %id, %error, "replay failed");
+            ctx.registry
+                .update(&id, |r| {
+                    r.state = v1::ReplayState::Failed.into();
+                    r.error = error;
+                    r.finished_at_us = finished;
+                })
+                .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(replay = %id, error = %e, "could not record how the replay ended");
+    }
+}
+
+async fn drive_phases(ctx: &Arc<Context>, id: &str) -> Result<(), Stop> {
+    let replay = ctx
+        .registry
+        .get(id)
+        .ok_or_else(|| Stop::Failed(format!("replay {id} vanished")))?;
+    if replay.state == i32::from(v1::ReplayState::Running) {
+        run_shards(ctx, id).await?;
+        ctx.registry
+            .update(id, |r| r.state = v1::ReplayState::Committing.into())
+            .await?;
+    }
+    let replay = ctx.registry.get(id).expect("known replay");
+    let commit = if replay.state == i32::from(v1::ReplayState::Committing) {
+        let commit = commit(ctx, &replay).await?;
+        tracing::info!(replay = %id, number = commit.number, snapshot = %commit.draft.snapshot_id, "snapshot committed");
+        ctx.registry
+            .update(id, |r| {
+                r.commit_number = commit.number;
+                r.state = v1::ReplayState::Reconciling.into();
+            })
+            .await?;
+        commit
+    } else {
+        let commits = ctx.snapshots.commits().await.map_err(anyhow::Error::from)?;
+        commits
+            .into_iter()
+            .find(|c| c.number == replay.commit_number)
+            .ok_or_else(|| {
+                Stop::Failed(format!(
+                    "commit {} is not in the commit log",
+                    replay.commit_number
+                ))
+            })?
+    };
+    let summary = crate::reconcile::reconcile(ctx, &replay, &commit).await?;
+    tracing::info!(replay = %id, equal = summary.rows_equal, ahead = summary.rows_stream_ahead, divergent = summary.rows_divergent, missing = summary.rows_missing, "reconciled");
+    ctx.registry
+        .update(id, |r| {
+            r.reconciliation = Some(summary);
+            r.state = v1::ReplayState::Succeeded.into();
+            r.finished_at_us = now_us();
+        })
+        .await?;
+    Ok(())
+}
+
+/// What one attempt of a shard came back with.
+struct Attempt {
+    index: usize,
+    worker: String,
+    outcome: Result<v1::ShardResult, String>,
+}
+
+async fn run_shards(ctx: &Arc<Context>, id: &str) -> Result<(), Stop> {
+    let mut cancelled = ctx.registry.cancelled(id).expect("known replay");
+    // An attempt that was running when a coordinator stopped is lost: run it again.
+    let replay = ctx
+        .registry
+        .update(id, |r| {
+            for shard in &mut r.shards {
+                if shard.state != i32::from(v1::ShardState::Done) {
+                    shard.state = v1::ShardState::Pending.into();
+                }
+            }
+        })
+        .await?;
+    let mut pending: VecDeque<usize> = replay
+        .shards
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.state == i32::from(v1::ShardState::Pending))
+        .map(|(i, _)| i)
+        .collect();
+    let mut running = JoinSet::new();
+    let mut freed = ctx.workers.on_freed();
+    loop {
+        if *cancelled.borrow() {
+            running.abort_all();
+            return Err(Stop::Cancelled);
+        }
+        if pending.is_empty() && running.is_empty() {
+            return Ok(());
+        }
+        while let Some(&index) = pending.front() {
+            let avoid = ctx.registry.get(id).expect("known replay").shards[index]
+                .failed_workers
+                .clone();
+            let Some(lease) = ctx.workers.acquire(&avoid) else {
+                break;
+            };
+            pending.pop_front();
+            let replay = ctx
+                .registry
+                .update(id, |r| {
+                    let shard = &mut r.shards[index];
+                    shard.state = v1::ShardState::Running.into();
+                    shard.worker = lease.url.clone();
+                    shard.attempts += 1;
+                    shard.progress = None;
+                })
+                .await?;
+            tracing::info!(replay = %id, shard = index, worker = %lease.url, attempt = replay.shards[index].attempts, "shard placed");
+            running.spawn(attempt(ctx.clone(), replay, index, lease));
+        }
+        tokio::select! {
+            Some(joined) = running.join_next() => {
+                let Attempt { index, worker, outcome } = joined.map_err(|e| Stop::Failed(format!("a shard task failed: {e}")))?;
+                match outcome {
+                    Ok(result) => {
+                        ctx.registry.update(id, |r| {
+                            let shard = &mut r.shards[index];
+                            shard.state = v1::ShardState::Done.into();
+                            shard.result = Some(result);
+                            shard.last_error.clear();
+                        }).await?;
+                    }
+                    Err(error) => {
+                        tracing::warn!(replay = %id, shard = index, %worker, %error, "shard attempt failed");
+                        ctx.workers.cool_down(&worker);
+                        let replay = ctx.registry.update(id, |r| {
+                            let shard = &mut r.shards[index];
+                            shard.state = v1::ShardState::Pending.into();
+                            shard.last_error = error.clone();
+                            if !shard.failed_workers.contains(&worker) {
+                                shard.failed_workers.push(worker.clone());
+                            }
+                        }).await?;
+                        let shard = &replay.shards[index];
+                        if shard.attempts >= ctx.limits.shard_attempts {
+                            running.abort_all();
+                            ctx.registry.update(id, |r| r.shards[index].state = v1::ShardState::Failed.into()).await?;
+                            return Err(Stop::Failed(format!(
+                                "shard {index} (partitions {:?}) failed {} times, last on {worker}: {error}",
+                                shard.partitions, shard.attempts
+                            )));
+                        }
+                        pending.push_back(index);
+                    }
+                }
+            }
+            _ = freed.changed() => {}
+            _ = cancelled.changed() => {}
+        }
+    }
+}
+
+/// Runs one shard on a worker and verifies what it wrote.
+async fn attempt(ctx: Arc<Context>, replay: v1::Replay, index: usize, lease: Lease) -> Attempt {
+    let worker = lease.url.clone();
+    let shard = &replay.shards[index];
+    let request = v1::RunShardRequest {
+        replay_id: replay.replay_id.clone(),
+        snapshot_id: replay.snapshot_id.clone(),
+        partitions: shard.partitions.clone(),
+        cutoff: replay.cutoff,
+        from_day: replay.from_day.clone(),
+        to_day: replay.to_day.clone(),
+        settings_fingerprint: replay.settings_fingerprint.clone(),
+    };
+    let outcome = async {
+        let result = call_worker(&ctx, &replay.replay_id, index, lease, request).await?;
+        verify(
+            &ctx.snapshots,
+            &replay.snapshot_id,
+            &shard.partitions,
+            &result,
+        )
+        .await?;
+        Ok(result)
+    }
+    .await;
+    Attempt {
+        index,
+        worker,
+        outcome,
+    }
+}
+
+async fn call_worker(
+    ctx: &Context,
+    replay_id: &str,
+    index: usize,
+    lease: Lease,
+    request: v1::RunShardRequest,
+) -> Result<v1::ShardResult, String> {
+    let stall = ctx.limits.shard_stall_timeout;
+    let mut client = ProjectorServiceClient::new(lease.channel.clone());
+    let mut updates = tokio::time::timeout(stall, client.run_shard(request))
+        .await
+        .map_err(|_| format!("the worker did not answer within {stall:?}"))?
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    loop {
+        let update = tokio::time::timeout(stall, updates.message())
+            .await
+            .map_err(|_| format!("no progress for {stall:?}"))?
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+        match update.and_then(|u| u.update) {
+            None => return Err("the worker ended the shard without a result".into()),
+            Some(v1::run_shard_update::Update::Progress(progress)) => {
+                let _ = ctx
+                    .registry
+                    .update(replay_id, |r| r.shards[index].progress = Some(progress))
+                    .await;
+            }
+            Some(v1::run_shard_update::Update::Result(result)) => return Ok(result),
+        }
+    }
+}
+
+/// A shard counts only when every part it reports is in storage with the row
+/// count and content hash it reported, one part per partition of the shard.
+async fn verify(
+    snapshots: &SnapshotStore,
+    snapshot_id: &str,
+    partitions: &[u32],
+    result: &v1::ShardResult,
+) -> Result<(), String> {
+    let mut reported: Vec<u32> = result.parts.iter().map(|p| p.partition).collect();
+    reported.sort_unstable();
+    if reported != partitions {
+        return Err(format!(
+            "the worker reported parts for partitions {reported:?}, the shard has {partitions:?}"
+        ));
+    }
+    for part in &result.parts {
+        let (_, stored) = snapshots
+            .read_part_with_info(snapshot_id, part.partition)
+            .await
+            .map_err(|e| format!("part of partition {} does not verify: {e}", part.partition))?;
+        if (
+            stored.rows,
+            stored.content_hash.as_str(),
+            stored.path.as_str(),
+        ) != (part.rows, part.content_hash.as_str(), part.path.as_str())
+        {
+            return Err(format!(
+                "part {} holds {} rows with hash {}, the worker reported {} rows with hash {}",
+                stored.path, stored.rows, stored.content_hash, part.rows, part.content_hash
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn object_ref(o: &v1::ObjectWritten) -> ObjectRef {
+    ObjectRef {
+        path: o.path.clone(),
+        rows: o.rows,
+        content_hash: o.content_hash.clone(),
+    }
+}
+
+/// Publishes the snapshot as the next commit (re-basing when another replay took
+/// the number; a retry finds its own commit by snapshot id).
+async fn commit(ctx: &Context, replay: &v1::Replay) -> Result<payledger_storage::Commit, Stop> {
+    let day = |d: &str| Day::parse(d).map_err(|e| Stop::Failed(format!("day '{d}': {e}")));
+    let mut parts: Vec<(u32, ObjectRef)> = Vec::new();
+    let mut segments: Vec<(u32, ObjectRef)> = Vec::new();
+    for shard in &replay.shards {
+        let result = shard
+            .result
+            .as_ref()
+            .ok_or_else(|| Stop::Failed(format!("shard {} has no result", shard.index)))?;
+        parts.extend(result.parts.iter().map(|p| (p.partition, object_ref(p))));
+        segments.extend(
+            result
+                .segments_read
+                .iter()
+                .map(|s| (s.partition, object_ref(s))),
+        );
+    }
+    parts.sort_by_key(|(p, _)| *p);
+    segments.sort_by(|a, b| (a.0, &a.1.path).cmp(&(b.0, &b.1.path)));
+    let draft = CommitDraft {
+        snapshot_id: replay.snapshot_id.clone(),
+        replay_id: replay.replay_id.clone(),
+        from_day: day(&replay.from_day)?,
+        to_day: day(&replay.to_day)?,
+        log_cutoff: replay.cutoff,
+        semantics_version: SEMANTICS_VERSION,
+        settings_fingerprint: replay.settings_fingerprint.clone(),
+        partitions: ctx.settings.partitions,
+        parts: parts.into_iter().map(|(_, p)| p).collect(),
+        segments_read: segments.into_iter().map(|(_, s)| s).collect(),
+    };
+    Ok(ctx
+        .snapshots
+        .commit(draft)
+        .await
+        .map_err(anyhow::Error::from)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_every_partition_once() {
+        for (partitions, per_shard, shards) in [(16, 1, 16), (16, 3, 6), (5, 8, 1), (1, 1, 1)] {
+            let plan = plan_shards(partitions, per_shard);
+            assert_eq!(plan.len(), shards);
+            let all: Vec<u32> = plan.iter().flat_map(|s| s.partitions.clone()).collect();
+            assert_eq!(all, (0..partitions).collect::<Vec<_>>());
+            assert!(plan.iter().enumerate().all(|(i, s)| s.index as usize == i));
+        }
+    }
+}

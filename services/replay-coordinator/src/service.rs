@@ -1,0 +1,225 @@
+//! The ReplayCoordinator gRPC API.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use payledger_proto::v1;
+use payledger_proto::v1::replay_coordinator_server::{ReplayCoordinator, ReplayCoordinatorServer};
+use payledger_semantics::Day;
+use tonic::{Request, Response, Status};
+
+use crate::registry::{is_terminal, now_us};
+use crate::runner::{Context, drive, plan_shards};
+
+pub(crate) struct CoordinatorApi {
+    pub ctx: Arc<Context>,
+}
+
+impl CoordinatorApi {
+    pub fn into_service(self) -> ReplayCoordinatorServer<CoordinatorApi> {
+        ReplayCoordinatorServer::new(self)
+    }
+}
+
+/// Most characters of a replay's reason.
+const MAX_REASON_CHARS: usize = 500;
+
+/// A replay id: creation time (UTC) and a random suffix, e.g. `r20261125-153012-3fa9`.
+/// Ids become KV keys and object names, so they keep to [a-z0-9-].
+fn new_replay_id(now_us: i64) -> String {
+    let day = Day::of_micros(now_us).to_string().replace('-', "");
+    let secs = now_us.rem_euclid(86_400_000_000) / 1_000_000;
+    format!(
+        "r{day}-{:02}{:02}{:02}-{:04x}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        rand::random::<u16>()
+    )
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+type ReplayStream = Pin<Box<dyn Stream<Item = Result<v1::Replay, Status>> + Send>>;
+
+impl CoordinatorApi {
+    fn known(&self, id: &str) -> Result<v1::Replay, Status> {
+        self.ctx.registry.get(id).ok_or_else(|| {
+            Status::not_found(format!(
+                "replay '{id}' is not known; `payledger replay list` shows the replays"
+            ))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl ReplayCoordinator for CoordinatorApi {
+    async fn start_replay(
+        &self,
+        request: Request<v1::StartReplayRequest>,
+    ) -> Result<Response<v1::Replay>, Status> {
+        let request = request.into_inner();
+        let day = |field: &str, value: &str| {
+            Day::parse(value).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "{field}: '{value}' is not a day (YYYY-MM-DD): {e}"
+                ))
+            })
+        };
+        let from_day = day("from_day", &request.from_day)?;
+        let to_day = day("to_day", &request.to_day)?;
+        if from_day > to_day {
+            return Err(Status::invalid_argument(format!(
+                "from_day {from_day} is after to_day {to_day}"
+            )));
+        }
+        let reason = request.reason.trim();
+        if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS {
+            return Err(Status::invalid_argument(format!(
+                "reason: say why, in 1 to {MAX_REASON_CHARS} characters (e.g. 'nightly', 'late settlement file of 2026-11-20')"
+            )));
+        }
+        let ctx = &self.ctx;
+        if ctx.registry.active() >= ctx.limits.max_active_replays {
+            return Err(Status::resource_exhausted(format!(
+                "{} replays are running (--max-active-replays); wait for one to end or cancel one",
+                ctx.limits.max_active_replays
+            )));
+        }
+        let watermarks = ctx.archive.watermarks().await.map_err(internal)?;
+        let cutoff = match request.cutoff {
+            0 => *watermarks.last().ok_or_else(|| {
+                Status::failed_precondition(
+                    "the archive has no watermark yet, so there is nothing to replay; is the archiver running (payledger-ingest --archive-store) against the same store?",
+                )
+            })?,
+            c if watermarks.binary_search(&c).is_ok() => c,
+            c => {
+                return Err(Status::invalid_argument(format!(
+                    "cutoff: {c} is not a watermark of the archive (the highest is {}); replay only complete cuts, or pass 0 for the highest",
+                    watermarks.last().copied().unwrap_or(0)
+                )));
+            }
+        };
+        let created = now_us();
+        let replay_id = new_replay_id(created);
+        let replay = v1::Replay {
+            snapshot_id: format!("{replay_id}-{cutoff:020}"),
+            replay_id: replay_id.clone(),
+            from_day: from_day.to_string(),
+            to_day: to_day.to_string(),
+            reason: reason.to_string(),
+            cutoff,
+            state: v1::ReplayState::Running.into(),
+            shards: plan_shards(ctx.settings.partitions, ctx.limits.partitions_per_shard),
+            created_at_us: created,
+            updated_at_us: created,
+            settings_fingerprint: ctx.settings.fingerprint(),
+            ..Default::default()
+        };
+        ctx.registry
+            .insert(replay.clone())
+            .await
+            .map_err(internal)?;
+        tracing::info!(replay = %replay_id, %from_day, %to_day, cutoff, reason, shards = replay.shards.len(), "replay started");
+        tokio::spawn(drive(ctx.clone(), replay_id));
+        Ok(Response::new(replay))
+    }
+
+    async fn get_replay(
+        &self,
+        request: Request<v1::GetReplayRequest>,
+    ) -> Result<Response<v1::Replay>, Status> {
+        Ok(Response::new(self.known(&request.into_inner().replay_id)?))
+    }
+
+    async fn list_replays(
+        &self,
+        request: Request<v1::ListReplaysRequest>,
+    ) -> Result<Response<v1::ListReplaysResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 20,
+            n => n as usize,
+        };
+        let mut replays = self.ctx.registry.list();
+        replays.truncate(limit);
+        Ok(Response::new(v1::ListReplaysResponse { replays }))
+    }
+
+    type WatchReplayStream = ReplayStream;
+
+    async fn watch_replay(
+        &self,
+        request: Request<v1::GetReplayRequest>,
+    ) -> Result<Response<ReplayStream>, Status> {
+        let id = request.into_inner().replay_id;
+        self.known(&id)?;
+        let mut changes = self.ctx.registry.watch(&id).expect("known replay");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let replay = changes.borrow_and_update().clone();
+                let done = is_terminal(replay.state);
+                if tx.send(Ok(replay)).await.is_err() || done {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn cancel_replay(
+        &self,
+        request: Request<v1::CancelReplayRequest>,
+    ) -> Result<Response<v1::Replay>, Status> {
+        let id = request.into_inner().replay_id;
+        let replay = self.known(&id)?;
+        match v1::ReplayState::try_from(replay.state) {
+            Ok(v1::ReplayState::Running) => {}
+            Ok(
+                v1::ReplayState::Committing
+                | v1::ReplayState::Reconciling
+                | v1::ReplayState::Succeeded,
+            ) => {
+                return Err(Status::failed_precondition(format!(
+                    "replay {id} has committed (or is committing) its snapshot; a commit is never taken back: start a new replay to supersede it"
+                )));
+            }
+            _ => return Ok(Response::new(replay)),
+        }
+        self.ctx.registry.request_cancel(&id);
+        let mut changes = self.ctx.registry.watch(&id).expect("known replay");
+        let ended = changes
+            .wait_for(|r| is_terminal(r.state) || r.state != i32::from(v1::ReplayState::Running));
+        let replay = tokio::time::timeout(std::time::Duration::from_secs(30), ended)
+            .await
+            .map_err(|_| Status::deadline_exceeded("the replay did not stop within 30 s; `payledger replay status` shows where it is"))?
+            .map_err(internal)?
+            .clone();
+        Ok(Response::new(replay))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_ids_are_readable_and_safe_as_keys() {
+        // 2026-11-25T15:30:12Z
+        let id = new_replay_id(1_795_620_612_000_000);
+        assert!(id.starts_with("r20261125-153012-"), "{id}");
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        );
+    }
+}
