@@ -1,0 +1,582 @@
+//! The distributed replay: the coordinator shards a replay over projector worker
+//! processes, survives a worker and itself being SIGKILLed, commits only verified
+//! snapshots, and reconciles them with the stream.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use payledger_cli::generate::{GenConfig, Generator};
+use payledger_e2e::{
+    AcceptedLog, Harness, Service, ingest_client, now_us, query_client, stream_messages,
+};
+use payledger_projector::replay::{fold_partitions, latest_cutoff};
+use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
+use payledger_semantics::{DailyRow, Day, Settings};
+use payledger_storage::{ArchiveStore, SnapshotStore, open_store};
+use tonic::transport::Channel;
+
+/// Records a worker folds per second: slow enough that a shard is still running
+/// when the test kills its worker, fast enough to keep the test short.
+const PACE: &str = "400";
+
+struct Stack {
+    h: Harness,
+    store: String,
+    _ingest: Service,
+    _projector: Service,
+    query: Service,
+    workers: Vec<Service>,
+    log: AcceptedLog,
+    cutoff: u64,
+}
+
+/// Ingest (archiving), a stream projector, `workers` replay workers and query, with
+/// a generated history of several days (duplicates, conflicts, late events,
+/// corrections, FX and risk versions) fully archived.
+async fn stack(workers: usize) -> anyhow::Result<Stack> {
+    let mut h = Harness::start()?;
+    let store = h.store();
+    let ingest = h
+        .spawn(
+            "payledger-ingest",
+            &[
+                "--archive-store",
+                &store,
+                "--archive-flush-interval",
+                "200ms",
+                "--heartbeat-interval",
+                "0s",
+            ],
+        )
+        .await?;
+    let projector_store = format!("{store}-projector");
+    let projector = h
+        .spawn(
+            "payledger-projector",
+            &["--mode", "stream", "--store", &projector_store],
+        )
+        .await?;
+    let mut worker_services = Vec::new();
+    for i in 0..workers {
+        let own = format!("{store}-worker-{i}");
+        worker_services.push(
+            h.spawn(
+                "payledger-projector",
+                &[
+                    "--mode",
+                    "replay",
+                    "--store",
+                    &own,
+                    "--archive-store",
+                    &store,
+                    "--replay-max-records-per-sec",
+                    PACE,
+                ],
+            )
+            .await?,
+        );
+    }
+    let query = h
+        .spawn(
+            "payledger-query",
+            &["--store", &store, "--commit-poll-interval", "100ms"],
+        )
+        .await?;
+
+    let mut traffic = Generator::new(GenConfig {
+        seed: 29,
+        merchants: 80,
+        duplicate_pct: 2.0,
+        conflict_pct: 1.0,
+        late_pct: 10.0,
+        correction_pct: 3.0,
+        ..GenConfig::default()
+    });
+    let mut client = ingest_client(&ingest.url()).await?;
+    let today = Day::of_micros(now_us());
+    for record in traffic
+        .fx_records(&Day(today.0 - 1).to_string())
+        .into_iter()
+        .map(v1::publish_dimension_request::Record::Fx)
+        .chain(
+            traffic
+                .risk_records(&today.to_string())
+                .into_iter()
+                .map(v1::publish_dimension_request::Record::Risk),
+        )
+    {
+        client
+            .publish_dimension(v1::PublishDimensionRequest {
+                record: Some(record),
+            })
+            .await?;
+    }
+    let mut log = AcceptedLog::default();
+    for _ in 0..16 {
+        log.publish(&mut client, traffic.batch(500, now_us()))
+            .await?;
+        // Spread the log over many cuts, so that shards have several segments.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let archive = archive(&store)?;
+    let messages = stream_messages(&h.nats.url()).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latest_cutoff(&archive).await? < messages {
+        anyhow::ensure!(Instant::now() < deadline, "the archive did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Stack {
+        h,
+        store,
+        _ingest: ingest,
+        _projector: projector,
+        query,
+        workers: worker_services,
+        log,
+        cutoff: messages,
+    })
+}
+
+fn archive(store: &str) -> anyhow::Result<ArchiveStore> {
+    Ok(ArchiveStore::new(
+        open_store(store)?,
+        Settings::default().fingerprint(),
+    ))
+}
+
+impl Stack {
+    async fn coordinator(&mut self, extra: &[&str]) -> anyhow::Result<Service> {
+        let urls: Vec<String> = self.workers.iter().map(Service::url).collect();
+        let urls = urls.join(",");
+        let mut args = vec![
+            "--store",
+            self.store.as_str(),
+            "--workers",
+            urls.as_str(),
+            "--shard-stall-timeout",
+            "10s",
+            "--reconcile-wait",
+            "60s",
+        ];
+        args.extend_from_slice(extra);
+        self.h.spawn("payledger-replay-coordinator", &args).await
+    }
+
+    fn first_day(&self) -> Day {
+        self.log
+            .records
+            .values()
+            .filter_map(|r| match &r.body {
+                payledger_semantics::RecordBody::Fact(f) => Some(Day::of_micros(f.event_time_us)),
+                _ => None,
+            })
+            .min()
+            .expect("events")
+    }
+
+    /// The rows a single in-process fold of the whole archive gives for the days.
+    async fn expected_rows(&self, from: Day, to: Day) -> anyhow::Result<Vec<DailyRow>> {
+        let partitions: Vec<u32> = (0..Settings::default().partitions).collect();
+        let folded = fold_partitions(
+            &archive(&self.store)?,
+            Settings::default(),
+            &partitions,
+            self.cutoff,
+        )
+        .await?;
+        Ok(sorted(
+            folded
+                .daily_rows()
+                .into_iter()
+                .filter(|r| from <= r.day && r.day <= to)
+                .collect(),
+        ))
+    }
+
+    async fn snapshot_rows(&self, snapshot_id: &str) -> anyhow::Result<Vec<DailyRow>> {
+        let snapshots = SnapshotStore::new(open_store(&self.store)?);
+        let mut rows = Vec::new();
+        for p in 0..Settings::default().partitions {
+            rows.extend(snapshots.read_part(snapshot_id, p).await?);
+        }
+        Ok(sorted(rows))
+    }
+}
+
+fn sorted(mut rows: Vec<DailyRow>) -> Vec<DailyRow> {
+    rows.sort_by(|a, b| {
+        (&a.merchant_id, a.day, a.currency).cmp(&(&b.merchant_id, b.day, b.currency))
+    });
+    rows
+}
+
+async fn coordinator_client(url: &str) -> anyhow::Result<ReplayCoordinatorClient<Channel>> {
+    Ok(ReplayCoordinatorClient::new(
+        Channel::from_shared(url.to_string())?.connect().await?,
+    ))
+}
+
+fn start(from: Day, to: Day, reason: &str) -> v1::StartReplayRequest {
+    v1::StartReplayRequest {
+        from_day: from.to_string(),
+        to_day: to.to_string(),
+        reason: reason.into(),
+        cutoff: 0,
+    }
+}
+
+/// Follows a replay until `done` holds for an update (or the replay ends).
+async fn watch_until(
+    client: &mut ReplayCoordinatorClient<Channel>,
+    replay_id: &str,
+    mut done: impl FnMut(&v1::Replay) -> bool,
+) -> anyhow::Result<v1::Replay> {
+    let mut updates = client
+        .watch_replay(v1::GetReplayRequest {
+            replay_id: replay_id.into(),
+        })
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(replay) = tokio::time::timeout(Duration::from_secs(120), updates.message())
+        .await
+        .map_err(|_| anyhow::anyhow!("no replay update within 120 s"))??
+    {
+        if done(&replay) {
+            return Ok(replay);
+        }
+        last = Some(replay);
+    }
+    anyhow::bail!("the replay ended before the condition held: {last:#?}")
+}
+
+fn ended(r: &v1::Replay) -> bool {
+    r.state >= i32::from(v1::ReplayState::Succeeded)
+}
+
+fn succeeded(r: &v1::Replay) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        r.state == i32::from(v1::ReplayState::Succeeded),
+        "replay {} ended {:?}: {}",
+        r.replay_id,
+        v1::ReplayState::try_from(r.state),
+        r.error
+    );
+    Ok(())
+}
+
+fn assert_reconciled_clean(r: &v1::Replay, rows: usize) {
+    let summary = r.reconciliation.as_ref().expect("a reconciliation summary");
+    assert!(summary.stream_caught_up, "{summary:?}");
+    assert_eq!(
+        (
+            summary.rows_equal as usize,
+            summary.rows_stream_ahead,
+            summary.rows_divergent,
+            summary.rows_missing
+        ),
+        (rows, 0, 0, 0),
+        "{summary:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_shard_is_replaced_and_the_snapshot_is_identical() -> anyhow::Result<()>
+{
+    let mut s = stack(3).await?;
+    let coordinator = s.coordinator(&["--worker-cooldown", "60s"]).await?;
+    let mut client = coordinator_client(&coordinator.url()).await?;
+    let (from, to) = (s.first_day(), Day::of_micros(now_us()));
+    let started = client
+        .start_replay(start(from, to, "late settlement file"))
+        .await?
+        .into_inner();
+    assert_eq!(
+        started.cutoff, s.cutoff,
+        "the default cutoff is the highest watermark"
+    );
+    assert_eq!(started.shards.len(), 16, "one shard per partition");
+
+    // Kill the second worker while it is inside a shard: some segments folded, not all.
+    let victim = s.workers[1].url();
+    let at_kill = watch_until(&mut client, &started.replay_id, |r| {
+        r.shards.iter().any(|sh| {
+            sh.worker == victim
+                && sh.state == i32::from(v1::ShardState::Running)
+                && sh
+                    .progress
+                    .is_some_and(|p| p.segments_done >= 1 && p.segments_done < p.segments_total)
+        })
+    })
+    .await?;
+    s.workers[1].kill_hard();
+    let interrupted = at_kill
+        .shards
+        .iter()
+        .find(|sh| sh.worker == victim && sh.state == i32::from(v1::ShardState::Running))
+        .expect("the shard running on the victim")
+        .index as usize;
+
+    let done = watch_until(&mut client, &started.replay_id, ended).await?;
+    succeeded(&done)?;
+    let retried = &done.shards[interrupted];
+    assert!(retried.attempts >= 2, "{retried:?}");
+    assert_ne!(
+        retried.worker, victim,
+        "retried on another worker: {retried:?}"
+    );
+    assert!(retried.failed_workers.contains(&victim), "{retried:?}");
+    assert!(
+        done.shards
+            .iter()
+            .all(|sh| sh.state == i32::from(v1::ShardState::Done)),
+        "{done:#?}"
+    );
+
+    // The same rows as one fold of the whole archive, and as the stream's.
+    let expected = s.expected_rows(from, to).await?;
+    assert!(expected.len() > 100 && expected.iter().any(|r| r.late > 0 && r.conflicts > 0));
+    assert_eq!(s.snapshot_rows(&done.snapshot_id).await?, expected);
+    assert_eq!(done.commit_number, 1);
+    assert_reconciled_clean(&done, expected.len());
+
+    // The stored report says the same.
+    let snapshots = SnapshotStore::new(open_store(&s.store)?);
+    let stored: serde_json::Value = serde_json::from_slice(
+        &snapshots
+            .reconciliation(done.commit_number)
+            .await?
+            .expect("a stored report"),
+    )?;
+    assert_eq!(stored["snapshot_id"], done.snapshot_id.as_str());
+    assert_eq!(stored["rows_equal"], expected.len());
+    assert_eq!(stored["rows_divergent"], 0);
+    assert_eq!(stored["differences"].as_array().map(Vec::len), Some(0));
+
+    // The commit names every part with the hash the workers reported and verified.
+    let commit = snapshots.commits().await?.pop().expect("a commit");
+    assert_eq!(commit.draft.snapshot_id, done.snapshot_id);
+    let reported: BTreeMap<String, String> = done
+        .shards
+        .iter()
+        .flat_map(|sh| sh.result.as_ref().expect("result").parts.clone())
+        .map(|p| (p.path, p.content_hash))
+        .collect();
+    let committed: BTreeMap<String, String> = commit
+        .draft
+        .parts
+        .iter()
+        .map(|p| (p.path.clone(), p.content_hash.clone()))
+        .collect();
+    assert_eq!(reported, committed);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_survive_a_coordinator_restart_and_racing_replays_both_commit() -> anyhow::Result<()>
+{
+    let mut s = stack(2).await?;
+    let mut coordinator = s.coordinator(&[]).await?;
+    let mut client = coordinator_client(&coordinator.url()).await?;
+    let (first, today) = (s.first_day(), Day::of_micros(now_us()));
+    let started = client
+        .start_replay(start(first, today, "backfill"))
+        .await?
+        .into_inner();
+
+    // SIGKILL the coordinator once some shards are done and others are not.
+    let before = watch_until(&mut client, &started.replay_id, |r| {
+        let done = r
+            .shards
+            .iter()
+            .filter(|sh| sh.state == i32::from(v1::ShardState::Done))
+            .count();
+        (2..r.shards.len() - 4).contains(&done)
+    })
+    .await?;
+    coordinator.kill_hard();
+    let coordinator = s.coordinator(&[]).await?;
+    let mut client = coordinator_client(&coordinator.url()).await?;
+    let resumed = client
+        .get_replay(v1::GetReplayRequest {
+            replay_id: started.replay_id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(resumed.reason, "backfill");
+    let done = watch_until(&mut client, &started.replay_id, ended).await?;
+    succeeded(&done)?;
+    // Shards finished before the kill (and persisted) were not run again.
+    let kept = before
+        .shards
+        .iter()
+        .filter(|sh| sh.state == i32::from(v1::ShardState::Done))
+        .filter(|sh| done.shards[sh.index as usize].attempts == 1)
+        .count();
+    assert!(kept >= 1, "before: {before:#?}\nafter: {done:#?}");
+    let all_days = s.expected_rows(first, today).await?;
+    assert_eq!(s.snapshot_rows(&done.snapshot_id).await?, all_days);
+    assert_reconciled_clean(&done, all_days.len());
+
+    // Two replays at once: a nightly one of today only and a correction of the
+    // earlier days. Both commit, under distinct consecutive numbers.
+    let yesterday = Day(today.0 - 1);
+    let (mut a, mut b) = (client.clone(), client.clone());
+    let (nightly, correction) = (
+        a.start_replay(start(today, today, "nightly")),
+        b.start_replay(start(first, yesterday, "correction")),
+    );
+    let (nightly, correction) = tokio::try_join!(nightly, correction)?;
+    let nightly = watch_until(&mut client, &nightly.into_inner().replay_id, ended).await?;
+    let correction = watch_until(&mut client, &correction.into_inner().replay_id, ended).await?;
+    succeeded(&nightly)?;
+    succeeded(&correction)?;
+    let mut numbers = vec![nightly.commit_number, correction.commit_number];
+    numbers.sort_unstable();
+    assert_eq!(numbers, [2, 3]);
+    let commits = SnapshotStore::new(open_store(&s.store)?).commits().await?;
+    assert_eq!(
+        commits.iter().map(|c| c.number).collect::<Vec<_>>(),
+        [1, 2, 3],
+        "the commit log has no gap"
+    );
+    for replay in [&done, &nightly, &correction] {
+        let commit = &commits[replay.commit_number as usize - 1];
+        assert_eq!(commit.draft.snapshot_id, replay.snapshot_id);
+        assert_eq!(commit.draft.replay_id, replay.replay_id);
+    }
+
+    // The nightly commit of today leaves earlier days' authoritative rows in place:
+    // an earlier day answers from a commit covering it, with the same rows.
+    let mut query = query_client(&s.query.url()).await?;
+    let earlier = all_days
+        .iter()
+        .find(|r| r.day < today)
+        .expect("a row of an earlier day");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        let answer = query
+            .get_daily_exposure(v1::GetDailyExposureRequest {
+                merchant_id: earlier.merchant_id.clone(),
+                day: earlier.day.to_string(),
+                consistency: v1::Consistency::Authoritative as i32,
+                snapshot_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        let snapshot = answer.provenance.as_ref().map(|p| p.snapshot_id.clone());
+        if snapshot.as_deref() == Some(correction.snapshot_id.as_str()) || Instant::now() > deadline
+        {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let provenance = answer.provenance.expect("provenance");
+    assert_eq!(
+        provenance.snapshot_id, correction.snapshot_id,
+        "the earlier day is answered by the correction (same cutoff, higher number than the nightly's, which does not cover it)"
+    );
+    let served: Vec<_> = answer
+        .rows
+        .iter()
+        .map(|r| (r.currency.clone(), r.closing_minor.clone()))
+        .collect();
+    let expected: Vec<_> = all_days
+        .iter()
+        .filter(|r| r.merchant_id == earlier.merchant_id && r.day == earlier.day)
+        .map(|r| (r.currency.to_string(), r.closing_minor.to_string()))
+        .collect();
+    assert_eq!(served, expected);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_replay_requests_are_refused_and_start_nothing() -> anyhow::Result<()> {
+    let mut s = stack(1).await?;
+    let coordinator = s.coordinator(&["--max-active-replays", "1"]).await?;
+    let mut client = coordinator_client(&coordinator.url()).await?;
+    let today = Day::of_micros(now_us());
+    let cases = [
+        (
+            v1::StartReplayRequest {
+                from_day: "2026-13-01".into(),
+                ..start(today, today, "x")
+            },
+            tonic::Code::InvalidArgument,
+            "from_day",
+        ),
+        (
+            start(today, Day(today.0 - 1), "x"),
+            tonic::Code::InvalidArgument,
+            "after",
+        ),
+        (
+            start(today, today, "  "),
+            tonic::Code::InvalidArgument,
+            "reason",
+        ),
+        (
+            v1::StartReplayRequest {
+                cutoff: s.cutoff + 1,
+                ..start(today, today, "x")
+            },
+            tonic::Code::InvalidArgument,
+            "not a watermark",
+        ),
+    ];
+    for (request, code, says) in cases {
+        let err = client
+            .start_replay(request.clone())
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), code, "{request:?}: {err:?}");
+        assert!(
+            err.message().contains(says),
+            "{request:?}: {}",
+            err.message()
+        );
+    }
+    let listed = client
+        .list_replays(v1::ListReplaysRequest { limit: 0 })
+        .await?
+        .into_inner();
+    assert!(listed.replays.is_empty(), "nothing started: {listed:?}");
+
+    // The active-replay limit, then cancelling the running one.
+    let running = client
+        .start_replay(start(today, today, "first"))
+        .await?
+        .into_inner();
+    let err = client
+        .start_replay(start(today, today, "second"))
+        .await
+        .expect_err("over the limit");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let cancelled = client
+        .cancel_replay(v1::CancelReplayRequest {
+            replay_id: running.replay_id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        cancelled.state,
+        i32::from(v1::ReplayState::Cancelled),
+        "{cancelled:?}"
+    );
+    assert_eq!(cancelled.commit_number, 0);
+    assert!(
+        SnapshotStore::new(open_store(&s.store)?)
+            .commits()
+            .await?
+            .is_empty(),
+        "a cancelled replay commits nothing"
+    );
+    let unknown = client
+        .get_replay(v1::GetReplayRequest {
+            replay_id: "r-nope".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    Ok(())
+}
