@@ -47,9 +47,38 @@ pub struct BenchArgs {
     /// Where to write the report.
     #[arg(long, default_value = "target/bench-report.md")]
     pub out: std::path::PathBuf,
+    /// Events of the generated history the replay section archives and replays.
+    #[arg(long, default_value_t = 5_000_000)]
+    pub replay_events: usize,
+    /// Days that history spans.
+    #[arg(long, default_value_t = 30)]
+    pub replay_days: u32,
+    /// Python with duckdb for the replay section's baseline.
+    #[arg(long, env = "PAYLEDGER_PYTHON", default_value = ".venv/bin/python")]
+    pub python: std::path::PathBuf,
+    /// Run only these sections (comma-separated); all by default.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Section>,
 }
 
-fn now_us() -> i64 {
+/// The parts of the benchmark.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    /// Ingest, stream projection and freshness against bare NATS.
+    Stream,
+    /// The semantics fold and memory per identity.
+    Fold,
+    /// Replay on 1 and 2 workers beside DuckDB.
+    Replay,
+}
+
+impl BenchArgs {
+    fn runs(&self, section: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&section)
+    }
+}
+
+pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -130,7 +159,7 @@ async fn bare_publish(
     Ok(messages.len() as f64 / started.elapsed().as_secs_f64())
 }
 
-fn stream_options() -> payledger_server_common::topology::StreamOptions {
+pub(crate) fn stream_options() -> payledger_server_common::topology::StreamOptions {
     payledger_server_common::topology::StreamOptions {
         replicas: 1,
         duplicate_window: Duration::from_secs(120),
@@ -513,9 +542,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     )?;
-    writeln!(report, "| figure | payledger | baseline | ratio | target |")?;
-    writeln!(report, "|---|---|---|---|---|")?;
-    for fsync_always in [true, false] {
+    if args.runs(Section::Stream) || args.runs(Section::Fold) {
+        writeln!(report, "| figure | payledger | baseline | ratio | target |")?;
+        writeln!(report, "|---|---|---|---|---|")?;
+    }
+    for fsync_always in [true, false]
+        .into_iter()
+        .filter(|_| args.runs(Section::Stream))
+    {
         let label = if fsync_always {
             "sync_interval: always"
         } else {
@@ -564,16 +598,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         stack.stop().await?;
     }
-    eprintln!("fold and memory…");
-    let (fold_rate, per_identity, identities) = fold_and_memory(1_000_000);
-    writeln!(
-        report,
-        "| semantics fold events/s, one core, one partition of 1 000 merchants × 1 000 events each (criterion `fold` is the reference) | {fold_rate:.0} | | | ≥ 5 000 000 |"
-    )?;
-    writeln!(
-        report,
-        "| resident bytes per remembered identity ({identities} identities) | {per_identity:.1} | | | ≤ 48 |"
-    )?;
+    if args.runs(Section::Fold) {
+        eprintln!("fold and memory…");
+        let (fold_rate, per_identity, identities) = fold_and_memory(1_000_000);
+        writeln!(
+            report,
+            "| semantics fold events/s, one core, one partition of 1 000 merchants × 1 000 events each (criterion `fold` is the reference) | {fold_rate:.0} | | | ≥ 5 000 000 |"
+        )?;
+        writeln!(
+            report,
+            "| resident bytes per remembered identity ({identities} identities) | {per_identity:.1} | | | ≤ 48 |"
+        )?;
+    }
+    if args.runs(Section::Replay) {
+        crate::bench_replay::run(
+            &mut report,
+            args.replay_events,
+            args.replay_days,
+            args.python.clone(),
+        )
+        .await?;
+    }
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }

@@ -3,6 +3,7 @@
 //! and benchmarks share with the binary.
 
 pub mod bench;
+mod bench_replay;
 pub mod dev;
 pub mod events_file;
 pub mod generate;

@@ -1,0 +1,310 @@
+//! `payledger bench` replay section: a generated history archived to Parquet,
+//! replayed through the coordinator on 1 and 2 in-process workers, beside DuckDB
+//! computing the same dedup and daily closing balances from the same files with the
+//! same thread count.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use payledger_projector::{Mode, ProjectorConfig};
+use payledger_proto::v1;
+use payledger_replay_coordinator::CoordinatorConfig;
+use payledger_semantics::{Day, Record, RecordBody, Settings, partition_of};
+use payledger_server_common::local_nats::{LocalNats, free_port};
+use payledger_storage::{ArchiveStore, CutRange, open_store};
+use tokio::net::TcpListener;
+
+use crate::generate::{GenConfig, Generator};
+
+/// Records per cut of the generated archive (the archiver's default).
+const CUT_RECORDS: usize = 200_000;
+
+/// What was archived.
+struct History {
+    last_seq: u64,
+    first_day: Day,
+    last_day: Day,
+}
+
+/// Writes `events` generated events spread over `days` days straight to the
+/// archive, in cuts as the archiver writes them, with a watermark after each.
+async fn write_history(store: &str, events: usize, days: u32) -> anyhow::Result<History> {
+    let settings = Settings::default();
+    let archive = ArchiveStore::new(open_store(store)?, settings.fingerprint());
+    let mut generator = Generator::new(GenConfig {
+        seed: 5,
+        merchants: 20_000,
+        duplicate_pct: 1.0,
+        conflict_pct: 0.5,
+        correction_pct: 1.0,
+        late_pct: 3.0,
+        ..GenConfig::default()
+    });
+    let span_us = i64::from(days) * 86_400_000_000;
+    let start_us = crate::bench::now_us() - span_us;
+    let mut buffers: Vec<Vec<Record>> = vec![Vec::new(); settings.partitions as usize];
+    let (mut seq, mut cut_after, mut buffered) = (0u64, 0u64, 0usize);
+    let bar = indicatif::ProgressBar::new(events as u64);
+    const BATCH: usize = 10_000;
+    for first in (0..events).step_by(BATCH) {
+        let now = start_us + (span_us as f64 * first as f64 / events as f64) as i64;
+        for event in generator.batch(BATCH.min(events - first), now) {
+            let fact = payledger_proto::fact_from_event(&event)
+                .map_err(|e| anyhow::anyhow!("generated event: {}: {}", e.field, e.message))?;
+            seq += 1;
+            let p = partition_of(&fact.merchant_id, settings.partitions);
+            buffers[p as usize].push(Record {
+                seq,
+                ingest_time_us: now,
+                body: RecordBody::Fact(fact),
+            });
+            buffered += 1;
+        }
+        bar.inc(BATCH as u64);
+        if buffered >= CUT_RECORDS || first + BATCH >= events {
+            let cut = CutRange {
+                first: cut_after + 1,
+                last: seq,
+            };
+            for (p, records) in buffers.iter_mut().enumerate() {
+                if !records.is_empty() {
+                    archive.put_events(p as u32, cut, records).await?;
+                    records.clear();
+                }
+            }
+            archive.put_watermark(seq).await?;
+            (cut_after, buffered) = (seq, 0);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(History {
+        last_seq: seq,
+        first_day: Day::of_micros(start_us - 3 * 86_400_000_000),
+        last_day: Day::of_micros(crate::bench::now_us()),
+    })
+}
+
+/// Coordinator plus `workers` replay workers in this process; returns the time
+/// from StartReplay until the snapshot was committed (parts written, verified,
+/// commit published), and until the whole replay ended (with reconciliation).
+async fn replay_on(
+    nats: &LocalNats,
+    store: &str,
+    workers: usize,
+    history: &History,
+) -> anyhow::Result<(Duration, Duration)> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = || {
+        let mut s = stopped.clone();
+        async move {
+            let _ = s.wait_for(|v| *v).await;
+        }
+    };
+    let mut tasks = Vec::new();
+    let mut urls = Vec::new();
+    for i in 0..workers {
+        let listener = TcpListener::bind(("127.0.0.1", free_port()?)).await?;
+        urls.push(format!("http://{}", listener.local_addr()?));
+        let mut config = ProjectorConfig::new(&nats.url(), &format!("{store}-worker-{i}"));
+        config.mode = Mode::Replay;
+        config.archive_store = Some(store.to_string());
+        config.max_concurrent_shards = 1;
+        tasks.push(tokio::spawn(payledger_projector::run(
+            config,
+            listener,
+            until_stopped(),
+        )));
+    }
+    let listener = TcpListener::bind(("127.0.0.1", free_port()?)).await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let mut config = CoordinatorConfig::new(&nats.url(), store, urls.clone());
+    config.shard_stall_timeout = Duration::from_secs(600);
+    tasks.push(tokio::spawn(payledger_replay_coordinator::run(
+        config,
+        listener,
+        until_stopped(),
+    )));
+    for u in urls.iter().chain([&url]) {
+        wait_serving(u).await?;
+    }
+    let mut client = crate::replay::client(&url).await?;
+    let started = Instant::now();
+    let replay = client
+        .start_replay(v1::StartReplayRequest {
+            from_day: history.first_day.to_string(),
+            to_day: history.last_day.to_string(),
+            reason: "bench".into(),
+            cutoff: history.last_seq,
+        })
+        .await?
+        .into_inner();
+    let mut updates = client
+        .watch_replay(v1::GetReplayRequest {
+            replay_id: replay.replay_id.clone(),
+        })
+        .await?
+        .into_inner();
+    let mut committed = None;
+    let mut last = None;
+    while let Some(r) = updates.message().await? {
+        if committed.is_none() && r.commit_number > 0 {
+            committed = Some(started.elapsed());
+        }
+        last = Some(r);
+    }
+    let total = started.elapsed();
+    let last = last.expect("a replay update");
+    anyhow::ensure!(
+        last.state == i32::from(v1::ReplayState::Succeeded),
+        "bench replay ended {}: {}",
+        crate::replay::state_name(last.state),
+        last.error
+    );
+    let _ = stop.send(true);
+    for task in tasks {
+        task.await??;
+    }
+    Ok((committed.unwrap_or(total), total))
+}
+
+/// Waits until the gRPC server at `url` answers health checks with SERVING.
+async fn wait_serving(url: &str) -> anyhow::Result<()> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(channel) = tonic::transport::Channel::from_shared(url.to_string())?
+            .connect()
+            .await
+            && let Ok(r) = HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+            && r.get_ref().status == ServingStatus::Serving as i32
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{url} did not start serving within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn duckdb(python: &Path, store: &str, threads: usize, out: &Path) -> anyhow::Result<(f64, u64)> {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../e2e/sql/bench_closing_balances.py");
+    let output = std::process::Command::new(python)
+        .arg(script)
+        .arg(store)
+        .arg(threads.to_string())
+        .arg(out)
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "DuckDB run failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    Ok((
+        answer["seconds"].as_f64().unwrap_or(f64::NAN),
+        answer["rows"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// Single-threaded split of a replay: Parquet reading and decoding alone, then the
+/// whole fold with part writing, over every partition.
+async fn profile(store: &str, cutoff: u64, history: &History) -> anyhow::Result<(f64, f64)> {
+    let settings = Settings::default();
+    let objects = open_store(store)?;
+    let archive = ArchiveStore::new(objects.clone(), settings.fingerprint());
+    let started = Instant::now();
+    for p in 0..settings.partitions {
+        for cut in archive.event_segments(p).await? {
+            std::hint::black_box(archive.read_events(p, cut).await?);
+        }
+    }
+    let decode = started.elapsed().as_secs_f64();
+    let snapshots = payledger_storage::SnapshotStore::new(objects);
+    let started = Instant::now();
+    for p in 0..settings.partitions {
+        let shard = payledger_projector::replay::Shard {
+            snapshot_id: "profile".into(),
+            partitions: vec![p],
+            cutoff,
+            from_day: history.first_day,
+            to_day: history.last_day,
+        };
+        payledger_projector::replay::run_shard(
+            &archive,
+            &snapshots,
+            settings,
+            &shard,
+            None,
+            |_| {},
+        )
+        .await?;
+    }
+    Ok((decode, started.elapsed().as_secs_f64()))
+}
+
+/// Runs the section and appends its rows to `report`.
+pub async fn run(
+    report: &mut String,
+    events: usize,
+    days: u32,
+    python: PathBuf,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store").display().to_string();
+    eprintln!("replay: archiving {events} generated events over {days} days…");
+    let started = Instant::now();
+    let history = write_history(&store, events, days).await?;
+    let archived = started.elapsed().as_secs_f64();
+    let nats = LocalNats::start_with(&dir.path().join("nats"), free_port()?, false)?;
+    {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+        payledger_server_common::topology::ensure_stream(
+            &js,
+            &Settings::default(),
+            &crate::bench::stream_options(),
+        )
+        .await?;
+    }
+    writeln!(
+        report,
+        "\n## Replay beside DuckDB\n\n{events} events over {days} days ({} records with duplicates, conflicts, corrections and late events), 16 partitions, archived in cuts of {CUT_RECORDS} records ({archived:.1} s to generate and write). Replay: StartReplay → every shard folded, its part written and verified, commit published; one shard per partition, one shard at a time per worker, workers in this process. DuckDB: `e2e/sql/bench_closing_balances.py` (first occurrence by sequence, daily closing balances by window sum, written to Parquet), `SET threads` as stated.\n",
+        history.last_seq
+    )?;
+    writeln!(
+        report,
+        "| threads | replay s (events/s) | replay incl. reconciliation s | DuckDB s (rows) | DuckDB / replay |"
+    )?;
+    writeln!(report, "|---|---|---|---|---|")?;
+    for threads in [1usize, 2] {
+        eprintln!("replay: {threads} worker(s)…");
+        let (commit, total) = replay_on(&nats, &store, threads, &history).await?;
+        eprintln!("replay: DuckDB with {threads} thread(s)…");
+        let out = dir.path().join(format!("duckdb-{threads}.parquet"));
+        let (duck, rows) = duckdb(&python, &store, threads, &out)?;
+        let ours = commit.as_secs_f64();
+        writeln!(
+            report,
+            "| {threads} | {ours:.1} ({:.0}) | {:.1} | {duck:.1} ({rows}) | {:.2} |",
+            history.last_seq as f64 / ours,
+            total.as_secs_f64(),
+            duck / ours
+        )?;
+    }
+    eprintln!("replay: single-thread profile…");
+    let (decode, whole) = profile(&store, history.last_seq, &history).await?;
+    writeln!(
+        report,
+        "\nProfile, one thread, all partitions in turn: reading and decoding the Parquet segments {decode:.1} s; reading, decoding, folding with every rule and writing the parts {whole:.1} s, so the fold and the part writing take {:.1} s ({:.0} % of the replay).",
+        whole - decode,
+        100.0 * (whole - decode) / whole
+    )?;
+    Ok(())
+}
