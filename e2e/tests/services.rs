@@ -20,6 +20,8 @@ const HEALTH: &str = "grpc.health.v1.Health";
 const REFLECTION: &str = "grpc.reflection.v1.ServerReflection";
 const INGEST: &str = "payledger.v1.IngestService";
 const QUERY: &str = "payledger.v1.QueryService";
+const PROJECTOR: &str = "payledger.v1.ProjectorService";
+const COORDINATOR: &str = "payledger.v1.ReplayCoordinator";
 
 fn help(binary_name: &str, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(binary(binary_name)?)
@@ -79,7 +81,40 @@ fn help_of_every_binary_explains_its_flags() -> anyhow::Result<()> {
             "--checkpoint-every",
             "--checkpoint-interval",
             "--flush-interval",
+            "--mode",
+            "--max-concurrent-shards",
+            "--replay-max-records-per-sec",
+            "--pod-name",
             "PAYLEDGER_STORE",
+        ],
+    );
+    let coordinator = help("payledger-replay-coordinator", &[])?;
+    assert_mentions(
+        &coordinator,
+        "payledger-replay-coordinator --help",
+        &[
+            "Usage: payledger-replay-coordinator",
+            "--workers",
+            "--max-shards-per-worker",
+            "--shard-attempts",
+            "--shard-stall-timeout",
+            "--max-active-replays",
+            "--reconcile-wait",
+            "PAYLEDGER_WORKERS",
+        ],
+    );
+    let replay_start = help("payledger", &["replay", "start"])?;
+    assert_mentions(
+        &replay_start,
+        "payledger replay start --help",
+        &[
+            "--from",
+            "--to",
+            "--yesterday",
+            "--reason",
+            "--wait",
+            "--coordinator-url",
+            "Exit status",
         ],
     );
     let query = help("payledger-query", &[])?;
@@ -175,12 +210,19 @@ async fn every_service_answers_health_and_reflection_and_stops_on_sigterm() -> a
     let store = h.store();
     let mut projector = h.spawn("payledger-projector", &["--store", &store]).await?;
     let mut query = h.spawn("payledger-query", &[]).await?;
+    let mut coordinator = h
+        .spawn(
+            "payledger-replay-coordinator",
+            &["--store", &store, "--workers", &projector.url()],
+        )
+        .await?;
 
     // (service, the payledger service it serves, if any)
-    let expectations: [(&Service, Option<&str>); 3] = [
+    let expectations: [(&Service, Option<&str>); 4] = [
         (&ingest, Some(INGEST)),
-        (&projector, None),
+        (&projector, Some(PROJECTOR)),
         (&query, Some(QUERY)),
+        (&coordinator, Some(COORDINATOR)),
     ];
     for (service, own) in expectations {
         let name = &service.name;
@@ -198,7 +240,10 @@ async fn every_service_answers_health_and_reflection_and_stops_on_sigterm() -> a
             );
         }
         // A service the binary does not run is unknown to its health service.
-        for other in [INGEST, QUERY].into_iter().filter(|s| Some(*s) != own) {
+        for other in [INGEST, QUERY, PROJECTOR, COORDINATOR]
+            .into_iter()
+            .filter(|s| Some(*s) != own)
+        {
             let status = health(service, other).await;
             assert!(
                 matches!(&status, Err(s) if s.code() == Code::NotFound),
@@ -231,9 +276,43 @@ async fn every_service_answers_health_and_reflection_and_stops_on_sigterm() -> a
         }
     }
 
+    // `payledger check` (the Helm test hook) agrees, and fails on a dead address.
+    let urls: Vec<String> = [&ingest, &projector, &query, &coordinator]
+        .iter()
+        .map(|s| s.url())
+        .collect();
+    let checked = Command::new(binary("payledger")?)
+        .arg("check")
+        .args(&urls)
+        .output()?;
+    let out = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success(),
+        "payledger check: {out}{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert_eq!(out.matches("SERVING").count(), 4, "{out}");
+    assert!(
+        out.contains(COORDINATOR) && out.contains(PROJECTOR),
+        "{out}"
+    );
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        payledger_server_common::local_nats::free_port()?
+    );
+    let failed = Command::new(binary("payledger")?)
+        .args(["check", &dead])
+        .output()?;
+    assert!(!failed.status.success());
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("cannot connect"),
+        "{failed:?}"
+    );
+
     // SIGTERM: each stops with status 0 and says so in its log. The projector and
     // query first, while ingest (and the stream) are still there.
     for (service, last_words) in [
+        (&mut coordinator, "replay coordinator stopped"),
         (&mut projector, "projector stopped"),
         (&mut query, "query stopped"),
         (&mut ingest, "ingest stopped"),

@@ -4,6 +4,8 @@
 
 pub mod bench;
 mod bench_replay;
+pub mod check;
+pub mod connect;
 pub mod dev;
 pub mod events_file;
 pub mod generate;

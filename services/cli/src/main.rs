@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use payledger_cli::connect::Conn;
 use payledger_cli::dev::{DevArgs, DevStack};
 use payledger_cli::events_file::{EventLine, format_time_us};
 use payledger_cli::generate::{GenConfig, Generator};
@@ -14,7 +15,6 @@ use payledger_cli::replay;
 use payledger_proto::v1::{
     self, ingest_service_client::IngestServiceClient, query_service_client::QueryServiceClient,
 };
-use tonic::transport::Channel;
 
 /// PayLedger: merchant exposure from one canonical log of payment facts.
 ///
@@ -26,6 +26,10 @@ struct Cli {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Bearer token sent with every call (the role the command needs: producer for
+    /// ingest and gen --send, reader for query, operator for replay and reconcile).
+    #[arg(long, env = "PAYLEDGER_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -110,6 +114,13 @@ enum Command {
     /// replay coordinator (start, status, list, cancel) or in this process (run).
     #[command(subcommand)]
     Replay(ReplayCommand),
+    /// Check that services are up: gRPC health answers SERVING and reflection lists
+    /// their services. Exits 1 naming the first that is not (the Helm test hook runs it).
+    Check {
+        /// Service URLs, e.g. http://payledger-query:50052.
+        #[arg(required = true)]
+        urls: Vec<String>,
+    },
     /// Measure ingest, projection, freshness and the fold against baselines (use a release build).
     Bench(payledger_cli::bench::BenchArgs),
 }
@@ -274,13 +285,8 @@ impl ConsistencyArg {
     }
 }
 
-async fn channel(url: &str, what: &str) -> anyhow::Result<Channel> {
-    Channel::from_shared(url.to_string())
-        .with_context(|| format!("{what} URL '{url}' is not a valid URI"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the {what} service at {url}; is `payledger dev` running, or is --{what}-url right?"))
+async fn channel(url: &str, what: &str) -> anyhow::Result<Conn> {
+    payledger_cli::connect::connect(url, what).await
 }
 
 fn now_us() -> i64 {
@@ -305,7 +311,7 @@ struct Tally {
 }
 
 async fn publish(
-    client: &mut IngestServiceClient<Channel>,
+    client: &mut IngestServiceClient<Conn>,
     events: Vec<v1::Event>,
     tally: &mut Tally,
     mut on_reject: impl FnMut(&v1::Event, &v1::Rejected),
@@ -518,7 +524,7 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn query_client(url: &str) -> anyhow::Result<QueryServiceClient<Channel>> {
+async fn query_client(url: &str) -> anyhow::Result<QueryServiceClient<Conn>> {
     Ok(QueryServiceClient::new(channel(url, "query").await?))
 }
 
@@ -848,6 +854,7 @@ replaying the archive through log position {} on the replay workers",
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    payledger_cli::connect::set_token(cli.token.as_deref())?;
     if matches!(
         cli.command,
         Command::Dev(_) | Command::Demo { .. } | Command::Bench(_)
@@ -924,6 +931,12 @@ async fn main() -> anyhow::Result<()> {
         } => ingest_file(file, batch, endpoints, cli.json).await?,
         Command::Query(command) => run_query(command, cli.json).await?,
         Command::Bench(args) => payledger_cli::bench::run(args).await?,
+        Command::Check { urls } => {
+            for url in urls {
+                let services = payledger_cli::check::check(&url).await?;
+                println!("{url}: SERVING; {}", services.join(", "));
+            }
+        }
         Command::Reconcile {
             from,
             to,

@@ -2,23 +2,15 @@
 //! progress bar per shard while waiting.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use anyhow::Context;
+use crate::connect::Conn;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
-use tonic::transport::Channel;
 
-pub async fn client(url: &str) -> anyhow::Result<ReplayCoordinatorClient<Channel>> {
-    let channel = Channel::from_shared(url.to_string())
-        .with_context(|| format!("coordinator URL '{url}' is not a valid URI"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach the replay coordinator at {url}; is `payledger dev` running, or is --coordinator-url right?")
-        })?;
-    Ok(ReplayCoordinatorClient::new(channel))
+pub async fn client(url: &str) -> anyhow::Result<ReplayCoordinatorClient<Conn>> {
+    Ok(ReplayCoordinatorClient::new(
+        crate::connect::connect(url, "coordinator").await?,
+    ))
 }
 
 pub fn state_name(state: i32) -> &'static str {
@@ -140,7 +132,7 @@ pub fn print(r: &v1::Replay, shards: bool) {
 
 /// Follows a replay until it ends, with a bar per shard, and returns how it ended.
 pub async fn wait(
-    client: &mut ReplayCoordinatorClient<Channel>,
+    client: &mut ReplayCoordinatorClient<Conn>,
     replay_id: &str,
     show_bars: bool,
 ) -> anyhow::Result<v1::Replay> {

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use payledger_server_common::config::{NatsArgs, SemanticsArgs, parse_duration};
+use payledger_server_common::config::{AccessArgs, NatsArgs, SemanticsArgs, parse_duration};
 use payledger_server_common::serve::{ServerLimits, serve_grpc};
 use payledger_server_common::topology::{StreamOptions, ensure_stream};
 use tokio::net::TcpListener;
@@ -32,6 +32,8 @@ pub use publisher::message_id;
 pub struct IngestConfig {
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub access: AccessArgs,
     #[command(flatten)]
     pub semantics: SemanticsArgs,
     /// Most events one Publish call may carry; a larger call is refused whole.
@@ -85,6 +87,7 @@ impl IngestConfig {
     pub fn new(nats_url: &str) -> Self {
         Self {
             nats: NatsArgs::new(nats_url),
+            access: AccessArgs::default(),
             semantics: SemanticsArgs::default(),
             max_batch_events: 1000,
             max_request_bytes: 4 * 1024 * 1024,
@@ -206,6 +209,7 @@ pub async fn run(
         &ServerLimits {
             max_request_bytes: config.max_request_bytes,
             concurrency_per_connection: 256,
+            tokens: config.access.tokens()?,
         },
         shutdown,
     )

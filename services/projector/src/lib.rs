@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use payledger_proto::v1;
-use payledger_server_common::config::{NatsArgs, parse_duration};
+use payledger_server_common::config::{AccessArgs, NatsArgs, parse_duration};
 use payledger_server_common::serve::{ServerLimits, serve_grpc};
 use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, read_settings,
@@ -57,6 +57,8 @@ impl Mode {
 pub struct ProjectorConfig {
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub access: AccessArgs,
     /// Stream projection, replay worker (RunShard), or both.
     #[arg(long, env = "PAYLEDGER_MODE", value_enum, default_value_t = Mode::Both)]
     pub mode: Mode,
@@ -81,6 +83,14 @@ pub struct ProjectorConfig {
     /// Partitions this projector owns, e.g. "0-7" or "1,3,5"; empty: all of them.
     #[arg(long, env = "PAYLEDGER_OWN_PARTITIONS", default_value = "")]
     pub own_partitions: String,
+    /// This pod's name in a StatefulSet (`payledger-projector-2`): with --replicas,
+    /// the projector owns the partitions p with p % replicas == its ordinal, so that
+    /// scaling re-balances deterministically. Overrides --own-partitions.
+    #[arg(long, env = "PAYLEDGER_POD_NAME", requires = "replicas")]
+    pub pod_name: Option<String>,
+    /// Projector replicas in the StatefulSet (see --pod-name).
+    #[arg(long, env = "PAYLEDGER_PROJECTOR_REPLICAS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub replicas: Option<u32>,
     /// Flush once this many merchant-currencies have changed rows.
     #[arg(long, env = "PAYLEDGER_FLUSH_ROWS", default_value_t = 2000)]
     pub flush_rows: usize,
@@ -112,12 +122,15 @@ impl ProjectorConfig {
     pub fn new(nats_url: &str, store: &str) -> Self {
         Self {
             nats: NatsArgs::new(nats_url),
+            access: AccessArgs::default(),
             mode: Mode::Both,
             store: store.to_string(),
             archive_store: None,
             max_concurrent_shards: 2,
             replay_max_records_per_sec: 0,
             own_partitions: String::new(),
+            pod_name: None,
+            replicas: None,
             flush_rows: 2000,
             flush_interval: Duration::from_millis(250),
             checkpoint_every_records: 100_000,
@@ -152,6 +165,30 @@ pub fn parse_partitions(spec: &str, partitions: u32) -> anyhow::Result<Vec<u32>>
     Ok(out.into_iter().collect())
 }
 
+/// The partitions of StatefulSet pod `pod_name` (its ordinal is the trailing
+/// `-N`) among `replicas`: p % replicas == ordinal.
+pub fn ordinal_partitions(
+    pod_name: &str,
+    replicas: u32,
+    partitions: u32,
+) -> anyhow::Result<Vec<u32>> {
+    let ordinal: u32 = pod_name
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse().ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--pod-name '{pod_name}' does not end in -<ordinal> as StatefulSet pods do"
+            )
+        })?;
+    anyhow::ensure!(
+        ordinal < replicas,
+        "--pod-name '{pod_name}' has ordinal {ordinal}, but --replicas is {replicas}"
+    );
+    Ok((0..partitions)
+        .filter(|p| p % replicas == ordinal)
+        .collect())
+}
+
 /// Projects the owned partitions and/or serves RunShard on `listener` (with health
 /// and reflection), until `shutdown`.
 pub async fn run(
@@ -172,7 +209,10 @@ pub async fn run(
     };
     ensure_buckets(&js, config.kv_replicas).await?;
     let owned = if config.mode.streams() {
-        parse_partitions(&config.own_partitions, settings.partitions)?
+        match (&config.pod_name, config.replicas) {
+            (Some(pod), Some(replicas)) => ordinal_partitions(pod, replicas, settings.partitions)?,
+            _ => parse_partitions(&config.own_partitions, settings.partitions)?,
+        }
     } else {
         Vec::new()
     };
@@ -257,6 +297,7 @@ pub async fn run(
         &ServerLimits {
             max_request_bytes: 4 << 20,
             concurrency_per_connection: 64,
+            tokens: config.access.tokens()?,
         },
         shutdown,
     )
@@ -270,4 +311,35 @@ pub async fn run(
     let _ = row_writer.await;
     tracing::info!("projector stopped");
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statefulset_ordinals_split_the_partitions_without_overlap() {
+        let all: Vec<Vec<u32>> = (0..5)
+            .map(|i| ordinal_partitions(&format!("payledger-projector-{i}"), 5, 16).unwrap())
+            .collect();
+        assert_eq!(all[0], [0, 5, 10, 15]);
+        assert_eq!(all[4], [4, 9, 14]);
+        let mut union: Vec<u32> = all.concat();
+        union.sort_unstable();
+        assert_eq!(union, (0..16).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_pod_name_without_an_ordinal_or_beyond_the_replicas_is_refused() {
+        assert!(ordinal_partitions("projector", 3, 16).is_err());
+        let err = ordinal_partitions("payledger-projector-3", 3, 16).unwrap_err();
+        assert!(err.to_string().contains("ordinal 3"), "{err}");
+    }
+
+    #[test]
+    fn partition_specs_parse_and_out_of_range_is_refused() {
+        assert_eq!(parse_partitions("0-2,7", 16).unwrap(), [0, 1, 2, 7]);
+        assert_eq!(parse_partitions("", 4).unwrap(), [0, 1, 2, 3]);
+        assert!(parse_partitions("15-16", 16).is_err());
+    }
 }

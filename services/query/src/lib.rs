@@ -11,7 +11,7 @@ mod tables;
 use std::future::Future;
 use std::sync::Arc;
 
-use payledger_server_common::config::NatsArgs;
+use payledger_server_common::config::{AccessArgs, NatsArgs};
 use payledger_server_common::serve::{ServerLimits, serve_grpc};
 use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, read_settings,
@@ -22,6 +22,8 @@ use tokio::net::TcpListener;
 pub struct QueryConfig {
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub access: AccessArgs,
     /// Most merchants one WatchCurrentExposure call may follow.
     #[arg(long, env = "PAYLEDGER_MAX_WATCH_MERCHANTS", default_value_t = 1000)]
     pub max_watch_merchants: usize,
@@ -47,6 +49,7 @@ impl QueryConfig {
     pub fn new(nats_url: &str) -> Self {
         Self {
             nats: NatsArgs::new(nats_url),
+            access: AccessArgs::default(),
             max_watch_merchants: 1000,
             max_concurrent_requests: 256,
             store: None,
@@ -122,6 +125,7 @@ pub async fn run(
     let limits = ServerLimits {
         max_request_bytes: 1 << 20,
         concurrency_per_connection: config.max_concurrent_requests,
+        tokens: config.access.tokens()?,
     };
     let follower_failed = async {
         let (result, _, _) = futures::future::select_all(followers).await;

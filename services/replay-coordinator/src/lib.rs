@@ -20,7 +20,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use payledger_server_common::config::{NatsArgs, parse_duration};
+use payledger_server_common::auth::Role;
+use payledger_server_common::config::{AccessArgs, NatsArgs, parse_duration};
 use payledger_server_common::serve::{ServerLimits, serve_grpc};
 use payledger_server_common::topology::{
     DAILY_BUCKET, PROGRESS_BUCKET, STREAM, ensure_buckets, read_settings,
@@ -34,6 +35,8 @@ pub use registry::REPLAYS_BUCKET;
 pub struct CoordinatorConfig {
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub access: AccessArgs,
     /// Object storage holding the archive and the authoritative table: a directory,
     /// file:///path or s3://bucket/prefix (the same location ingest archives to).
     #[arg(long, env = "PAYLEDGER_STORE", default_value = "./data")]
@@ -87,6 +90,7 @@ impl CoordinatorConfig {
     pub fn new(nats_url: &str, store: &str, workers: Vec<String>) -> Self {
         Self {
             nats: NatsArgs::new(nats_url),
+            access: AccessArgs::default(),
             store: store.to_string(),
             workers,
             max_shards_per_worker: 1,
@@ -114,6 +118,19 @@ pub async fn run(
         config.max_shards_per_worker.into(),
         config.worker_cooldown,
     )?;
+    let tokens = config.access.tokens()?;
+    // RunShard needs the internal role.
+    let internal_token = match tokens.as_ref().map(|t| t.token_of(Role::Internal)) {
+        Some(Some(token)) => Some(
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| anyhow::anyhow!("the internal token is not a valid header value"))?,
+        ),
+        Some(None) => anyhow::bail!(
+            "--tokens-dir has no 'internal' token file: the coordinator needs it to call the workers' RunShard"
+        ),
+        None => None,
+    };
     let client = config.nats.connect("payledger-replay-coordinator").await?;
     let js = async_nats::jetstream::new(client);
     let settings = loop {
@@ -137,6 +154,7 @@ pub async fn run(
         stream: js.get_stream(STREAM).await?,
         daily: js.get_key_value(DAILY_BUCKET).await?,
         progress: js.get_key_value(PROGRESS_BUCKET).await?,
+        internal_token,
         limits: runner::Limits {
             partitions_per_shard: config.partitions_per_shard,
             shard_attempts: config.shard_attempts,
@@ -160,6 +178,7 @@ pub async fn run(
         &ServerLimits {
             max_request_bytes: 64 << 10,
             concurrency_per_connection: 64,
+            tokens,
         },
         shutdown,
     )

@@ -34,6 +34,8 @@ pub(crate) struct Context {
     pub stream: JsStream,
     pub daily: kv::Store,
     pub progress: kv::Store,
+    /// `Bearer <internal token>` for RunShard, when the workers check tokens.
+    pub internal_token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     pub limits: Limits,
 }
 
@@ -281,6 +283,12 @@ async fn call_worker(
 ) -> Result<v1::ShardResult, String> {
     let stall = ctx.limits.shard_stall_timeout;
     let mut client = ProjectorServiceClient::new(lease.channel.clone());
+    let mut request = tonic::Request::new(request);
+    if let Some(token) = &ctx.internal_token {
+        request
+            .metadata_mut()
+            .insert("authorization", token.clone());
+    }
     let mut updates = tokio::time::timeout(stall, client.run_shard(request))
         .await
         .map_err(|_| format!("the worker did not answer within {stall:?}"))?

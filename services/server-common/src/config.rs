@@ -105,3 +105,28 @@ impl SemanticsArgs {
         Ok(settings)
     }
 }
+
+/// Who may call a server: bearer tokens per role (see [`crate::auth`]).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct AccessArgs {
+    /// Directory of bearer-token files named after the roles (producer, reader,
+    /// operator, internal), one token per line; every call then needs a token of
+    /// its method's role (health and reflection stay open). Without it calls are
+    /// not checked: for development only.
+    #[arg(long, env = "PAYLEDGER_TOKENS_DIR")]
+    pub tokens_dir: Option<std::path::PathBuf>,
+}
+
+impl AccessArgs {
+    pub fn tokens(&self) -> anyhow::Result<Option<std::sync::Arc<crate::auth::Tokens>>> {
+        match &self.tokens_dir {
+            Some(dir) => Ok(Some(std::sync::Arc::new(crate::auth::Tokens::from_dir(
+                dir,
+            )?))),
+            None => {
+                tracing::warn!("no --tokens-dir: calls are not authenticated (development only)");
+                Ok(None)
+            }
+        }
+    }
+}

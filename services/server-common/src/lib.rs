@@ -3,6 +3,7 @@
 //! and shutdown on SIGTERM.
 
 pub mod atomic_batch;
+pub mod auth;
 pub mod config;
 pub mod local_nats;
 pub mod serve;

@@ -9,13 +9,15 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 use tonic::transport::Server;
 
-/// Limits every server shares; each service exposes them as flags.
+/// Limits and access rules every server shares; each service exposes them as flags.
 #[derive(Clone, Debug)]
 pub struct ServerLimits {
     /// Largest decoded request message, in bytes.
     pub max_request_bytes: usize,
     /// Requests handled at once per connection.
     pub concurrency_per_connection: usize,
+    /// Accepted bearer tokens per role; None: calls are not checked.
+    pub tokens: Option<std::sync::Arc<crate::auth::Tokens>>,
 }
 
 /// Serves `routes` plus `grpc.health.v1` (SERVING for each name in `served`, and for
@@ -62,6 +64,7 @@ pub async fn serve_grpc(
     });
     Server::builder()
         .concurrency_limit_per_connection(limits.concurrency_per_connection)
+        .layer(crate::auth::AuthLayer::new(limits.tokens.clone()))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

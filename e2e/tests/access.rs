@@ -1,0 +1,272 @@
+//! Access control over real processes: every payledger method needs a bearer token
+//! of its role; a refused call changes nothing; health stays open; the coordinator
+//! calls the workers with the internal role's token.
+
+use std::time::{Duration, Instant};
+
+use payledger_e2e::{Harness, ingest_client, now_us, query_client, stream_messages};
+use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const PRODUCER: &str = "producer-token-aaaaaaaaaaaaaaaa";
+const READER: &str = "reader-token-bbbbbbbbbbbbbbbbbb";
+const OPERATOR: &str = "operator-token-cccccccccccccccc";
+const INTERNAL: &str = "internal-token-dddddddddddddddd";
+
+fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii"),
+        );
+    }
+    request
+}
+
+fn event(id: &str) -> v1::Event {
+    v1::Event {
+        event_id: id.into(),
+        merchant_id: "m-access".into(),
+        kind: v1::EventKind::PaymentCaptured as i32,
+        amount_minor: 1250,
+        currency: "EUR".into(),
+        event_time_us: now_us() - 1_000_000,
+        corrects_event_id: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_reaches_only_its_methods_and_refused_calls_change_nothing() -> anyhow::Result<()>
+{
+    let mut h = Harness::start()?;
+    let tokens = h.dir.path().join("tokens");
+    std::fs::create_dir_all(&tokens)?;
+    for (role, token) in [
+        ("producer", PRODUCER),
+        ("reader", READER),
+        ("operator", OPERATOR),
+        ("internal", INTERNAL),
+    ] {
+        std::fs::write(tokens.join(role), format!("{token}\n"))?;
+    }
+    let tokens = tokens.display().to_string();
+    let store = h.store();
+    let ingest = h
+        .spawn(
+            "payledger-ingest",
+            &[
+                "--tokens-dir",
+                &tokens,
+                "--archive-store",
+                &store,
+                "--archive-flush-interval",
+                "200ms",
+                "--heartbeat-interval",
+                "0s",
+            ],
+        )
+        .await?;
+    let projector = h
+        .spawn(
+            "payledger-projector",
+            &[
+                "--tokens-dir",
+                &tokens,
+                "--store",
+                &format!("{store}-projector"),
+                "--archive-store",
+                &store,
+            ],
+        )
+        .await?;
+    let query = h
+        .spawn(
+            "payledger-query",
+            &["--tokens-dir", &tokens, "--store", &store],
+        )
+        .await?;
+    let coordinator = h
+        .spawn(
+            "payledger-replay-coordinator",
+            &[
+                "--tokens-dir",
+                &tokens,
+                "--store",
+                &store,
+                "--workers",
+                &projector.url(),
+            ],
+        )
+        .await?;
+
+    // Ingest: no token, an unknown one and a reader's are refused; nothing is written.
+    let mut ingest_calls = ingest_client(&ingest.url()).await?;
+    for (token, code) in [
+        (None, Code::Unauthenticated),
+        (Some("not-a-token-of-this-platform"), Code::Unauthenticated),
+        (Some(READER), Code::PermissionDenied),
+        (Some(OPERATOR), Code::PermissionDenied),
+    ] {
+        let request = with_token(
+            v1::PublishRequest {
+                events: vec![event("ev-refused")],
+            },
+            token,
+        );
+        let status = ingest_calls.publish(request).await.expect_err("refused");
+        assert_eq!(status.code(), code, "{token:?}: {status:?}");
+        assert!(!status.message().contains(PRODUCER) && !status.message().contains(READER));
+    }
+    let dimension = v1::PublishDimensionRequest {
+        record: Some(v1::publish_dimension_request::Record::Fx(v1::FxRate {
+            currency: "EUR".into(),
+            rate: "1.08".into(),
+            effective_date: "2026-11-24".into(),
+            version: 1,
+        })),
+    };
+    let status = ingest_calls
+        .publish_dimension(with_token(dimension, Some(READER)))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(
+        stream_messages(&h.nats.url()).await?,
+        0,
+        "a refused call writes nothing"
+    );
+    let accepted = ingest_calls
+        .publish(with_token(
+            v1::PublishRequest {
+                events: vec![event("ev-1")],
+            },
+            Some(PRODUCER),
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(accepted.results.len(), 1);
+    assert_eq!(stream_messages(&h.nats.url()).await?, 1);
+
+    // Query: reads need the reader role, reconciliation the operator's.
+    let mut reads = query_client(&query.url()).await?;
+    let current = || v1::GetCurrentExposureRequest {
+        merchant_id: "m-access".into(),
+    };
+    assert_eq!(
+        reads
+            .get_current_exposure(with_token(current(), Some(PRODUCER)))
+            .await
+            .expect_err("refused")
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        reads
+            .get_current_exposure(with_token(current(), None))
+            .await
+            .expect_err("refused")
+            .code(),
+        Code::Unauthenticated
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match reads
+            .get_current_exposure(with_token(current(), Some(READER)))
+            .await
+        {
+            Ok(found) if !found.get_ref().rows.is_empty() => break,
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(s.into()),
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the accepted event never showed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let today = payledger_semantics::Day::of_micros(now_us()).to_string();
+    let reconcile = || v1::ReconcileRequest {
+        from_day: today.clone(),
+        to_day: today.clone(),
+        max_differences: 0,
+    };
+    assert_eq!(
+        reads
+            .reconcile(with_token(reconcile(), Some(READER)))
+            .await
+            .expect_err("refused")
+            .code(),
+        Code::PermissionDenied
+    );
+    reads
+        .reconcile(with_token(reconcile(), Some(OPERATOR)))
+        .await?;
+
+    // Replays: the operator's; the coordinator reaches the worker with the internal token.
+    let mut replays =
+        ReplayCoordinatorClient::new(Channel::from_shared(coordinator.url())?.connect().await?);
+    let start = || v1::StartReplayRequest {
+        from_day: today.clone(),
+        to_day: today.clone(),
+        reason: "access test".into(),
+        cutoff: 0,
+    };
+    assert_eq!(
+        replays
+            .start_replay(with_token(start(), Some(READER)))
+            .await
+            .expect_err("refused")
+            .code(),
+        Code::PermissionDenied
+    );
+    let mut worker = payledger_proto::v1::projector_service_client::ProjectorServiceClient::new(
+        Channel::from_shared(projector.url())?.connect().await?,
+    );
+    let shard = v1::RunShardRequest {
+        partitions: vec![0],
+        ..Default::default()
+    };
+    assert_eq!(
+        worker
+            .run_shard(with_token(shard, Some(OPERATOR)))
+            .await
+            .expect_err("refused")
+            .code(),
+        Code::PermissionDenied
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let started = loop {
+        match replays
+            .start_replay(with_token(start(), Some(OPERATOR)))
+            .await
+        {
+            Ok(r) => break r.into_inner(),
+            // The archiver writes its first watermark shortly.
+            Err(s) if s.code() == Code::FailedPrecondition && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let replay = replays
+            .get_replay(with_token(
+                v1::GetReplayRequest {
+                    replay_id: started.replay_id.clone(),
+                },
+                Some(OPERATOR),
+            ))
+            .await?
+            .into_inner();
+        if replay.state == i32::from(v1::ReplayState::Succeeded) {
+            break;
+        }
+        anyhow::ensure!(
+            replay.state < i32::from(v1::ReplayState::Succeeded) && Instant::now() < deadline,
+            "replay did not succeed: {replay:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

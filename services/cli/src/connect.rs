@@ -1,0 +1,60 @@
+//! Connections to the services, carrying the caller's bearer token (`--token`,
+//! `PAYLEDGER_TOKEN`) on every call.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::Context;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// A connection whose calls carry the token.
+pub type Conn = InterceptedService<Channel, Bearer>;
+
+static TOKEN: OnceLock<Option<MetadataValue<Ascii>>> = OnceLock::new();
+
+/// Sets the token every later connection sends; call once, before connecting.
+pub fn set_token(token: Option<&str>) -> anyhow::Result<()> {
+    let value = token
+        .map(|t| {
+            format!("Bearer {}", t.trim())
+                .parse::<MetadataValue<Ascii>>()
+                .map_err(|_| {
+                    anyhow::anyhow!("--token: not a valid header value (printable ASCII only)")
+                })
+        })
+        .transpose()?;
+    let _ = TOKEN.set(value);
+    Ok(())
+}
+
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Connects to the `what` service (named in errors, with its `--{what}-url` flag).
+pub async fn connect(url: &str, what: &str) -> anyhow::Result<Conn> {
+    let channel = Channel::from_shared(url.to_string())
+        .with_context(|| format!("{what} URL '{url}' is not a valid URI"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the {what} service at {url}; is `payledger dev` running, or is --{what}-url right?"))?;
+    let token = TOKEN.get().cloned().flatten();
+    Ok(InterceptedService::new(channel, Bearer(token)))
+}
