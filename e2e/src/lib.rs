@@ -19,6 +19,7 @@ use payledger_server_common::local_nats::{LocalNats, free_port};
 use tonic::transport::Channel;
 
 pub mod convergence;
+pub mod seaweed;
 
 /// The workspace's debug binaries; `just test` builds them before the tests run.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
