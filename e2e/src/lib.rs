@@ -18,6 +18,9 @@ use payledger_semantics::{CurrentRow, DailyRow, Exposure, Fact, Record, RecordBo
 use payledger_server_common::local_nats::{LocalNats, free_port};
 use tonic::transport::Channel;
 
+pub mod convergence;
+pub mod seaweed;
+
 /// The workspace's debug binaries; `just test` builds them before the tests run.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -105,6 +108,17 @@ impl Harness {
     /// Starts `binary` with `args` plus `--listen` and `--nats-url`, and waits for
     /// its gRPC health service to answer SERVING.
     pub async fn spawn(&mut self, binary_name: &str, args: &[&str]) -> anyhow::Result<Service> {
+        self.spawn_with_env(binary_name, args, &[]).await
+    }
+
+    /// [`Harness::spawn`] with extra environment variables (object store credentials
+    /// and endpoint, say), set over those the test process has.
+    pub async fn spawn_with_env(
+        &mut self,
+        binary_name: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Service> {
         self.services += 1;
         let addr = format!("127.0.0.1:{}", free_port()?);
         let log = self
@@ -115,6 +129,7 @@ impl Harness {
             .args(["--listen", &addr, "--nats-url", &self.nats.url()])
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;

@@ -1,0 +1,328 @@
+//! The product's promise as a scenario that runs over any object store: the stream
+//! path and a replay of the archive give the same rows for the same log prefix, field
+//! for field, and a committed replay becomes what the query service answers.
+//!
+//! `tests/convergence.rs` runs it on the local filesystem, `tests/s3.rs` on a real
+//! S3-compatible server.
+
+use std::time::{Duration, Instant};
+
+use payledger_cli::generate::{GenConfig, Generator};
+use payledger_projector::replay::{fold_dimensions, fold_partitions, latest_cutoff};
+use payledger_proto::v1;
+use payledger_semantics::{Day, Settings, to_reporting};
+use payledger_storage::{ArchiveStore, Commit, SnapshotStore, open_store_with_env};
+
+use crate::{
+    AcceptedLog, Harness, assert_converges, ingest_client, now_us, query_client, stream_messages,
+};
+
+/// Where the scenario keeps its objects.
+pub struct Stores {
+    /// Ingest's archive and the query service's tables: one location, as deployed.
+    pub store: String,
+    /// The projector's checkpoints.
+    pub projector_store: String,
+    /// Environment the stores need (endpoint, credentials), given to every child
+    /// process and used to open the stores in the test process too.
+    pub env: Vec<(String, String)>,
+}
+
+impl Stores {
+    /// Opens `location` as a child started with [`Stores::env`] would.
+    pub fn open(
+        &self,
+        location: &str,
+    ) -> anyhow::Result<std::sync::Arc<dyn object_store::ObjectStore>> {
+        Ok(open_store_with_env(
+            location,
+            std::env::vars().chain(self.env.iter().cloned()),
+        )?)
+    }
+}
+
+/// What the scenario published and committed, for further checks.
+pub struct Outcome {
+    pub cutoff: u64,
+    pub commit: Commit,
+    /// Daily rows of the replay at the cutoff.
+    pub rows: usize,
+}
+
+/// Publishes `batches` batches of 500 generated events (plus FX and risk records)
+/// through ingest archiving to `stores.store`, stops ingest cleanly, replays the
+/// archive at its highest watermark and checks that:
+/// - the archive holds the whole log;
+/// - the stream rows the query service serves equal the replay's, field for field,
+///   and so does the reporting view of a merchant-day (dimensions replayed too);
+/// - once the replay is committed, AUTO answers from it with the same rows,
+///   AUTHORITATIVE answers from it by snapshot id, PROVISIONAL still from the
+///   stream, and reconciliation finds every row equal;
+/// - an event past the cutoff makes AUTO answer from the stream again.
+pub async fn replay_of_the_archive_equals_the_stream_rows(
+    h: &mut Harness,
+    stores: &Stores,
+    batches: usize,
+) -> anyhow::Result<Outcome> {
+    let store = stores.store.as_str();
+    let env = stores.env.as_slice();
+    let mut ingest = h
+        .spawn_with_env(
+            "payledger-ingest",
+            &[
+                "--archive-store",
+                store,
+                "--archive-flush-interval",
+                "200ms",
+                "--heartbeat-interval",
+                "1s",
+            ],
+            env,
+        )
+        .await?;
+    let _projector = h
+        .spawn_with_env(
+            "payledger-projector",
+            &["--store", stores.projector_store.as_str()],
+            env,
+        )
+        .await?;
+    let query = h
+        .spawn_with_env(
+            "payledger-query",
+            &["--store", store, "--commit-poll-interval", "100ms"],
+            env,
+        )
+        .await?;
+
+    let mut traffic = Generator::new(GenConfig {
+        seed: 11,
+        merchants: 120,
+        duplicate_pct: 2.0,
+        conflict_pct: 1.0,
+        late_pct: 8.0,
+        correction_pct: 3.0,
+        ..GenConfig::default()
+    });
+    let mut client = ingest_client(&ingest.url()).await?;
+    let day = Day::of_micros(now_us());
+    for record in traffic
+        .fx_records(&Day(day.0 - 1).to_string())
+        .into_iter()
+        .map(v1::publish_dimension_request::Record::Fx)
+        .chain(
+            traffic
+                .risk_records(&day.to_string())
+                .into_iter()
+                .map(v1::publish_dimension_request::Record::Risk),
+        )
+    {
+        client
+            .publish_dimension(v1::PublishDimensionRequest {
+                record: Some(record),
+            })
+            .await?;
+    }
+    let mut log = AcceptedLog::default();
+    for _ in 0..batches {
+        log.publish(&mut client, traffic.batch(500, now_us()))
+            .await?;
+    }
+    // Quiet partitions get heartbeats; they are archived and replayed too.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A clean stop writes the cut in progress.
+    ingest.terminate()?;
+
+    let archive = ArchiveStore::new(stores.open(store)?, Settings::default().fingerprint());
+    let cutoff = latest_cutoff(&archive).await?;
+    assert_eq!(
+        cutoff,
+        stream_messages(&h.nats.url()).await?,
+        "the archive holds the whole log"
+    );
+    let partitions: Vec<u32> = (0..Settings::default().partitions).collect();
+    let replay = fold_partitions(&archive, Settings::default(), &partitions, cutoff).await?;
+    assert!(replay.daily_rows().len() > 100);
+    assert!(
+        replay
+            .daily_rows()
+            .iter()
+            .any(|r| r.conflicts > 0 && r.late > 0)
+    );
+
+    let mut query = query_client(&query.url()).await?;
+    assert_converges(&mut query, &replay, Duration::from_secs(60)).await?;
+
+    // Dimensions too: the reporting view of a merchant-day agrees.
+    let book = fold_dimensions(&archive, cutoff).await?;
+    let rows = replay.daily_rows();
+    let first = &rows[0];
+    let merchant_day: Vec<_> = rows
+        .iter()
+        .filter(|r| r.merchant_id == first.merchant_id && r.day == first.day)
+        .cloned()
+        .collect();
+    let expected = to_reporting(&merchant_day, &book, cutoff);
+    let served = query
+        .get_daily_exposure(v1::GetDailyExposureRequest {
+            merchant_id: first.merchant_id.clone(),
+            day: first.day.to_string(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .reporting
+        .expect("reporting");
+    assert_eq!(
+        served.closing_reporting_minor,
+        expected.closing_reporting_minor.map(|v| v.to_string())
+    );
+    assert_eq!(
+        served.reserve_minor,
+        expected.reserve_minor.map(|v| v.to_string())
+    );
+    assert_eq!(served.risk_version, expected.risk_used.map(|r| r.version));
+
+    // Commit the replay as the authoritative table; AUTO now answers from it, with
+    // the same rows, while PROVISIONAL still answers from the stream.
+    let snapshots = SnapshotStore::new(stores.open(store)?);
+    let today = Day::of_micros(now_us());
+    let request = payledger_projector::replay::ReplayRequest {
+        replay_id: "convergence".into(),
+        from_day: rows.iter().map(|r| r.day).min().expect("rows"),
+        to_day: today,
+        cutoff: Some(cutoff),
+    };
+    let mut replayed = Vec::new();
+    let commit = payledger_projector::replay::replay_and_commit(
+        &archive,
+        &snapshots,
+        Settings::default(),
+        &request,
+        |p| replayed.push(p),
+    )
+    .await?;
+    assert_eq!(replayed.len(), 16);
+    assert_eq!(commit.number, 1);
+    let target = rows
+        .iter()
+        .find(|r| r.day == today)
+        .expect("a row of today")
+        .clone();
+    let ask = |consistency: v1::Consistency, snapshot_id: &str| v1::GetDailyExposureRequest {
+        merchant_id: target.merchant_id.clone(),
+        day: today.to_string(),
+        consistency: consistency as i32,
+        snapshot_id: snapshot_id.to_string(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let auto = loop {
+        let answer = query
+            .get_daily_exposure(ask(v1::Consistency::Auto, ""))
+            .await?
+            .into_inner();
+        if answer
+            .provenance
+            .as_ref()
+            .is_some_and(|p| p.source == v1::Source::Replay as i32)
+        {
+            break answer;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "AUTO never answered from the commit: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let provenance = auto.provenance.clone().expect("provenance");
+    assert!(!provenance.provisional);
+    assert_eq!(provenance.snapshot_id, commit.draft.snapshot_id);
+    let provisional = query
+        .get_daily_exposure(ask(v1::Consistency::Provisional, ""))
+        .await?
+        .into_inner();
+    assert_eq!(
+        provisional.provenance.as_ref().map(|p| p.source),
+        Some(v1::Source::Stream as i32)
+    );
+    assert_eq!(
+        auto.rows, provisional.rows,
+        "replay and stream rows are the same rows"
+    );
+    let as_of = query
+        .get_daily_exposure(ask(
+            v1::Consistency::Authoritative,
+            &commit.draft.snapshot_id,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(as_of.rows, auto.rows);
+    let as_of_provenance = as_of.provenance.expect("provenance");
+    assert_eq!(as_of_provenance.source, v1::Source::Replay as i32);
+    assert_eq!(as_of_provenance.snapshot_id, commit.draft.snapshot_id);
+    let unknown = query
+        .get_daily_exposure(ask(v1::Consistency::Authoritative, "no-such-snapshot"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    // Reconciliation over the committed range: every row equal.
+    let reconcile = v1::ReconcileRequest {
+        from_day: request.from_day.to_string(),
+        to_day: today.to_string(),
+        max_differences: 0,
+    };
+    let report = query.reconcile(reconcile.clone()).await?.into_inner();
+    assert_eq!(report.rows_equal as usize, rows.len(), "{report:?}");
+    assert_eq!(
+        (
+            report.rows_stream_ahead,
+            report.rows_divergent,
+            report.rows_missing
+        ),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(report.snapshot_ids, vec![commit.draft.snapshot_id.clone()]);
+
+    // New events after the cutoff: the stream has moved on, AUTO answers from it.
+    let ingest = h
+        .spawn_with_env("payledger-ingest", &["--heartbeat-interval", "0s"], env)
+        .await?;
+    let mut client = ingest_client(&ingest.url()).await?;
+    let late = v1::Event {
+        event_id: "after-the-cutoff".into(),
+        merchant_id: target.merchant_id.clone(),
+        kind: v1::EventKind::PaymentCaptured as i32,
+        amount_minor: 4200,
+        currency: target.currency.to_string(),
+        event_time_us: now_us() - 1_000_000,
+        corrects_event_id: String::new(),
+    };
+    log.publish(&mut client, vec![late]).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = query
+            .get_daily_exposure(ask(v1::Consistency::Auto, ""))
+            .await?
+            .into_inner();
+        if answer
+            .provenance
+            .as_ref()
+            .is_some_and(|p| p.source == v1::Source::Stream as i32)
+        {
+            assert!(answer.rows.iter().any(|r| r.log_position > cutoff));
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "AUTO kept the stale snapshot: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Outcome {
+        cutoff,
+        commit,
+        rows: rows.len(),
+    })
+}
