@@ -4,7 +4,8 @@
 //! * ingest over gRPC vs bare async-nats atomic batches of the same payloads;
 //! * stream projection vs a bare ordered consumer draining the same stream;
 //! * freshness (ingest ack → row visible in query) at half the ingest rate;
-//! * the semantics fold on one core, and memory per remembered identity.
+//! * the semantics fold on one core, and memory per remembered identity;
+//! * authoritative reads through the query service's part cache (`bench_query`).
 //!
 //! Both JetStream settings are measured: `sync_interval: always` (what the
 //! platform runs with) and nats-server's default flush.
@@ -47,9 +48,11 @@ pub struct BenchArgs {
     /// Where to write the report.
     #[arg(long, default_value = "target/bench-report.md")]
     pub out: std::path::PathBuf,
+    #[command(flatten)]
+    pub query: crate::bench_query::QueryBenchArgs,
 }
 
-fn now_us() -> i64 {
+pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -130,7 +133,7 @@ async fn bare_publish(
     Ok(messages.len() as f64 / started.elapsed().as_secs_f64())
 }
 
-fn stream_options() -> payledger_server_common::topology::StreamOptions {
+pub(crate) fn stream_options() -> payledger_server_common::topology::StreamOptions {
     payledger_server_common::topology::StreamOptions {
         replicas: 1,
         duplicate_window: Duration::from_secs(120),
@@ -211,7 +214,7 @@ impl Stack {
     }
 }
 
-async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
+pub(crate) async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
     let url = format!("http://{addr}");
     for _ in 0..200 {
         if let Ok(c) = Channel::from_shared(url.clone())?.connect().await {
@@ -459,7 +462,7 @@ async fn freshness(
     Ok((latencies, achieved))
 }
 
-fn percentile(sorted: &[i64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[i64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -502,6 +505,9 @@ fn fold_and_memory(n: usize) -> (f64, f64, usize) {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.query.only_query {
+        return crate::bench_query::run_alone(&args.query, &args.out).await;
+    }
     let mut report = String::new();
     writeln!(report, "# payledger bench\n")?;
     writeln!(
@@ -574,6 +580,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report,
         "| resident bytes per remembered identity ({identities} identities) | {per_identity:.1} | | | ≤ 48 |"
     )?;
+    crate::bench_query::write_rows(&args.query, &mut report).await?;
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }

@@ -3,6 +3,7 @@
 //! and benchmarks share with the binary.
 
 pub mod bench;
+pub mod bench_query;
 pub mod dev;
 pub mod events_file;
 pub mod generate;
