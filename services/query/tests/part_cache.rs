@@ -241,6 +241,39 @@ async fn a_part_larger_than_a_disk_block_is_kept_in_memory_only() -> anyhow::Res
 }
 
 #[tokio::test]
+async fn a_disk_tier_resized_between_restarts_still_answers_correctly() -> anyhow::Result<()> {
+    let f = Fixture::new(2, 200).await?;
+    let open = |bytes: u64| {
+        let config = PartCacheConfig {
+            memory_bytes: 64 * MIB,
+            disk: Some(DiskTier {
+                dir: f.cache_dir(),
+                bytes,
+            }),
+        };
+        let snapshots = f.snapshots.clone();
+        async move { PartCache::open(&config, snapshots, Arc::default()).await }
+    };
+    let written = {
+        let cache = open(16 * MIB).await?;
+        let parts = (
+            cache.part("snap-1", 0).await?,
+            cache.part("snap-1", 1).await?,
+        );
+        cache.close().await?;
+        parts
+    };
+    // Other block sizes: what was written is either found intact or not at all.
+    for bytes in [200 * MIB, 16 * MIB] {
+        let cache = open(bytes).await?;
+        assert_eq!(cache.part("snap-1", 0).await?, written.0);
+        assert_eq!(cache.part("snap-1", 1).await?, written.1);
+        cache.close().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn two_caches_cannot_share_a_disk_directory() -> anyhow::Result<()> {
     let f = Fixture::new(1, 10).await?;
     let _first = f.cache(64 * MIB, Some(&f.cache_dir())).await?;
