@@ -4,7 +4,8 @@
 //! * ingest over gRPC vs bare async-nats atomic batches of the same payloads;
 //! * stream projection vs a bare ordered consumer draining the same stream;
 //! * freshness (ingest ack → row visible in query) at half the ingest rate;
-//! * the semantics fold on one core, and memory per remembered identity.
+//! * the semantics fold on one core, and memory per remembered identity;
+//! * authoritative reads through the query service's part cache (`bench_query`).
 //!
 //! Both JetStream settings are measured: `sync_interval: always` (what the
 //! platform runs with) and nats-server's default flush.
@@ -59,6 +60,8 @@ pub struct BenchArgs {
     /// Run only these sections (comma-separated); all by default.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Section>,
+    #[command(flatten)]
+    pub query: crate::bench_query::QueryBenchArgs,
 }
 
 /// The parts of the benchmark.
@@ -68,6 +71,8 @@ pub enum Section {
     Stream,
     /// The semantics fold and memory per identity.
     Fold,
+    /// GetDailyExposure AUTHORITATIVE through the snapshot part cache.
+    Query,
     /// Replay on 1 and 2 workers beside DuckDB.
     Replay,
 }
@@ -240,7 +245,7 @@ impl Stack {
     }
 }
 
-async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
+pub(crate) async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
     let url = format!("http://{addr}");
     for _ in 0..200 {
         if let Ok(c) = Channel::from_shared(url.clone())?.connect().await {
@@ -488,7 +493,7 @@ async fn freshness(
     Ok((latencies, achieved))
 }
 
-fn percentile(sorted: &[i64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[i64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -542,7 +547,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     )?;
-    if args.runs(Section::Stream) || args.runs(Section::Fold) {
+    if [Section::Stream, Section::Fold, Section::Query]
+        .into_iter()
+        .any(|s| args.runs(s))
+    {
         writeln!(report, "| figure | payledger | baseline | ratio | target |")?;
         writeln!(report, "|---|---|---|---|---|")?;
     }

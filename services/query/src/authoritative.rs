@@ -1,34 +1,30 @@
 //! The authoritative side: committed replay snapshots, read through the commit log.
 //!
 //! The commit log is polled, so a new commit is picked up without a restart. Parts
-//! are immutable under unique names, so a part read once is cached (a bounded
-//! number of them) and never invalidated.
+//! are immutable under unique names, so they are read through the part cache
+//! (`part_cache`) and never invalidated.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use payledger_semantics::{DailyRow, Day};
 use payledger_storage::{Commit, SnapshotStore, commit_for_day};
 use tonic::Status;
 
-/// Parsed snapshot parts by (snapshot_id, partition).
-type PartCache = HashMap<(String, u32), Arc<Vec<DailyRow>>>;
+use crate::part_cache::{PartCache, PartCacheStats, merchant_day};
 
 pub(crate) struct Authoritative {
     snapshots: SnapshotStore,
     commits: RwLock<Vec<Commit>>,
-    parts: Mutex<PartCache>,
-    max_cached_parts: usize,
+    parts: PartCache,
 }
 
 impl Authoritative {
-    pub fn new(snapshots: SnapshotStore, max_cached_parts: usize) -> Self {
+    pub fn new(snapshots: SnapshotStore, parts: PartCache) -> Self {
         Self {
             snapshots,
             commits: RwLock::default(),
-            parts: Mutex::default(),
-            max_cached_parts: max_cached_parts.max(1),
+            parts,
         }
     }
 
@@ -73,22 +69,10 @@ impl Authoritative {
         commit: &Commit,
         partition: u32,
     ) -> Result<Arc<Vec<DailyRow>>, Status> {
-        let key = (commit.draft.snapshot_id.clone(), partition);
-        if let Some(part) = self.parts.lock().expect("parts lock").get(&key).cloned() {
-            return Ok(part);
-        }
-        let rows = self
-            .snapshots
-            .read_part(&key.0, partition)
+        self.parts
+            .part(&commit.draft.snapshot_id, partition)
             .await
-            .map_err(|e| Status::unavailable(format!("reading snapshot part: {e}")))?;
-        let part = Arc::new(rows);
-        let mut parts = self.parts.lock().expect("parts lock");
-        if parts.len() >= self.max_cached_parts {
-            parts.clear();
-        }
-        parts.insert(key, part.clone());
-        Ok(part)
+            .map_err(|e| Status::unavailable(e.to_string()))
     }
 
     /// The committed rows of one merchant-day.
@@ -100,25 +84,50 @@ impl Authoritative {
         day: Day,
     ) -> Result<Vec<DailyRow>, Status> {
         let part = self.part(commit, partition).await?;
-        // Parts are sorted by (merchant_id, day, currency).
-        let start = part.partition_point(|r| (r.merchant_id.as_str(), r.day) < (merchant_id, day));
-        Ok(part[start..]
-            .iter()
-            .take_while(|r| r.merchant_id == merchant_id && r.day == day)
-            .cloned()
-            .collect())
+        Ok(merchant_day(&part, merchant_id, day).to_vec())
+    }
+
+    pub fn cache_stats(&self) -> PartCacheStats {
+        self.parts.cache_stats()
+    }
+
+    /// Lets parts queued for the disk tier finish writing.
+    pub async fn close(&self) {
+        if let Err(e) = self.parts.close().await {
+            tracing::warn!(error = %e, "part cache did not close cleanly");
+        }
     }
 }
 
-/// Polls the commit log every `every`.
+/// How often the part cache's counters are logged, when they moved.
+const STATS_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Polls the commit log every `every`, and logs the part cache's counters now and then.
 pub(crate) async fn follow_commits(
     auth: Arc<Authoritative>,
     every: Duration,
 ) -> anyhow::Result<()> {
+    let mut logged = (std::time::Instant::now(), auth.cache_stats());
     loop {
         if let Err(e) = auth.refresh().await {
             tracing::warn!(error = %e, "commit log not readable; keeping the last one read");
         }
+        let stats = auth.cache_stats();
+        if logged.0.elapsed() >= STATS_LOG_INTERVAL && stats != logged.1 {
+            log_cache_stats(&stats);
+            logged = (std::time::Instant::now(), stats);
+        }
         tokio::time::sleep(every).await;
     }
+}
+
+pub(crate) fn log_cache_stats(stats: &PartCacheStats) {
+    tracing::info!(
+        memory_hits = stats.memory_hits,
+        disk_hits = stats.disk_hits,
+        misses = stats.misses,
+        parts_memory_only = stats.parts_memory_only,
+        hit_ratio = stats.hit_ratio(),
+        "snapshot part cache"
+    );
 }

@@ -6,9 +6,11 @@
 
 mod api;
 mod authoritative;
+pub mod part_cache;
 mod tables;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use payledger_server_common::config::{AccessArgs, NatsArgs};
@@ -17,6 +19,8 @@ use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, read_settings,
 };
 use tokio::net::TcpListener;
+
+pub use part_cache::{DiskTier, PartCache, PartCacheConfig, PartCacheCounters, PartCacheStats};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct QueryConfig {
@@ -37,15 +41,45 @@ pub struct QueryConfig {
     /// How often the commit log is read for new commits.
     #[arg(long, env = "PAYLEDGER_COMMIT_POLL_INTERVAL", default_value = "2s", value_parser = payledger_server_common::config::parse_duration)]
     pub commit_poll_interval: std::time::Duration,
-    /// Snapshot parts kept in memory.
-    #[arg(long, env = "PAYLEDGER_CACHED_PARTS", default_value_t = 256)]
-    pub cached_parts: usize,
+    /// Memory for decoded snapshot parts (bytes, or with KiB, MiB, GiB; at least 1MiB).
+    #[arg(long, env = "PAYLEDGER_CACHE_MEMORY_BYTES", default_value = "256MiB", value_parser = parse_cache_memory_bytes)]
+    pub cache_memory_bytes: u64,
+    /// Directory for the part cache's disk tier: parts evicted from memory, or read
+    /// before a restart, come from here rather than from object storage. One process
+    /// per directory (it is locked). Without it the cache is memory only, the default,
+    /// since the service may run on a read-only filesystem: point it at a volume of
+    /// its own to turn the disk tier on.
+    #[arg(long, env = "PAYLEDGER_CACHE_DISK_DIR")]
+    pub cache_disk_dir: Option<PathBuf>,
+    /// Disk the part cache may fill under --cache-disk-dir (bytes, or with KiB, MiB,
+    /// GiB; at least 16MiB). A part whose encoding exceeds 1/64 of it (a disk block,
+    /// at most 64MiB) is cached in memory only.
+    #[arg(long, env = "PAYLEDGER_CACHE_DISK_BYTES", default_value = "1GiB", value_parser = parse_cache_disk_bytes)]
+    pub cache_disk_bytes: u64,
     /// KV bucket replicas if the query service has to create the buckets.
     #[arg(long, env = "PAYLEDGER_KV_REPLICAS", default_value_t = 1)]
     pub kv_replicas: usize,
 }
 
+fn parse_cache_memory_bytes(text: &str) -> Result<u64, String> {
+    payledger_server_common::config::parse_bytes(text).and_then(part_cache::check_memory_bytes)
+}
+
+fn parse_cache_disk_bytes(text: &str) -> Result<u64, String> {
+    payledger_server_common::config::parse_bytes(text).and_then(part_cache::check_disk_bytes)
+}
+
 impl QueryConfig {
+    pub fn part_cache(&self) -> PartCacheConfig {
+        PartCacheConfig {
+            memory_bytes: self.cache_memory_bytes,
+            disk: self.cache_disk_dir.as_ref().map(|dir| DiskTier {
+                dir: dir.clone(),
+                bytes: self.cache_disk_bytes,
+            }),
+        }
+    }
+
     pub fn new(nats_url: &str) -> Self {
         Self {
             nats: NatsArgs::new(nats_url),
@@ -54,7 +88,9 @@ impl QueryConfig {
             max_concurrent_requests: 256,
             store: None,
             commit_poll_interval: std::time::Duration::from_secs(2),
-            cached_parts: 256,
+            cache_memory_bytes: 256 << 20,
+            cache_disk_dir: None,
+            cache_disk_bytes: 1 << 30,
             kv_replicas: 1,
         }
     }
@@ -64,6 +100,17 @@ pub async fn run(
     config: QueryConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    run_with_counters(config, listener, shutdown, Arc::default()).await
+}
+
+/// [`run`], counting the part cache's hits and misses into `counters`, which the
+/// caller can read while the service runs (a metrics exporter, a benchmark).
+pub async fn run_with_counters(
+    config: QueryConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    counters: Arc<PartCacheCounters>,
 ) -> anyhow::Result<()> {
     let client = config.nats.connect("payledger-query").await?;
     let js = async_nats::jetstream::new(client);
@@ -84,10 +131,8 @@ pub async fn run(
         Some(location) => {
             let snapshots =
                 payledger_storage::SnapshotStore::new(payledger_storage::open_store(location)?);
-            let auth = Arc::new(authoritative::Authoritative::new(
-                snapshots,
-                config.cached_parts,
-            ));
+            let parts = PartCache::open(&config.part_cache(), snapshots.clone(), counters).await?;
+            let auth = Arc::new(authoritative::Authoritative::new(snapshots, parts));
             auth.refresh().await?;
             Some(auth)
         }
@@ -115,7 +160,7 @@ pub async fn run(
         )));
     }
     let api = api::QueryApi {
-        authoritative,
+        authoritative: authoritative.clone(),
         tables,
         settings,
         changes,
@@ -127,27 +172,45 @@ pub async fn run(
         concurrency_per_connection: config.max_concurrent_requests,
         tokens: config.access.tokens()?,
     };
-    let follower_failed = async {
-        let (result, _, _) = futures::future::select_all(followers).await;
-        match result {
-            Ok(Err(e)) => tracing::error!(error = %e, "a table follower stopped; shutting down"),
-            other => tracing::error!(?other, "a table follower stopped; shutting down"),
-        }
+    let served = {
+        let follower_failed = async {
+            let (result, _, _) = futures::future::select_all(followers.iter_mut()).await;
+            match result {
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "a table follower stopped; shutting down")
+                }
+                other => tracing::error!(?other, "a table follower stopped; shutting down"),
+            }
+        };
+        let stop = async {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = follower_failed => {}
+            }
+        };
+        serve_grpc(
+            Some(api.into_routes()),
+            &["payledger.v1.QueryService"],
+            listener,
+            &limits,
+            stop,
+        )
+        .await
     };
-    let stop = async {
-        tokio::select! {
-            _ = shutdown => {}
-            _ = follower_failed => {}
-        }
-    };
-    serve_grpc(
-        Some(api.into_routes()),
-        &["payledger.v1.QueryService"],
-        listener,
-        &limits,
-        stop,
-    )
-    .await?;
+    // Stop the followers before closing the part cache, so nothing holds it (nor its
+    // disk directory's lock) once `run` returns: a restart in the same process, as in
+    // tests and benchmarks, can open the directory again.
+    for follower in &followers {
+        follower.abort();
+    }
+    for follower in followers {
+        let _ = follower.await;
+    }
+    if let Some(auth) = authoritative {
+        authoritative::log_cache_stats(&auth.cache_stats());
+        auth.close().await;
+    }
+    served?;
     tracing::info!("query stopped");
     Ok(())
 }

@@ -10,6 +10,30 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("'{text}': {e} (examples: 500ms, 90s, 5m, 35d)"))
 }
 
+/// Parses byte sizes such as `268435456`, `512KiB`, `256MiB`, `1GiB` (binary units only:
+/// `MB` and `GB` are refused rather than guessed at).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let bad = |why: &str| format!("'{text}': {why} (examples: 1048576, 512KiB, 256MiB, 1GiB)");
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    if digits.is_empty() {
+        return Err(bad("not a number of bytes"));
+    }
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => return Err(bad("unknown unit; use B, KiB, MiB, GiB or TiB")),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad("too large"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| bad("too large"))
+}
+
 pub fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
@@ -127,6 +151,28 @@ impl AccessArgs {
                 tracing::warn!("no --tokens-dir: calls are not authenticated (development only)");
                 Ok(None)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_sizes_take_binary_units() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("1 GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("0"), Ok(0));
+    }
+
+    #[test]
+    fn byte_sizes_refuse_what_they_would_have_to_guess() {
+        for text in ["", "MiB", "1.5GiB", "256MB", "1gb", "-1", "99999999999TiB"] {
+            let err = parse_bytes(text).expect_err(text);
+            assert!(err.contains("examples"), "{text}: {err}");
         }
     }
 }
