@@ -8,6 +8,9 @@
 #     promises asserted (check_manifests.py);
 #   - values that break values.schema.json, or the chart's own cross-checks, rejected;
 #   - the in-chart NATS configuration parsed by nats-server itself;
+#   - the real binaries started as the rendered pods would start them, on this machine
+#     (pod_env_smoke.py): health, reflection, tokens, partition ownership, the nightly
+#     replay's command;
 #   - the Dockerfile linted (hadolint) and its build context loaded by cargo.
 # Tools come from `just setup` (Helm in .venv/bin via charts/fetch-helm.sh).
 set -euo pipefail
@@ -32,6 +35,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 passed=0
 failed=0
+skipped=0
 started=$SECONDS
 
 # run WHAT COMMAND...: one check; its output is shown only when it fails.
@@ -106,9 +110,27 @@ for file in "$tests"/invalid/*.yaml; do
     run "rejected: $(basename "$file" .yaml)" rejected "$file" || true
 done
 
+# The real binaries with the environment of the rendered pods (`just test` builds them
+# first; PAYLEDGER_BIN_DIR points elsewhere).
+bin_dir="${PAYLEDGER_BIN_DIR:-$root/target/debug}"
+for scenario in default backfill-5-replicas; do
+    if [ -x "$bin_dir/payledger" ] && [ -x "$bin_dir/payledger-ingest" ] && [ -x "$bin_dir/payledger-projector" ] \
+        && [ -x "$bin_dir/payledger-query" ] && [ -x "$bin_dir/payledger-replay-coordinator" ]; then
+        run "the binaries run with the pods' environment: $scenario" \
+            python "$tests/pod_env_smoke.py" "$work/$scenario.yaml" "$bin_dir" || true
+    else
+        skipped=$((skipped + 1))
+        printf 'skip  the binaries run with the pods'"'"' environment: %s (none in %s; `just test` builds them)\n' "$scenario" "$bin_dir"
+    fi
+done
+
 run "hadolint Dockerfile" hadolint Dockerfile || true
 run "image build context" python "$tests/check_image_context.py" . || true
 
 echo "charts/tests/run.sh: $((SECONDS - started)) s"
-echo "chart: $passed passed, $failed failed"
+if [ "$skipped" -gt 0 ]; then
+    echo "chart: $passed passed, $failed failed, $skipped skipped"
+else
+    echo "chart: $passed passed, $failed failed"
+fi
 [ "$failed" -eq 0 ]
