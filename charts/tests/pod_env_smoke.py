@@ -18,7 +18,9 @@ Then: every service passes the helm test Pod's `payledger check`; once the archi
 has written a cut, the nightly CronJob's command with its operator token commits and
 reconciles (exit status 0) on the projector pods; the same command without a token is
 refused; each projector worked on its own partitions only (p % replicas == ordinal,
-from the partitions its log names), and together on all of them. The processes are stopped at the end, whatever happens.
+from the partitions its log names), and together on all of them. A process that exits
+is restarted, as the kubelet would (at most 3 times; each restart is reported). The
+processes are stopped at the end, whatever happens.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="payledger-pods-"))
     procs: list[tuple[str, subprocess.Popen]] = []
     failures: list[str] = []
+    restarts: dict[str, int] = {}
+    work_logs: dict[str, list[str]] = {}
     try:
         nats_port = free_port()
         procs.append(("nats-server", subprocess.Popen(
@@ -126,12 +130,26 @@ def main() -> int:
             return env
 
         base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYLEDGER_", "AWS_", "RUST_BACKTRACE"))}
+        launch: dict[str, tuple[list[str], dict[str, str]]] = {}
+
+        def start(name: str) -> None:
+            argv, env = launch[name]
+            log = open(work / f"{name}.log", "a")
+            procs.append((name, subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)))
+
+        def restart_exited() -> None:
+            # restartPolicy: Always, as the kubelet would (a pod that lost a start-up
+            # race comes back), at most 3 times a pod.
+            for i, (name, proc) in enumerate(list(procs)):
+                if name in launch and proc.poll() is not None and restarts.get(name, 0) < 3:
+                    restarts[name] = restarts.get(name, 0) + 1
+                    procs.remove((name, proc))
+                    start(name)
+
         for component, name, spec in pods:
             c = spec["containers"][0]
-            env = pod_env(name, spec)
-            log = open(work / f"{name}.log", "w")
-            procs.append((name, subprocess.Popen([str(bin_dir / c["command"][0]), *c.get("args", [])],
-                                                 env={**base_env, **env}, stdout=log, stderr=subprocess.STDOUT)))
+            launch[name] = ([str(bin_dir / c["command"][0]), *c.get("args", [])], {**base_env, **pod_env(name, spec)})
+            start(name)
             if component == "ingest":
                 time.sleep(1)  # the stream, with its settings, before the others look for it
 
@@ -147,10 +165,8 @@ def main() -> int:
             result = cli(["check", *urls], {})
             if result.returncode == 0 or time.monotonic() > deadline:
                 break
-            dead = [n for n, p in procs if p.poll() is not None]
-            if dead:
-                break
             time.sleep(1)
+            restart_exited()
         if result.returncode != 0:
             failures.append(f"payledger check {' '.join(urls)}: {result.stdout}{result.stderr}")
         else:
@@ -218,6 +234,8 @@ def main() -> int:
                 failures.append(f"projector {ordinal} of {replicas} worked on partitions {foreign}")
         if set().union(*seen.values()) != set(range(partitions)):
             failures.append(f"the projectors' logs name partitions {sorted(set().union(*seen.values()))}, not all {partitions}")
+        for name in restarts:
+            work_logs[name] = [l for l in (work / f"{name}.log").read_text(errors="replace").splitlines() if l.startswith("Error:")]
         if failures:
             for log in sorted(work.glob("*.log")):
                 tail = log.read_text(errors="replace").strip().splitlines()[-8:]
@@ -225,6 +243,9 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     for f in failures:
         print(f"  pods: {f}")
+    for name, count in sorted(restarts.items()):
+        first = (work_logs.get(name) or ["(no output)"])[-1]
+        print(f"  note: {name} exited and was restarted {count} time(s); it said: {first}")
     print(f"  pods: {len(procs) - 1} processes from the rendered pods, {'OK' if not failures else f'{len(failures)} failed checks'}")
     return 1 if failures else 0
 

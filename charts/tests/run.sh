@@ -45,6 +45,7 @@ run() {
     if "$@" >"$work/out" 2>&1; then
         passed=$((passed + 1))
         printf 'ok    %s\n' "$what"
+        sed -n 's/^  note: /      note: /p' "$work/out"
     else
         failed=$((failed + 1))
         printf 'FAIL  %s\n' "$what"
@@ -79,6 +80,13 @@ rejected() {
     fi
 }
 
+# The release notes render (helm template leaves them out; a client-side dry run of the
+# install needs no cluster).
+notes() {
+    helm install "$release" "$chart" -n "$namespace" --dry-run=client "$@" >"$work/notes"
+    sed -n '/^NOTES:/,$p' "$work/notes" | grep -q "helm test $release"
+}
+
 nats_config_valid() {
     python - "$1" >"$work/nats.conf" <<'EOF'
 import sys, yaml
@@ -96,6 +104,7 @@ for scenario in "${scenarios[@]}"; do
     [ "$scenario" = default ] || values=(-f "$tests/values/$scenario.yaml")
     rendered="$work/$scenario.yaml"
     run "lint: $scenario" helm lint --strict "$chart" "${values[@]}" || true
+    run "NOTES.txt: $scenario" notes "${values[@]}" || true
     if run "render: $scenario" render "$rendered" "${values[@]}"; then
         run "schemas and facts: $scenario" python "$tests/check_manifests.py" "$scenario" "$rendered" "${kube_versions[@]}" || true
     fi
