@@ -10,8 +10,8 @@ ARG DEBIAN_RELEASE=trixie
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
 WORKDIR /src
-# The protos are compiled by protox inside the build: no protoc needed. ring's C parts
-# build with the gcc the slim Rust image carries.
+# The protos are compiled by protox inside the build: no protoc needed. The C parts of
+# ring and aws-lc (TLS to S3) build with the gcc the slim Rust image carries.
 COPY Cargo.toml Cargo.lock ./
 COPY proto proto
 COPY services services

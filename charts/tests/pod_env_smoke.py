@@ -10,8 +10,8 @@ what a cluster provides and one machine cannot rewritten:
 
 - addresses: NATS, the listen and metrics ports and the workers' URLs point at
   127.0.0.1 on free ports;
-- object storage: the s3:// URLs become one local directory (this build has the
-  local filesystem backend only);
+- object storage: the s3:// URLs become one local directory (no S3 server is started
+  here);
 - NATS replicas: 1, since there is one nats-server.
 
 Then: every service passes the helm test Pod's `payledger check`; once the archiver
