@@ -17,9 +17,11 @@ static TOKEN: OnceLock<Option<MetadataValue<Ascii>>> = OnceLock::new();
 
 /// Sets the token every later connection sends; call once, before connecting.
 pub fn set_token(token: Option<&str>) -> anyhow::Result<()> {
-    let value = token
+    // A token file (or Secret key) may list several tokens for rotation: the first is ours.
+    let first = token.and_then(|t| t.lines().map(str::trim).find(|l| !l.is_empty()));
+    let value = first
         .map(|t| {
-            format!("Bearer {}", t.trim())
+            format!("Bearer {t}")
                 .parse::<MetadataValue<Ascii>>()
                 .map_err(|_| {
                     anyhow::anyhow!("--token: not a valid header value (printable ASCII only)")

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv};
 use futures::TryStreamExt;
 use payledger_proto::v1;
+use payledger_server_common::topology::ensure_bucket;
 use prost::Message;
 use tokio::sync::watch;
 
@@ -49,20 +50,18 @@ impl Registry {
         js: &jetstream::Context,
         replicas: usize,
     ) -> anyhow::Result<(Registry, Vec<String>)> {
-        let kv = match js.get_key_value(REPLAYS_BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => {
-                js.create_key_value(kv::Config {
-                    bucket: REPLAYS_BUCKET.to_string(),
-                    description: "Replay state of the replay coordinator".into(),
-                    history: 1,
-                    num_replicas: replicas,
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await?
-            }
-        };
+        let kv = ensure_bucket(
+            js,
+            kv::Config {
+                bucket: REPLAYS_BUCKET.to_string(),
+                description: "Replay state of the replay coordinator".into(),
+                history: 1,
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
         let keys: Vec<String> = kv.keys().await?.try_collect().await?;
         let mut entries = HashMap::new();
         let mut unfinished = Vec::new();

@@ -138,23 +138,39 @@ fn parse_canonical(text: &str) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
+/// The bucket `config` names, created if missing. Services start together, so
+/// another process may create it between our look and our create (its stream
+/// then differs, e.g. already allows atomic batches, and ours is refused): look
+/// again before giving up.
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> anyhow::Result<kv::Store> {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
+        return Ok(store);
+    }
+    let bucket = config.bucket.clone();
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        Err(created) => js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|_| anyhow::anyhow!("cannot create KV bucket {bucket}: {created}")),
+    }
+}
+
 /// Creates the row buckets if missing. Their streams allow atomic batches, which
 /// the projector uses for fenced, coalesced row writes.
 pub async fn ensure_buckets(js: &jetstream::Context, replicas: usize) -> anyhow::Result<()> {
     for bucket in [CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET] {
-        let store = match js.get_key_value(bucket).await {
-            Ok(store) => store,
-            Err(_) => {
-                js.create_key_value(kv::Config {
-                    bucket: bucket.to_string(),
-                    history: 1,
-                    storage: stream::StorageType::File,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await?
-            }
+        let config = kv::Config {
+            bucket: bucket.to_string(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
         };
+        let store = ensure_bucket(js, config).await?;
         let stream_name = format!("KV_{}", store.name);
         let mut stream = js.get_stream(&stream_name).await?;
         let mut config = stream.info().await?.config.clone();
