@@ -17,6 +17,55 @@ use crate::{
     AcceptedLog, Harness, assert_converges, ingest_client, now_us, query_client, stream_messages,
 };
 
+/// Generated traffic with every kind of trouble: duplicates, conflicts, late
+/// events and corrections (seed, merchants and lateness to be set by the test).
+pub fn history_config() -> GenConfig {
+    GenConfig {
+        duplicate_pct: 2.0,
+        conflict_pct: 1.0,
+        correction_pct: 3.0,
+        ..GenConfig::default()
+    }
+}
+
+/// Publishes FX rates of yesterday and risk tiers of today for every merchant, then
+/// `batches` generated batches of 500 events, `pause` apart (so that the archiver
+/// cuts between them); returns what ingest accepted.
+pub async fn publish_history(
+    client: &mut payledger_proto::v1::ingest_service_client::IngestServiceClient<
+        tonic::transport::Channel,
+    >,
+    config: GenConfig,
+    batches: usize,
+    pause: Duration,
+) -> anyhow::Result<AcceptedLog> {
+    let mut traffic = Generator::new(config);
+    let day = Day::of_micros(now_us());
+    for record in traffic
+        .fx_records(&Day(day.0 - 1).to_string())
+        .into_iter()
+        .map(v1::publish_dimension_request::Record::Fx)
+        .chain(
+            traffic
+                .risk_records(&day.to_string())
+                .into_iter()
+                .map(v1::publish_dimension_request::Record::Risk),
+        )
+    {
+        client
+            .publish_dimension(v1::PublishDimensionRequest {
+                record: Some(record),
+            })
+            .await?;
+    }
+    let mut log = AcceptedLog::default();
+    for _ in 0..batches {
+        log.publish(client, traffic.batch(500, now_us())).await?;
+        tokio::time::sleep(pause).await;
+    }
+    Ok(log)
+}
+
 /// Where the scenario keeps its objects.
 pub struct Stores {
     /// Ingest's archive and the query service's tables: one location, as deployed.
@@ -95,39 +144,14 @@ pub async fn replay_of_the_archive_equals_the_stream_rows(
         )
         .await?;
 
-    let mut traffic = Generator::new(GenConfig {
+    let mut client = ingest_client(&ingest.url()).await?;
+    let history = GenConfig {
         seed: 11,
         merchants: 120,
-        duplicate_pct: 2.0,
-        conflict_pct: 1.0,
         late_pct: 8.0,
-        correction_pct: 3.0,
-        ..GenConfig::default()
-    });
-    let mut client = ingest_client(&ingest.url()).await?;
-    let day = Day::of_micros(now_us());
-    for record in traffic
-        .fx_records(&Day(day.0 - 1).to_string())
-        .into_iter()
-        .map(v1::publish_dimension_request::Record::Fx)
-        .chain(
-            traffic
-                .risk_records(&day.to_string())
-                .into_iter()
-                .map(v1::publish_dimension_request::Record::Risk),
-        )
-    {
-        client
-            .publish_dimension(v1::PublishDimensionRequest {
-                record: Some(record),
-            })
-            .await?;
-    }
-    let mut log = AcceptedLog::default();
-    for _ in 0..batches {
-        log.publish(&mut client, traffic.batch(500, now_us()))
-            .await?;
-    }
+        ..history_config()
+    };
+    let mut log = publish_history(&mut client, history, batches, Duration::ZERO).await?;
     // Quiet partitions get heartbeats; they are archived and replayed too.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     // A clean stop writes the cut in progress.

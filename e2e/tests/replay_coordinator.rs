@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use payledger_cli::generate::{GenConfig, Generator};
+use payledger_cli::generate::GenConfig;
+use payledger_e2e::convergence::{history_config, publish_history};
 use payledger_e2e::{
     AcceptedLog, Harness, Service, ingest_client, now_us, query_client, stream_messages,
 };
@@ -83,41 +84,15 @@ async fn stack(workers: usize) -> anyhow::Result<Stack> {
         )
         .await?;
 
-    let mut traffic = Generator::new(GenConfig {
+    let mut client = ingest_client(&ingest.url()).await?;
+    let history = GenConfig {
         seed: 29,
         merchants: 80,
-        duplicate_pct: 2.0,
-        conflict_pct: 1.0,
         late_pct: 10.0,
-        correction_pct: 3.0,
-        ..GenConfig::default()
-    });
-    let mut client = ingest_client(&ingest.url()).await?;
-    let today = Day::of_micros(now_us());
-    for record in traffic
-        .fx_records(&Day(today.0 - 1).to_string())
-        .into_iter()
-        .map(v1::publish_dimension_request::Record::Fx)
-        .chain(
-            traffic
-                .risk_records(&today.to_string())
-                .into_iter()
-                .map(v1::publish_dimension_request::Record::Risk),
-        )
-    {
-        client
-            .publish_dimension(v1::PublishDimensionRequest {
-                record: Some(record),
-            })
-            .await?;
-    }
-    let mut log = AcceptedLog::default();
-    for _ in 0..16 {
-        log.publish(&mut client, traffic.batch(500, now_us()))
-            .await?;
-        // Spread the log over many cuts, so that shards have several segments.
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
+        ..history_config()
+    };
+    // Pauses spread the log over many cuts, so that shards have several segments.
+    let log = publish_history(&mut client, history, 16, Duration::from_millis(150)).await?;
     let archive = archive(&store)?;
     let messages = stream_messages(&h.nats.url()).await?;
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -25,7 +25,7 @@ use payledger_proto::v1;
 use payledger_server_common::config::{AccessArgs, NatsArgs, parse_duration};
 use payledger_server_common::serve::{ServerLimits, serve_grpc};
 use payledger_server_common::topology::{
-    CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, read_settings,
+    CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
 };
 use payledger_storage::{CheckpointStore, open_store};
 use prost::Message;
@@ -198,15 +198,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let client = config.nats.connect("payledger-projector").await?;
     let js = async_nats::jetstream::new(client.clone());
-    let settings = loop {
-        match read_settings(&js).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::info!(error = %e, "waiting for the stream");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    };
+    let settings = wait_for_settings(&js).await;
     ensure_buckets(&js, config.kv_replicas).await?;
     let owned = if config.mode.streams() {
         match (&config.pod_name, config.replicas) {

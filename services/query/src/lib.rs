@@ -16,7 +16,7 @@ use std::sync::Arc;
 use payledger_server_common::config::{AccessArgs, NatsArgs};
 use payledger_server_common::serve::{ServerLimits, serve_grpc};
 use payledger_server_common::topology::{
-    CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, read_settings,
+    CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
 };
 use tokio::net::TcpListener;
 
@@ -114,15 +114,7 @@ pub async fn run_with_counters(
 ) -> anyhow::Result<()> {
     let client = config.nats.connect("payledger-query").await?;
     let js = async_nats::jetstream::new(client);
-    let settings = loop {
-        match read_settings(&js).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::info!(error = %e, "waiting for the stream");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-        }
-    };
+    let settings = wait_for_settings(&js).await;
     ensure_buckets(&js, config.kv_replicas).await?;
     let tables = Arc::new(tables::Tables::default());
     let (changes, _) = tokio::sync::broadcast::channel(4096);

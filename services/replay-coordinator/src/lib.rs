@@ -24,7 +24,7 @@ use payledger_server_common::auth::Role;
 use payledger_server_common::config::{AccessArgs, NatsArgs, parse_duration};
 use payledger_server_common::serve::{ServerLimits, serve_grpc};
 use payledger_server_common::topology::{
-    DAILY_BUCKET, PROGRESS_BUCKET, STREAM, ensure_buckets, read_settings,
+    DAILY_BUCKET, PROGRESS_BUCKET, STREAM, ensure_buckets, wait_for_settings,
 };
 use payledger_storage::{ArchiveStore, SnapshotStore, open_store};
 use tokio::net::TcpListener;
@@ -133,15 +133,7 @@ pub async fn run(
     };
     let client = config.nats.connect("payledger-replay-coordinator").await?;
     let js = async_nats::jetstream::new(client);
-    let settings = loop {
-        match read_settings(&js).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::info!(error = %e, "waiting for the stream");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    };
+    let settings = wait_for_settings(&js).await;
     ensure_buckets(&js, config.kv_replicas).await?;
     let store = open_store(&config.store)?;
     let (registry, unfinished) = registry::Registry::open(&js, config.kv_replicas).await?;

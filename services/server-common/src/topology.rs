@@ -138,6 +138,20 @@ fn parse_canonical(text: &str) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
+/// The semantics settings of the stream, waiting (and saying so) until ingest has
+/// created it: services start in any order.
+pub async fn wait_for_settings(js: &jetstream::Context) -> Settings {
+    loop {
+        match read_settings(js).await {
+            Ok(settings) => return settings,
+            Err(e) => {
+                tracing::info!(error = %e, "waiting for the stream");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 /// The bucket `config` names, created if missing. Services start together, so
 /// another process may create it between our look and our create (its stream
 /// then differs, e.g. already allows atomic batches, and ours is refused): look
