@@ -12,6 +12,7 @@
 mod archiver;
 mod clock;
 mod heartbeat;
+mod metrics;
 mod publisher;
 mod service;
 
@@ -34,6 +35,8 @@ pub struct IngestConfig {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub metrics: payledger_server_common::metrics::MetricsArgs,
     #[command(flatten)]
     pub semantics: SemanticsArgs,
     /// Most events one Publish call may carry; a larger call is refused whole.
@@ -88,6 +91,7 @@ impl IngestConfig {
         Self {
             nats: NatsArgs::new(nats_url),
             access: AccessArgs::default(),
+            metrics: Default::default(),
             semantics: SemanticsArgs::default(),
             max_batch_events: 1000,
             max_request_bytes: 4 * 1024 * 1024,
@@ -201,7 +205,13 @@ pub async fn run(
         None => None,
     };
     tracing::info!(%local, partitions = settings.partitions, fingerprint = %settings.fingerprint(), "ingest serving");
-    let service = service::IngestApi::new(publisher, clock, &config);
+    let mut registry = payledger_server_common::metrics::Registry::default();
+    let metrics = metrics::IngestMetrics::register(&mut registry);
+    let metrics_server = config
+        .metrics
+        .serve(registry, std::future::pending())
+        .await?;
+    let service = service::IngestApi::new(publisher, clock, &config, metrics);
     let result = serve_grpc(
         Some(service.into_routes(config.max_request_bytes)),
         &["payledger.v1.IngestService"],
@@ -220,6 +230,9 @@ pub async fn run(
     }
     if let Some(task) = archiver {
         let _ = task.await;
+    }
+    if let Some(task) = metrics_server {
+        task.abort();
     }
     tracing::info!("ingest stopped");
     result

@@ -26,11 +26,18 @@ pub(crate) struct IngestApi {
     admission: Arc<Semaphore>,
     admission_timeout: Duration,
     max_batch_events: usize,
+    metrics: Arc<crate::metrics::IngestMetrics>,
 }
 
 impl IngestApi {
-    pub fn new(publisher: Arc<Publisher>, clock: Arc<dyn Clock>, config: &IngestConfig) -> Self {
+    pub fn new(
+        publisher: Arc<Publisher>,
+        clock: Arc<dyn Clock>,
+        config: &IngestConfig,
+        metrics: Arc<crate::metrics::IngestMetrics>,
+    ) -> Self {
         Self {
+            metrics,
             publisher,
             clock,
             admission: Arc::new(Semaphore::new(config.max_concurrent_batches)),
@@ -89,6 +96,7 @@ impl IngestService for IngestApi {
         &self,
         request: Request<v1::PublishRequest>,
     ) -> Result<Response<v1::PublishResponse>, Status> {
+        let started = std::time::Instant::now();
         let events = request.into_inner().events;
         if events.len() > self.max_batch_events {
             return Err(Status::invalid_argument(format!(
@@ -148,10 +156,23 @@ impl IngestService for IngestApi {
                 ));
             }
         }
-        let results = results
+        let results: Vec<_> = results
             .into_iter()
             .map(|r| r.expect("every event answered"))
             .collect();
+        let count = |wanted: fn(&Outcome) -> bool| {
+            results
+                .iter()
+                .filter(|r| r.outcome.as_ref().is_some_and(wanted))
+                .count() as u64
+        };
+        self.metrics
+            .answered("accepted", count(|o| matches!(o, Outcome::Accepted(_))));
+        self.metrics
+            .answered("duplicate", count(|o| matches!(o, Outcome::Duplicate(_))));
+        self.metrics
+            .answered("rejected", count(|o| matches!(o, Outcome::Rejected(_))));
+        self.metrics.published(started);
         Ok(Response::new(v1::PublishResponse { results }))
     }
 

@@ -12,6 +12,7 @@
 //! one shard of a replay at a time, written as snapshot parts (see `replay`).
 
 mod checkpoint;
+mod metrics;
 mod partition;
 pub mod replay;
 mod rows;
@@ -59,6 +60,8 @@ pub struct ProjectorConfig {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub metrics: payledger_server_common::metrics::MetricsArgs,
     /// Stream projection, replay worker (RunShard), or both.
     #[arg(long, env = "PAYLEDGER_MODE", value_enum, default_value_t = Mode::Both)]
     pub mode: Mode,
@@ -123,6 +126,7 @@ impl ProjectorConfig {
         Self {
             nats: NatsArgs::new(nats_url),
             access: AccessArgs::default(),
+            metrics: Default::default(),
             mode: Mode::Both,
             store: store.to_string(),
             archive_store: None,
@@ -196,6 +200,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let mut registry = payledger_server_common::metrics::Registry::default();
+    let metrics = metrics::ProjectorMetrics::register(&mut registry);
+    let metrics_server = config
+        .metrics
+        .serve(registry, std::future::pending())
+        .await?;
     let client = config.nats.connect("payledger-projector").await?;
     let js = async_nats::jetstream::new(client.clone());
     let settings = wait_for_settings(&js).await;
@@ -245,6 +255,7 @@ pub async fn run(
             rows: rows.clone(),
             progress: js.get_key_value(PROGRESS_BUCKET).await?,
             tuning: tuning.clone(),
+            metrics: metrics.clone(),
         };
         let mut stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
@@ -273,6 +284,7 @@ pub async fn run(
             )),
             max_concurrent_shards: config.max_concurrent_shards.into(),
             max_records_per_sec: Some(config.replay_max_records_per_sec).filter(|r| *r > 0),
+            metrics: metrics.clone(),
         };
         (
             Some(tonic::service::Routes::new(worker.into_service())),
@@ -301,6 +313,9 @@ pub async fn run(
     // Every partition has flushed; the writer ends once the last sender is gone.
     drop(rows);
     let _ = row_writer.await;
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     tracing::info!("projector stopped");
     served
 }

@@ -45,6 +45,7 @@ pub(crate) struct PartitionContext {
     pub rows: RowSink,
     pub progress: kv::Store,
     pub tuning: Arc<Tuning>,
+    pub metrics: Arc<crate::metrics::ProjectorMetrics>,
 }
 
 /// Changed rows since the last flush, per merchant and currency.
@@ -145,8 +146,11 @@ struct Projection {
     last_checkpoint: Instant,
     last_progress: Instant,
     reported_seq: u64,
-    /// Rows handed to the writer after reading through this sequence, not yet durable.
-    in_flight: Option<(u64, StoreTicket)>,
+    /// Rows handed to the writer after reading through this sequence (with the
+    /// ingest time of that record), not yet durable.
+    in_flight: Option<(u64, i64, StoreTicket)>,
+    /// Ingest time of the newest record applied.
+    last_ingest_time_us: i64,
     /// Every record through this sequence has its rows stored.
     durable_seq: u64,
 }
@@ -171,7 +175,7 @@ impl Projection {
         );
         self.settle().await?;
         match self.ctx.rows.submit(daily, current).await? {
-            Some(ticket) => self.in_flight = Some((seq, ticket)),
+            Some(ticket) => self.in_flight = Some((seq, self.last_ingest_time_us, ticket)),
             None => self.durable_seq = seq,
         }
         if self.last_progress.elapsed() >= PROGRESS_INTERVAL
@@ -192,9 +196,10 @@ impl Projection {
 
     /// Waits for the rows in flight to be durable.
     async fn settle(&mut self) -> anyhow::Result<()> {
-        if let Some((seq, ticket)) = self.in_flight.take() {
+        if let Some((seq, ingest_time_us, ticket)) = self.in_flight.take() {
             ticket.stored().await?;
             self.durable_seq = seq;
+            self.ctx.metrics.stored(ingest_time_us, now_us());
         }
         Ok(())
     }
@@ -233,6 +238,9 @@ impl Projection {
             .await?;
         self.last_progress = Instant::now();
         self.reported_seq = self.durable_seq;
+        self.ctx
+            .metrics
+            .progress(self.ctx.partition, self.durable_seq, self.pending_records);
         Ok(())
     }
 
@@ -251,6 +259,7 @@ impl Projection {
         );
         self.records_since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        self.ctx.metrics.checkpointed(self.ctx.partition, now_us());
         Ok(())
     }
 }
@@ -302,6 +311,7 @@ pub(crate) async fn run(
         last_progress: Instant::now(),
         reported_seq: 0,
         in_flight: None,
+        last_ingest_time_us: 0,
         durable_seq: restored_seq,
     };
     let mut first_applied: Option<u64> = None;
@@ -331,6 +341,7 @@ pub(crate) async fn run(
         p.pending_records = info.pending;
         match record_from_log(seq, &message.payload) {
             Ok(record) => {
+                p.last_ingest_time_us = record.ingest_time_us;
                 let outcome = p.state.apply(&record)?;
                 if outcome.status != Status::AlreadyRead && first_applied.is_none() {
                     first_applied = Some(seq);

@@ -26,6 +26,7 @@ pub(crate) struct Worker {
     pub running: Arc<Semaphore>,
     pub max_concurrent_shards: usize,
     pub max_records_per_sec: Option<u64>,
+    pub metrics: std::sync::Arc<crate::metrics::ProjectorMetrics>,
 }
 
 impl Worker {
@@ -142,11 +143,12 @@ impl ProjectorService for Worker {
             ))
         })?;
         let (tx, rx) = mpsc::channel(64);
-        let (archive, snapshots, settings, rate) = (
+        let (archive, snapshots, settings, rate, metrics) = (
             self.archive.clone(),
             self.snapshots.clone(),
             self.settings,
             self.max_records_per_sec,
+            self.metrics.clone(),
         );
         let span = tracing::info_span!("run_shard", replay = %request.replay_id, snapshot = %shard.snapshot_id, partitions = ?shard.partitions, cutoff = shard.cutoff);
         tokio::spawn(
@@ -164,12 +166,14 @@ impl ProjectorService for Worker {
                 let outcome = tokio::select! {
                     outcome = run_shard(&archive, &snapshots, settings, &shard, rate, on_progress) => outcome,
                     _ = tx.closed() => {
+                        metrics.shard("cancelled");
                         tracing::info!("caller went away; shard cancelled");
                         return;
                     }
                 };
                 let message = match outcome {
                     Ok(output) => {
+                        metrics.shard("done");
                         tracing::info!(parts = output.parts.len(), segments = output.segments_read.len(), "shard done");
                         Ok(v1::RunShardUpdate {
                             update: Some(v1::run_shard_update::Update::Result(v1::ShardResult {
@@ -183,6 +187,7 @@ impl ProjectorService for Worker {
                         })
                     }
                     Err(e) => {
+                        metrics.shard("failed");
                         tracing::warn!(error = %e, "shard failed");
                         Err(replay_status(e))
                     }

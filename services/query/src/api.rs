@@ -25,6 +25,7 @@ pub(crate) struct QueryApi {
     pub settings: Settings,
     pub changes: broadcast::Sender<v1::CurrentRow>,
     pub max_watch_merchants: usize,
+    pub metrics: Arc<crate::metrics::QueryMetrics>,
 }
 
 const DEFAULT_PAGE: usize = 100;
@@ -278,9 +279,16 @@ impl QueryService for QueryApi {
         &self,
         request: Request<v1::GetCurrentExposureRequest>,
     ) -> Result<Response<v1::CurrentExposure>, Status> {
+        let started = std::time::Instant::now();
         let merchant_id = request.into_inner().merchant_id;
         merchant("merchant_id", &merchant_id)?;
         let exposure = self.current_exposure(&merchant_id);
+        let source = if exposure.rows.is_empty() {
+            "none"
+        } else {
+            "stream"
+        };
+        self.metrics.observe("GetCurrentExposure", source, started);
         if exposure.rows.is_empty() {
             return Err(Status::not_found(format!(
                 "merchant '{merchant_id}' has no events in the stream tables"
@@ -316,6 +324,7 @@ impl QueryService for QueryApi {
             settings: self.settings,
             changes: self.changes.clone(),
             max_watch_merchants: self.max_watch_merchants,
+            metrics: self.metrics.clone(),
         };
         let stream = async_stream(initial, move |tx| async move {
             loop {
@@ -359,10 +368,17 @@ impl QueryService for QueryApi {
                 "snapshot_id: only with consistency AUTHORITATIVE",
             ));
         }
-        match self
+        let started = std::time::Instant::now();
+        let answer = self
             .route(&request.merchant_id, day, consistency, snapshot_id)
-            .await?
-        {
+            .await?;
+        let source = match answer.as_ref().and_then(|a| a.provenance.as_ref()) {
+            Some(p) if p.source == v1::Source::Replay as i32 => "replay",
+            Some(_) => "stream",
+            None => "none",
+        };
+        self.metrics.observe("GetDailyExposure", source, started);
+        match answer {
             Some(answer) => Ok(Response::new(answer)),
             None => Err(Status::not_found(format!(
                 "merchant '{}' has no rows on {day} ({})",

@@ -6,6 +6,7 @@
 
 mod api;
 mod authoritative;
+mod metrics;
 pub mod part_cache;
 mod tables;
 
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use payledger_server_common::config::{AccessArgs, NatsArgs};
+use payledger_server_common::metrics::MetricsArgs;
 use payledger_server_common::serve::{ServerLimits, serve_grpc};
 use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
@@ -28,6 +30,8 @@ pub struct QueryConfig {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// Most merchants one WatchCurrentExposure call may follow.
     #[arg(long, env = "PAYLEDGER_MAX_WATCH_MERCHANTS", default_value_t = 1000)]
     pub max_watch_merchants: usize,
@@ -84,6 +88,7 @@ impl QueryConfig {
         Self {
             nats: NatsArgs::new(nats_url),
             access: AccessArgs::default(),
+            metrics: MetricsArgs::default(),
             max_watch_merchants: 1000,
             max_concurrent_requests: 256,
             store: None,
@@ -112,6 +117,12 @@ pub async fn run_with_counters(
     shutdown: impl Future<Output = ()> + Send,
     counters: Arc<PartCacheCounters>,
 ) -> anyhow::Result<()> {
+    let mut registry = payledger_server_common::metrics::Registry::default();
+    let metrics = metrics::QueryMetrics::register(&mut registry, counters.clone());
+    let metrics_server = config
+        .metrics
+        .serve(registry, std::future::pending())
+        .await?;
     let client = config.nats.connect("payledger-query").await?;
     let js = async_nats::jetstream::new(client);
     let settings = wait_for_settings(&js).await;
@@ -157,6 +168,7 @@ pub async fn run_with_counters(
         settings,
         changes,
         max_watch_merchants: config.max_watch_merchants,
+        metrics,
     };
     tracing::info!(local = %listener.local_addr()?, "query serving");
     let limits = ServerLimits {
@@ -201,6 +213,9 @@ pub async fn run_with_counters(
     if let Some(auth) = authoritative {
         authoritative::log_cache_stats(&auth.cache_stats());
         auth.close().await;
+    }
+    if let Some(task) = metrics_server {
+        task.abort();
     }
     served?;
     tracing::info!("query stopped");

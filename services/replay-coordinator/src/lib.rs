@@ -10,6 +10,7 @@
 //! provisional rows and stores the report. Replay state is kept in the NATS KV
 //! bucket `replays`; a restarted coordinator resumes what was running.
 
+mod metrics;
 mod reconcile;
 mod registry;
 mod runner;
@@ -37,6 +38,8 @@ pub struct CoordinatorConfig {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub metrics: payledger_server_common::metrics::MetricsArgs,
     /// Object storage holding the archive and the authoritative table: a directory,
     /// file:///path or s3://bucket/prefix (the same location ingest archives to).
     #[arg(long, env = "PAYLEDGER_STORE", default_value = "./data")]
@@ -91,6 +94,7 @@ impl CoordinatorConfig {
         Self {
             nats: NatsArgs::new(nats_url),
             access: AccessArgs::default(),
+            metrics: Default::default(),
             store: store.to_string(),
             workers,
             max_shards_per_worker: 1,
@@ -137,14 +141,23 @@ pub async fn run(
     ensure_buckets(&js, config.kv_replicas).await?;
     let store = open_store(&config.store)?;
     let (registry, unfinished) = registry::Registry::open(&js, config.kv_replicas).await?;
+    let registry = Arc::new(registry);
+    let mut metrics_registry = payledger_server_common::metrics::Registry::default();
+    let metrics = metrics::CoordinatorMetrics::register(&mut metrics_registry, registry.clone());
+    let metrics_server = config
+        .metrics
+        .serve(metrics_registry, std::future::pending())
+        .await?;
     let ctx = Arc::new(runner::Context {
-        registry: Arc::new(registry),
+        registry,
+        metrics,
         workers: Arc::new(workers),
         archive: ArchiveStore::new(store.clone(), settings.fingerprint()),
         snapshots: SnapshotStore::new(store),
         settings,
         stream: js.get_stream(STREAM).await?,
         daily: js.get_key_value(DAILY_BUCKET).await?,
+        daily_stream: js.get_stream(format!("KV_{DAILY_BUCKET}")).await?,
         progress: js.get_key_value(PROGRESS_BUCKET).await?,
         internal_token,
         limits: runner::Limits {
@@ -175,6 +188,9 @@ pub async fn run(
         shutdown,
     )
     .await?;
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     tracing::info!("replay coordinator stopped");
     Ok(())
 }

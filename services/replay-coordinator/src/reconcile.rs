@@ -53,7 +53,7 @@ pub(crate) async fn reconcile(
             snapshot.entry(row.day).or_default().insert(key, row);
         }
     }
-    let stream = stream_rows(&ctx.daily, from, to).await?;
+    let stream = stream_rows(&ctx.daily, ctx.daily_stream.clone(), from, to).await?;
     let mut report = v1::ReconcileReport::default();
     let empty = DayRows::new();
     for d in from.0..=to.0 {
@@ -132,11 +132,14 @@ async fn wait_for_stream(ctx: &Context, cutoff: u64) -> anyhow::Result<bool> {
 /// bucket's latest values in one pass.
 async fn stream_rows(
     daily: &kv::Store,
+    mut daily_stream: async_nats::jetstream::stream::Stream,
     from: Day,
     to: Day,
 ) -> anyhow::Result<BTreeMap<Day, DayRows>> {
     let mut out: BTreeMap<Day, DayRows> = BTreeMap::new();
-    if daily.status().await?.values() == 0 {
+    // An empty bucket's watch would wait for a first value forever. (The store's own
+    // status() is the stream info of when it was opened, so ask the stream.)
+    if daily_stream.info().await?.state.messages == 0 {
         return Ok(out);
     }
     let mut watch = daily.watch_with_history(">").await?;

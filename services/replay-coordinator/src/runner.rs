@@ -27,12 +27,15 @@ pub(crate) struct Limits {
 
 pub(crate) struct Context {
     pub registry: Arc<Registry>,
+    pub metrics: Arc<crate::metrics::CoordinatorMetrics>,
     pub workers: Arc<Workers>,
     pub archive: ArchiveStore,
     pub snapshots: SnapshotStore,
     pub settings: Settings,
     pub stream: JsStream,
     pub daily: kv::Store,
+    /// The stream behind `daily`, for fresh stream info.
+    pub daily_stream: JsStream,
     pub progress: kv::Store,
     /// `Bearer <internal token>` for RunShard, when the workers check tokens.
     pub internal_token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
@@ -131,6 +134,7 @@ async fn drive_phases(ctx: &Arc<Context>, id: &str) -> Result<(), Stop> {
             })?
     };
     let summary = crate::reconcile::reconcile(ctx, &replay, &commit).await?;
+    ctx.metrics.reconciled(&summary, now_us());
     tracing::info!(replay = %id, equal = summary.rows_equal, ahead = summary.rows_stream_ahead, divergent = summary.rows_divergent, missing = summary.rows_missing, "reconciled");
     ctx.registry
         .update(id, |r| {

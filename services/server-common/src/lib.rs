@@ -6,6 +6,7 @@ pub mod atomic_batch;
 pub mod auth;
 pub mod config;
 pub mod local_nats;
+pub mod metrics;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,0 +1,356 @@
+//! Prometheus metrics of every service, scraped over HTTP after real work: the
+//! names the chart's alerts use exist and their values add up.
+
+use std::time::{Duration, Instant};
+
+use payledger_e2e::{
+    AcceptedLog, Harness, Service, ingest_client, now_us, query_client, stream_messages,
+};
+use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
+use payledger_server_common::local_nats::free_port;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+async fn scrape(address: &str) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    anyhow::ensure!(response.starts_with("HTTP/1.1 200"), "{response}");
+    Ok(response)
+}
+
+/// The value of the sample whose name and labels start with `prefix`.
+fn value(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+struct Scraped {
+    address: String,
+}
+
+impl Scraped {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            address: format!("127.0.0.1:{}", free_port()?),
+        })
+    }
+}
+
+async fn spawn(
+    h: &mut Harness,
+    binary: &str,
+    metrics: &Scraped,
+    args: &[&str],
+) -> anyhow::Result<Service> {
+    let mut all = vec!["--metrics-listen", metrics.address.as_str()];
+    all.extend_from_slice(args);
+    h.spawn(binary, &all).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
+    let mut h = Harness::start()?;
+    let store = h.store();
+    let (ingest_m, projector_m, query_m, coordinator_m) = (
+        Scraped::new()?,
+        Scraped::new()?,
+        Scraped::new()?,
+        Scraped::new()?,
+    );
+    let ingest = spawn(
+        &mut h,
+        "payledger-ingest",
+        &ingest_m,
+        &[
+            "--archive-store",
+            &store,
+            "--archive-flush-interval",
+            "200ms",
+            "--heartbeat-interval",
+            "0s",
+        ],
+    )
+    .await?;
+    let projector_store = format!("{store}-projector");
+    let projector = spawn(
+        &mut h,
+        "payledger-projector",
+        &projector_m,
+        &[
+            "--store",
+            &projector_store,
+            "--archive-store",
+            &store,
+            "--checkpoint-interval",
+            "200ms",
+        ],
+    )
+    .await?;
+    let query = spawn(
+        &mut h,
+        "payledger-query",
+        &query_m,
+        &["--store", &store, "--commit-poll-interval", "100ms"],
+    )
+    .await?;
+    let coordinator = spawn(
+        &mut h,
+        "payledger-replay-coordinator",
+        &coordinator_m,
+        &["--store", &store, "--workers", &projector.url()],
+    )
+    .await?;
+
+    let mut client = ingest_client(&ingest.url()).await?;
+    let event = |id: usize, amount: i64| v1::Event {
+        event_id: format!("ev-{id}"),
+        merchant_id: format!("m-{}", id % 7),
+        kind: v1::EventKind::PaymentCaptured as i32,
+        amount_minor: amount,
+        currency: "EUR".into(),
+        event_time_us: now_us() - 1_000_000,
+        corrects_event_id: String::new(),
+    };
+    let events: Vec<v1::Event> = (0..50).map(|i| event(i, 100)).collect();
+    let mut log = AcceptedLog::default();
+    log.publish(&mut client, events.clone()).await?;
+    // An exact resend (duplicates) and a zero amount (rejected).
+    let again = events[..5].iter().cloned().chain([event(99, 0)]).collect();
+    log.publish(&mut client, again).await?;
+
+    let ingest_text = scrape(&ingest_m.address).await?;
+    assert_eq!(
+        value(
+            &ingest_text,
+            "payledger_ingest_events_total{outcome=\"accepted\"}"
+        ),
+        Some(50.0),
+        "{ingest_text}"
+    );
+    assert_eq!(
+        value(
+            &ingest_text,
+            "payledger_ingest_events_total{outcome=\"duplicate\"}"
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        value(
+            &ingest_text,
+            "payledger_ingest_events_total{outcome=\"rejected\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&ingest_text, "payledger_ingest_publish_seconds_count"),
+        Some(2.0)
+    );
+
+    // The projector catches up: no lag, a checkpoint, freshness observed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let projector_text = loop {
+        let text = scrape(&projector_m.address).await?;
+        let applied: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("payledger_projector_applied_sequence{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .fold(0.0, f64::max);
+        if applied >= 50.0 && text.contains("payledger_projector_checkpoint_timestamp_seconds{") {
+            break text;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "projector metrics never caught up:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for line in projector_text
+        .lines()
+        .filter(|l| l.starts_with("payledger_projector_lag_records{"))
+    {
+        assert!(line.ends_with(" 0"), "caught up means no lag: {line}");
+    }
+    let checkpoint = value(
+        &projector_text,
+        "payledger_projector_checkpoint_timestamp_seconds{",
+    )
+    .expect("a checkpoint");
+    assert!(
+        (checkpoint - now_us() as f64 / 1e6).abs() < 60.0,
+        "checkpoint time is now: {checkpoint}"
+    );
+    let fresh_count = value(
+        &projector_text,
+        "payledger_projector_freshness_seconds_count",
+    )
+    .expect("freshness");
+    let fresh_sum =
+        value(&projector_text, "payledger_projector_freshness_seconds_sum").expect("freshness");
+    assert!(
+        fresh_count >= 1.0 && fresh_sum / fresh_count < 10.0,
+        "{fresh_sum} / {fresh_count}"
+    );
+
+    // A replay: the worker counts its shards, the coordinator its replay and the
+    // reconciliation, the query service its answers by source and its part reads.
+    let mut replays =
+        ReplayCoordinatorClient::new(Channel::from_shared(coordinator.url())?.connect().await?);
+    let today = payledger_semantics::Day::of_micros(now_us()).to_string();
+    // Once the archive holds the whole log, one replay of it.
+    let messages = stream_messages(&h.nats.url()).await?;
+    let archive = payledger_storage::ArchiveStore::new(
+        payledger_storage::open_store(&store)?,
+        payledger_semantics::Settings::default().fingerprint(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while payledger_projector::replay::latest_cutoff(&archive).await? < messages {
+        anyhow::ensure!(Instant::now() < deadline, "the archive did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let request = v1::StartReplayRequest {
+        from_day: today.clone(),
+        to_day: today.clone(),
+        reason: "metrics".into(),
+        cutoff: 0,
+    };
+    let started = replays.start_replay(request).await?.into_inner();
+    assert_eq!(started.cutoff, messages);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while replays
+        .get_replay(v1::GetReplayRequest {
+            replay_id: started.replay_id.clone(),
+        })
+        .await?
+        .into_inner()
+        .state
+        != i32::from(v1::ReplayState::Succeeded)
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the replay did not succeed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let done = replays
+        .get_replay(v1::GetReplayRequest {
+            replay_id: started.replay_id.clone(),
+        })
+        .await?
+        .into_inner();
+    // Seven merchant-days, equal on both sides (the coordinator started before any
+    // row existed, so this also checks that it reads the stream rows afresh).
+    assert_eq!(done.reconciliation.map(|r| r.rows_equal), Some(7));
+    let coordinator_text = scrape(&coordinator_m.address).await?;
+    assert!(
+        value(
+            &coordinator_text,
+            "payledger_replays{state=\"REPLAY_STATE_SUCCEEDED\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{coordinator_text}"
+    );
+    assert_eq!(
+        value(
+            &coordinator_text,
+            "payledger_reconciliation_differences{kind=\"divergent\"}"
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &coordinator_text,
+            "payledger_reconciliation_differences{kind=\"missing\"}"
+        ),
+        Some(0.0)
+    );
+    assert!(
+        value(
+            &coordinator_text,
+            "payledger_replay_last_commit_timestamp_seconds"
+        )
+        .unwrap_or(0.0)
+            > 1.7e9
+    );
+    let projector_text = scrape(&projector_m.address).await?;
+    assert!(
+        value(
+            &projector_text,
+            "payledger_replay_shards_total{outcome=\"done\"}"
+        )
+        .unwrap_or(0.0)
+            >= 16.0,
+        "{projector_text}"
+    );
+
+    let mut reads = query_client(&query.url()).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = reads
+            .get_daily_exposure(v1::GetDailyExposureRequest {
+                merchant_id: "m-1".into(),
+                day: today.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        if answer
+            .provenance
+            .is_some_and(|p| p.source == v1::Source::Replay as i32)
+        {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "AUTO never answered from the replay"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    reads
+        .get_daily_exposure(v1::GetDailyExposureRequest {
+            merchant_id: "m-1".into(),
+            day: today.clone(),
+            ..Default::default()
+        })
+        .await?;
+    let query_text = scrape(&query_m.address).await?;
+    assert!(
+        value(
+            &query_text,
+            "payledger_query_seconds_count{method=\"GetDailyExposure\",source=\"replay\"}"
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{query_text}"
+    );
+    let memory = value(
+        &query_text,
+        "payledger_query_part_cache_reads_total{tier=\"memory\"}",
+    )
+    .unwrap_or(0.0);
+    let object_store = value(
+        &query_text,
+        "payledger_query_part_cache_reads_total{tier=\"object_store\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(
+        object_store >= 1.0 && memory >= 1.0,
+        "the first read misses, the next hits: {query_text}"
+    );
+
+    // Anything but /metrics is not found.
+    let mut stream = tokio::net::TcpStream::connect(&query_m.address).await?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The projector's Prometheus metrics, by partition: lag, applied position,
+//! checkpoint time, and freshness (ingest to stored row); and replay shards run.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use payledger_server_common::metrics::{
+    Counter, Family, Gauge, Histogram, Labels, Registry, latency_histogram,
+};
+
+pub(crate) struct ProjectorMetrics {
+    lag: Family<Labels, Gauge>,
+    applied: Family<Labels, Gauge>,
+    checkpoint: Family<Labels, Gauge<f64, AtomicU64>>,
+    freshness: Histogram,
+    pub shards: Family<Labels, Counter>,
+}
+
+fn partition(p: u32) -> Labels {
+    vec![("partition", p.to_string())]
+}
+
+impl ProjectorMetrics {
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let m = Self {
+            lag: Family::default(),
+            applied: Family::default(),
+            checkpoint: Family::default(),
+            freshness: latency_histogram(),
+            shards: Family::default(),
+        };
+        registry.register(
+            "payledger_projector_lag_records",
+            "Records of the partition in the stream not yet applied",
+            m.lag.clone(),
+        );
+        registry.register(
+            "payledger_projector_applied_sequence",
+            "Log position through which the partition's rows are stored",
+            m.applied.clone(),
+        );
+        registry.register(
+            "payledger_projector_checkpoint_timestamp_seconds",
+            "When the partition's newest checkpoint was written (Unix time); alert on its age",
+            m.checkpoint.clone(),
+        );
+        registry.register(
+            "payledger_projector_freshness_seconds",
+            "From ingest_time of the newest record of a flush until its rows were stored",
+            m.freshness.clone(),
+        );
+        registry.register(
+            "payledger_replay_shards",
+            "Replay shards this worker ran, by outcome (done, failed, cancelled)",
+            m.shards.clone(),
+        );
+        Arc::new(m)
+    }
+
+    pub fn progress(&self, p: u32, applied: u64, pending: u64) {
+        self.applied
+            .get_or_create(&partition(p))
+            .set(applied as i64);
+        self.lag.get_or_create(&partition(p)).set(pending as i64);
+    }
+
+    pub fn checkpointed(&self, p: u32, at_us: i64) {
+        self.checkpoint
+            .get_or_create(&partition(p))
+            .set(at_us as f64 / 1e6);
+    }
+
+    pub fn stored(&self, ingest_time_us: i64, now_us: i64) {
+        self.freshness
+            .observe((now_us - ingest_time_us).max(0) as f64 / 1e6);
+    }
+
+    pub fn shard(&self, outcome: &'static str) {
+        self.shards
+            .get_or_create(&vec![("outcome", outcome.to_string())])
+            .inc();
+    }
+}
