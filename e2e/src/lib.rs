@@ -139,7 +139,12 @@ impl Harness {
             child,
             log,
         };
-        wait_serving(&mut service).await?;
+        // A TLS server answers health in plaintext on --health-listen only.
+        let health = match args.windows(2).find(|w| w[0] == "--health-listen") {
+            Some(w) => format!("http://{}", w[1]),
+            None => service.url(),
+        };
+        wait_serving(&mut service, &health).await?;
         Ok(service)
     }
 }
@@ -177,13 +182,16 @@ pub async fn wait_healthy(url: &str, within: Duration) -> anyhow::Result<()> {
     }
 }
 
-async fn wait_serving(service: &mut Service) -> anyhow::Result<()> {
+async fn wait_serving(service: &mut Service, health_url: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = service.child.try_wait()? {
             anyhow::bail!("{} exited with {status}:\n{}", service.name, service.log());
         }
-        if let Ok(channel) = Channel::from_shared(service.url())?.connect().await {
+        if let Ok(channel) = Channel::from_shared(health_url.to_string())?
+            .connect()
+            .await
+        {
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
             let request = tonic_health::pb::HealthCheckRequest {
                 service: String::new(),

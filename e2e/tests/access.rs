@@ -270,3 +270,231 @@ async fn each_role_reaches_only_its_methods_and_refused_calls_change_nothing() -
     }
     Ok(())
 }
+
+/// A certificate authority for the test, and certificates it signs.
+struct Authority {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
+}
+
+impl Authority {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key)?.pem();
+        Ok(Self {
+            issuer: rcgen::Issuer::new(params, key),
+            pem,
+        })
+    }
+
+    /// (certificate, key) in PEM for the loopback names.
+    fn sign(&self) -> anyhow::Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        Ok((
+            params.signed_by(&key, &self.issuer)?.pem(),
+            key.serialize_pem(),
+        ))
+    }
+}
+
+/// Writes through a rename, as a Kubernetes Secret update does.
+fn replace(path: &std::path::Path, content: &str) -> anyhow::Result<()> {
+    let temp = path.with_extension("new");
+    std::fs::write(&temp, content)?;
+    std::fs::rename(temp, path)?;
+    Ok(())
+}
+
+async fn tls_channel(
+    addr: &str,
+    ca: &str,
+    client: Option<&(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((cert, key)) = client {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .expect("a url")
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_refuses_plaintext_and_strangers_and_serves_a_rotated_certificate() -> anyhow::Result<()>
+{
+    let mut h = Harness::start()?;
+    let (ca, other_ca) = (
+        Authority::new("payledger test CA")?,
+        Authority::new("another CA")?,
+    );
+    let dir = h.dir.path().join("tls");
+    std::fs::create_dir_all(&dir)?;
+    let (cert_path, key_path, client_ca_path) =
+        (dir.join("tls.crt"), dir.join("tls.key"), dir.join("ca.crt"));
+    let (cert, key) = ca.sign()?;
+    std::fs::write(&cert_path, cert)?;
+    std::fs::write(&key_path, key)?;
+    std::fs::write(&client_ca_path, &ca.pem)?;
+    let tokens = h.dir.path().join("tokens");
+    std::fs::create_dir_all(&tokens)?;
+    std::fs::write(tokens.join("producer"), format!("{PRODUCER}\n"))?;
+    let health = format!(
+        "127.0.0.1:{}",
+        payledger_server_common::local_nats::free_port()?
+    );
+    let ingest = h
+        .spawn(
+            "payledger-ingest",
+            &[
+                "--tokens-dir",
+                &tokens.display().to_string(),
+                "--tls-cert",
+                &cert_path.display().to_string(),
+                "--tls-key",
+                &key_path.display().to_string(),
+                "--health-listen",
+                &health,
+                "--heartbeat-interval",
+                "0s",
+            ],
+        )
+        .await?;
+    let publish = |id: &str| {
+        with_token(
+            v1::PublishRequest {
+                events: vec![event(id)],
+            },
+            Some(PRODUCER),
+        )
+    };
+
+    // Plaintext to the TLS port: no answer.
+    let plaintext = match Channel::from_shared(ingest.url())?.connect().await {
+        Ok(channel) => {
+            payledger_proto::v1::ingest_service_client::IngestServiceClient::new(channel)
+                .publish(publish("ev-plain"))
+                .await
+                .map(|_| ())
+        }
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    assert!(plaintext.is_err(), "plaintext must not reach a TLS server");
+    // A client that trusts another CA refuses the server.
+    assert!(
+        tls_channel(&ingest.addr, &other_ca.pem, None)
+            .await
+            .is_err(),
+        "a wrong CA must fail the handshake"
+    );
+    assert_eq!(
+        stream_messages(&h.nats.url()).await?,
+        0,
+        "nothing refused was written"
+    );
+    // The right CA and token: accepted. Health answers in plaintext beside.
+    let mut client = payledger_proto::v1::ingest_service_client::IngestServiceClient::new(
+        tls_channel(&ingest.addr, &ca.pem, None).await?,
+    );
+    client.publish(publish("ev-tls")).await?;
+    assert_eq!(stream_messages(&h.nats.url()).await?, 1);
+    let status = tonic_health::pb::health_client::HealthClient::new(
+        Channel::from_shared(format!("http://{health}"))?
+            .connect()
+            .await?,
+    )
+    .check(tonic_health::pb::HealthCheckRequest::default())
+    .await?
+    .into_inner()
+    .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // The certificate is rotated (now signed by the other CA): new connections get
+    // the new one without a restart.
+    let (cert, key) = other_ca.sign()?;
+    replace(&key_path, &key)?;
+    replace(&cert_path, &cert)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tls_channel(&ingest.addr, &other_ca.pem, None)
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the rotated certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        tls_channel(&ingest.addr, &ca.pem, None).await.is_err(),
+        "the old certificate is gone"
+    );
+
+    // Mutual TLS: without a client certificate of the client CA, no connection.
+    let query = h
+        .spawn(
+            "payledger-query",
+            &[
+                "--tls-cert",
+                &cert_path.display().to_string(),
+                "--tls-key",
+                &key_path.display().to_string(),
+                "--tls-client-ca",
+                &client_ca_path.display().to_string(),
+                "--health-listen",
+                &format!(
+                    "127.0.0.1:{}",
+                    payledger_server_common::local_nats::free_port()?
+                ),
+            ],
+        )
+        .await?;
+    let ask = || v1::GetCurrentExposureRequest {
+        merchant_id: "m-access".into(),
+    };
+    let anonymous = match tls_channel(&query.addr, &other_ca.pem, None).await {
+        Ok(channel) => payledger_proto::v1::query_service_client::QueryServiceClient::new(channel)
+            .get_current_exposure(ask())
+            .await
+            .map(|_| ()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    assert!(anonymous.is_err(), "no client certificate, no answer");
+    let stranger = other_ca.sign()?;
+    let strange = match tls_channel(&query.addr, &other_ca.pem, Some(&stranger)).await {
+        Ok(channel) => payledger_proto::v1::query_service_client::QueryServiceClient::new(channel)
+            .get_current_exposure(ask())
+            .await
+            .map(|_| ()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    assert!(
+        strange.is_err(),
+        "a client certificate of another CA is refused"
+    );
+    let known = ca.sign()?;
+    let mut reads = payledger_proto::v1::query_service_client::QueryServiceClient::new(
+        tls_channel(&query.addr, &other_ca.pem, Some(&known)).await?,
+    );
+    // Through mutual TLS the service answers about the data (no projector runs
+    // here, so the merchant is not found): access is no longer the question.
+    let answer = reads.get_current_exposure(ask()).await;
+    assert!(
+        matches!(&answer, Err(s) if s.code() == Code::NotFound),
+        "{answer:?}"
+    );
+    Ok(())
+}

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -15,9 +14,7 @@ use tonic_reflection::pb::v1::{
 
 /// The services `url` lists through reflection, once its health says SERVING.
 pub async fn check(url: &str) -> anyhow::Result<Vec<String>> {
-    let channel = Channel::from_shared(url.to_string())
-        .with_context(|| format!("'{url}' is not a valid URI"))?
-        .connect_timeout(Duration::from_secs(5))
+    let channel = crate::connect::endpoint(url, "checked")?
         .timeout(Duration::from_secs(5))
         .connect()
         .await

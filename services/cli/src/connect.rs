@@ -8,12 +8,19 @@ use anyhow::Context;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 /// A connection whose calls carry the token.
 pub type Conn = InterceptedService<Channel, Bearer>;
 
 static TOKEN: OnceLock<Option<MetadataValue<Ascii>>> = OnceLock::new();
+static TLS: OnceLock<Option<tonic::transport::ClientTlsConfig>> = OnceLock::new();
+
+/// Sets the TLS settings every later connection uses (with https:// URLs).
+pub fn set_tls(tls: &payledger_server_common::tls::ClientTlsArgs) -> anyhow::Result<()> {
+    let _ = TLS.set(tls.config()?);
+    Ok(())
+}
 
 /// Sets the token every later connection sends; call once, before connecting.
 pub fn set_token(token: Option<&str>) -> anyhow::Result<()> {
@@ -49,11 +56,22 @@ impl Interceptor for Bearer {
     }
 }
 
+/// An endpoint for `url` with the TLS settings, if any.
+pub fn endpoint(url: &str, what: &str) -> anyhow::Result<Endpoint> {
+    let mut endpoint = Channel::from_shared(url.to_string())
+        .with_context(|| format!("{what} URL '{url}' is not a valid URI"))?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(tls) = TLS.get().cloned().flatten() {
+        endpoint = endpoint
+            .tls_config(tls)
+            .with_context(|| format!("TLS settings for {url}"))?;
+    }
+    Ok(endpoint)
+}
+
 /// Connects to the `what` service (named in errors, with its `--{what}-url` flag).
 pub async fn connect(url: &str, what: &str) -> anyhow::Result<Conn> {
-    let channel = Channel::from_shared(url.to_string())
-        .with_context(|| format!("{what} URL '{url}' is not a valid URI"))?
-        .connect_timeout(Duration::from_secs(5))
+    let channel = endpoint(url, what)?
         .connect()
         .await
         .with_context(|| format!("cannot reach the {what} service at {url}; is `payledger dev` running, or is --{what}-url right?"))?;

@@ -30,6 +30,8 @@ struct Cli {
     /// ingest and gen --send, reader for query, operator for replay and reconcile).
     #[arg(long, env = "PAYLEDGER_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    #[command(flatten)]
+    tls: payledger_server_common::tls::ClientTlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -855,6 +857,7 @@ replaying the archive through log position {} on the replay workers",
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     payledger_cli::connect::set_token(cli.token.as_deref())?;
+    payledger_cli::connect::set_tls(&cli.tls)?;
     if matches!(
         cli.command,
         Command::Dev(_) | Command::Demo { .. } | Command::Bench(_)

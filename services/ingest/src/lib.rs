@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use payledger_server_common::config::{AccessArgs, NatsArgs, SemanticsArgs, parse_duration};
-use payledger_server_common::serve::{ServerLimits, serve_grpc};
+use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{StreamOptions, ensure_stream};
 use tokio::net::TcpListener;
 
@@ -35,6 +35,8 @@ pub struct IngestConfig {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub tls: payledger_server_common::tls::TlsArgs,
     #[command(flatten)]
     pub metrics: payledger_server_common::metrics::MetricsArgs,
     #[command(flatten)]
@@ -91,6 +93,7 @@ impl IngestConfig {
         Self {
             nats: NatsArgs::new(nats_url),
             access: AccessArgs::default(),
+            tls: Default::default(),
             metrics: Default::default(),
             semantics: SemanticsArgs::default(),
             max_batch_events: 1000,
@@ -216,10 +219,11 @@ pub async fn run(
         Some(service.into_routes(config.max_request_bytes)),
         &["payledger.v1.IngestService"],
         listener,
-        &ServerLimits {
+        &ServerOptions {
             max_request_bytes: config.max_request_bytes,
             concurrency_per_connection: 256,
             tokens: config.access.tokens()?,
+            tls: config.tls.clone(),
         },
         shutdown,
     )

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use payledger_proto::v1;
 use payledger_server_common::config::{AccessArgs, NatsArgs, parse_duration};
-use payledger_server_common::serve::{ServerLimits, serve_grpc};
+use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
 };
@@ -60,6 +60,8 @@ pub struct ProjectorConfig {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub tls: payledger_server_common::tls::TlsArgs,
     #[command(flatten)]
     pub metrics: payledger_server_common::metrics::MetricsArgs,
     /// Stream projection, replay worker (RunShard), or both.
@@ -126,6 +128,7 @@ impl ProjectorConfig {
         Self {
             nats: NatsArgs::new(nats_url),
             access: AccessArgs::default(),
+            tls: Default::default(),
             metrics: Default::default(),
             mode: Mode::Both,
             store: store.to_string(),
@@ -298,10 +301,11 @@ pub async fn run(
         routes,
         served_names,
         listener,
-        &ServerLimits {
+        &ServerOptions {
             max_request_bytes: 4 << 20,
             concurrency_per_connection: 64,
             tokens: config.access.tokens()?,
+            tls: config.tls.clone(),
         },
         shutdown,
     )

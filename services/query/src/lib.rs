@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use payledger_server_common::config::{AccessArgs, NatsArgs};
 use payledger_server_common::metrics::MetricsArgs;
-use payledger_server_common::serve::{ServerLimits, serve_grpc};
+use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
 };
@@ -30,6 +30,8 @@ pub struct QueryConfig {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub tls: payledger_server_common::tls::TlsArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
     /// Most merchants one WatchCurrentExposure call may follow.
@@ -88,6 +90,7 @@ impl QueryConfig {
         Self {
             nats: NatsArgs::new(nats_url),
             access: AccessArgs::default(),
+            tls: Default::default(),
             metrics: MetricsArgs::default(),
             max_watch_merchants: 1000,
             max_concurrent_requests: 256,
@@ -171,10 +174,11 @@ pub async fn run_with_counters(
         metrics,
     };
     tracing::info!(local = %listener.local_addr()?, "query serving");
-    let limits = ServerLimits {
+    let limits = ServerOptions {
         max_request_bytes: 1 << 20,
         concurrency_per_connection: config.max_concurrent_requests,
         tokens: config.access.tokens()?,
+        tls: config.tls.clone(),
     };
     let served = {
         let follower_failed = async {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use payledger_server_common::auth::Role;
 use payledger_server_common::config::{AccessArgs, NatsArgs, parse_duration};
-use payledger_server_common::serve::{ServerLimits, serve_grpc};
+use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     DAILY_BUCKET, PROGRESS_BUCKET, STREAM, ensure_buckets, wait_for_settings,
 };
@@ -38,6 +38,8 @@ pub struct CoordinatorConfig {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub tls: payledger_server_common::tls::TlsArgs,
     #[command(flatten)]
     pub metrics: payledger_server_common::metrics::MetricsArgs,
     /// Object storage holding the archive and the authoritative table: a directory,
@@ -94,6 +96,7 @@ impl CoordinatorConfig {
         Self {
             nats: NatsArgs::new(nats_url),
             access: AccessArgs::default(),
+            tls: Default::default(),
             metrics: Default::default(),
             store: store.to_string(),
             workers,
@@ -180,10 +183,11 @@ pub async fn run(
         )),
         &["payledger.v1.ReplayCoordinator"],
         listener,
-        &ServerLimits {
+        &ServerOptions {
             max_request_bytes: 64 << 10,
             concurrency_per_connection: 64,
             tokens,
+            tls: config.tls.clone(),
         },
         shutdown,
     )

@@ -10,4 +10,5 @@ pub mod metrics;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;

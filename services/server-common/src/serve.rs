@@ -11,13 +11,15 @@ use tonic::transport::Server;
 
 /// Limits and access rules every server shares; each service exposes them as flags.
 #[derive(Clone, Debug)]
-pub struct ServerLimits {
+pub struct ServerOptions {
     /// Largest decoded request message, in bytes.
     pub max_request_bytes: usize,
     /// Requests handled at once per connection.
     pub concurrency_per_connection: usize,
     /// Accepted bearer tokens per role; None: calls are not checked.
     pub tokens: Option<std::sync::Arc<crate::auth::Tokens>>,
+    /// TLS settings (see [`crate::tls::TlsArgs`]).
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// Serves `routes` plus `grpc.health.v1` (SERVING for each name in `served`, and for
@@ -27,7 +29,7 @@ pub async fn serve_grpc(
     routes: Option<Routes>,
     served: &[&'static str],
     listener: TcpListener,
-    limits: &ServerLimits,
+    limits: &ServerOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -51,22 +53,51 @@ pub async fn serve_grpc(
     }
     let reflection = reflection.build_v1()?;
     let routes = match routes {
-        Some(routes) => routes.add_service(health_service),
-        None => Routes::new(health_service),
+        Some(routes) => routes.add_service(health_service.clone()),
+        None => Routes::new(health_service.clone()),
     }
     .add_service(reflection);
-    // Small responses must not wait for Nagle's algorithm: no delay on every connection.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(stream) = &conn {
-            let _ = stream.set_nodelay(true);
-        }
-        conn
-    });
-    Server::builder()
+    let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopped_tx.send(true);
+    };
+    let router = Server::builder()
         .concurrency_limit_per_connection(limits.concurrency_per_connection)
         .layer(crate::auth::AuthLayer::new(limits.tokens.clone()))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .add_routes(routes);
+    match limits.tls.server_config()? {
+        Some(config) => {
+            if let Some(address) = limits.tls.health_listen {
+                // Probes that cannot speak TLS get health, and nothing else, in plaintext.
+                let plain = TcpListener::bind(address)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--health-listen {address}: {e}"))?;
+                let mut stopped = stopped.clone();
+                tokio::spawn(
+                    Server::builder()
+                        .add_service(health_service)
+                        .serve_with_incoming_shutdown(TcpListenerStream::new(plain), async move {
+                            let _ = stopped.wait_for(|s| *s).await;
+                        }),
+                );
+            }
+            router
+                .serve_with_incoming_shutdown(crate::tls::incoming(listener, config), shutdown)
+                .await?;
+        }
+        None => {
+            // Small responses must not wait for Nagle's algorithm: no delay on every connection.
+            let incoming = TcpListenerStream::new(listener).map(|conn| {
+                if let Ok(stream) = &conn {
+                    let _ = stream.set_nodelay(true);
+                }
+                conn
+            });
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?;
+        }
+    }
     Ok(())
 }
