@@ -422,13 +422,11 @@ mod tests {
         assert!(!leader.leads());
         assert!(other.leads());
 
-        // The new leader shuts down: it releases the Lease and the first takes it
-        // at its next round, well before a lease duration.
-        let stopping = Instant::now();
+        // The new leader shuts down: it releases the Lease (the holder sequence
+        // below shows the release) and the first takes it at its next round.
         other.stop.take().unwrap().send(()).unwrap();
         other.task.await.unwrap();
         leader.until_leading(Duration::from_secs(5)).await;
-        assert!(stopping.elapsed() < Duration::from_millis(900));
 
         sampler.abort();
         assert!(

@@ -371,7 +371,7 @@ pub async fn run(
         }
     };
     tracing::info!(workers = ?config.workers, workers_service = ?config.workers_service, lease = ?config.lease_name, store = %config.store, local = %listener.local_addr()?, "replay coordinator serving");
-    serve_grpc(
+    let served = serve_grpc(
         Some(tonic::service::Routes::new(
             service::CoordinatorApi { ctx: ctx.clone() }.into_service(),
         )),
@@ -384,7 +384,7 @@ pub async fn run(
         },
         shutdown,
     )
-    .await?;
+    .await;
     // Replays still running stay RUNNING in the KV bucket; the Lease goes last,
     // released so that a standby takes over at once.
     tasks.shutdown().await;
@@ -398,6 +398,7 @@ pub async fn run(
     if let Some(task) = metrics_server {
         task.abort();
     }
+    served?;
     tracing::info!("replay coordinator stopped");
     Ok(())
 }

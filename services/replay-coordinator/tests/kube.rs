@@ -136,14 +136,21 @@ async fn one_coordinator_plans_and_a_standby_takes_over_on_discovered_workers() 
         _ => (b, a),
     };
 
-    // The standby refuses to plan and names the leader.
-    let refused = standby
-        .client
-        .start_replay(start_request())
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-    assert!(refused.message().contains(&leader.name), "{refused:?}");
+    // The standby refuses to plan and, once it has read the Lease, names the leader.
+    eventually(
+        Duration::from_secs(5),
+        "the standby to name the leader",
+        || {
+            let mut client = standby.client.clone();
+            let leader = leader.name.clone();
+            async move {
+                let refused = client.start_replay(start_request()).await.unwrap_err();
+                assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+                refused.message().contains(&leader).then_some(())
+            }
+        },
+    )
+    .await;
 
     // The leader plans (once it has read the replays left in KV).
     let started = eventually(Duration::from_secs(10), "the leader to plan", || {
