@@ -9,7 +9,17 @@
 //! only when all shards are verified, then reconciles the snapshot with the stream's
 //! provisional rows and stores the report. Replay state is kept in the NATS KV
 //! bucket `replays`; a restarted coordinator resumes what was running.
+//!
+//! In a cluster the workers are the ready endpoints of the projectors' headless
+//! Service (`discovery`), and of several coordinator replicas only the holder of a
+//! Lease plans and runs replays (`leader`). Without `--workers-service` and
+//! `--lease-name` the coordinator never talks to the Kubernetes API.
 
+mod discovery;
+#[cfg(test)]
+#[path = "../tests/support/fake_kube.rs"]
+mod fake_kube;
+mod leader;
 mod metrics;
 mod reconcile;
 mod registry;
@@ -21,6 +31,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use payledger_server_common::auth::Role;
 use payledger_server_common::config::{AccessArgs, NatsArgs, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
@@ -29,6 +40,10 @@ use payledger_server_common::topology::{
 };
 use payledger_storage::{ArchiveStore, SnapshotStore, open_store};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::leader::{Leadership, LeaseElector, LeaseSettings};
+use crate::runner::Context;
 
 pub use registry::REPLAYS_BUCKET;
 
@@ -47,14 +62,42 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "PAYLEDGER_STORE", default_value = "./data")]
     pub store: String,
     /// Replay workers (projectors serving RunShard) as gRPC URLs, comma-separated,
-    /// e.g. http://projector-0:50053,http://projector-1:50053.
+    /// e.g. http://projector-0:50053,http://projector-1:50053. Not used with
+    /// --workers-service.
     #[arg(
         long,
         env = "PAYLEDGER_WORKERS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "workers_service"
     )]
     pub workers: Vec<String>,
+    /// In a cluster: the projectors' headless Service. Its ready endpoints (from
+    /// its EndpointSlices, watched) are the replay workers, on the port named grpc.
+    #[arg(long, env = "PAYLEDGER_WORKERS_SERVICE")]
+    pub workers_service: Option<String>,
+    /// Namespace of --workers-service and --lease-name (default: the pod's own, or
+    /// the kubeconfig context's).
+    #[arg(long, env = "PAYLEDGER_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// A coordination.k8s.io Lease: of several coordinator replicas, only its
+    /// holder plans and runs replays; the others answer StartReplay UNAVAILABLE.
+    #[arg(long, env = "PAYLEDGER_LEASE_NAME", requires = "pod_name")]
+    pub lease_name: Option<String>,
+    /// This replica's holder identity in the Lease: its pod name.
+    #[arg(long, env = "PAYLEDGER_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// A Lease not renewed for this long may be taken by another replica (whole seconds).
+    #[arg(long, env = "PAYLEDGER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// How often the Lease is renewed, and read by the other replicas (at most a
+    /// third of --lease-duration).
+    #[arg(long, env = "PAYLEDGER_LEASE_RENEW_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub lease_renew_interval: Duration,
+    /// The Kubernetes API server, reached without credentials (e.g.
+    /// http://127.0.0.1:8001 of `kubectl proxy`). Default: the pod's service
+    /// account in a cluster, else the kubeconfig.
+    #[arg(long, env = "PAYLEDGER_KUBE_API")]
+    pub kube_api: Option<String>,
     /// Shards one worker runs at once (keep it at most the workers'
     /// --max-concurrent-shards).
     #[arg(long, env = "PAYLEDGER_MAX_SHARDS_PER_WORKER", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -100,6 +143,13 @@ impl CoordinatorConfig {
             metrics: Default::default(),
             store: store.to_string(),
             workers,
+            workers_service: None,
+            namespace: None,
+            lease_name: None,
+            pod_name: None,
+            lease_duration: Duration::from_secs(15),
+            lease_renew_interval: Duration::from_secs(5),
+            kube_api: None,
             max_shards_per_worker: 1,
             partitions_per_shard: 1,
             shard_attempts: 3,
@@ -113,6 +163,88 @@ impl CoordinatorConfig {
     }
 }
 
+/// kube's TLS goes through rustls, which finds two crypto providers compiled into
+/// this binary (ring, and aws-lc-rs for object_store) and so picks neither by
+/// itself: name one for the process.
+fn install_crypto_provider() {
+    // Err only when one is installed already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The Kubernetes API client, for discovery and the Lease.
+async fn kube_client(config: &CoordinatorConfig) -> anyhow::Result<kube::Client> {
+    install_crypto_provider();
+    match &config.kube_api {
+        Some(url) => {
+            let url = url
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--kube-api: '{url}' is not a URL: {e}"))?;
+            Ok(kube::Client::try_from(kube::Config::new(url))?)
+        }
+        None => kube::Client::try_default().await.context(
+            "--workers-service and --lease-name need the Kubernetes API: no in-cluster service account nor kubeconfig found",
+        ),
+    }
+}
+
+/// Takes over the replays as the leader: reads them again from the KV bucket
+/// (another coordinator may have led meanwhile) and resumes the unfinished ones.
+async fn lead(ctx: &Arc<Context>) -> anyhow::Result<()> {
+    let unfinished = ctx.registry.reload().await?;
+    ctx.drivers.lead();
+    for id in unfinished {
+        tracing::info!(replay = %id, "resuming a replay left unfinished");
+        ctx.drivers.start(ctx, id);
+    }
+    Ok(())
+}
+
+/// Follows the Lease. On taking it: `lead`. On losing it: abandons the replays
+/// this coordinator drives. They stay as the KV bucket has them (RUNNING, with
+/// their finished shards), and the next leader resumes them, as after a
+/// coordinator restart, re-running only the shards that were not done. Letting
+/// them run on instead would have two coordinators drive one replay once the new
+/// leader resumes it, both writing its state. The old leader stops at least a
+/// third of a lease duration before another can take over (`leader`), so the two
+/// never overlap. A standby re-reads the replays every `refresh`, so that its
+/// GetReplay, ListReplays and WatchReplay answers stay current.
+async fn follow_leadership(
+    ctx: Arc<Context>,
+    mut leadership: watch::Receiver<Leadership>,
+    refresh: Duration,
+) {
+    loop {
+        let leading = *leadership.borrow_and_update() == Leadership::Leading;
+        if leading && !ctx.drivers.leading() {
+            if let Err(error) = lead(&ctx).await {
+                tracing::warn!(%error, "could not read the replays to take over; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        } else if !leading && ctx.drivers.leading() {
+            let abandoned = ctx.drivers.stand_down();
+            let count = abandoned.len();
+            for task in abandoned {
+                let _ = task.await;
+            }
+            tracing::warn!(
+                replays = count,
+                "lost the Lease: abandoned the replays this coordinator drove; the next leader resumes them"
+            );
+        }
+        tokio::select! {
+            changed = leadership.changed() => if changed.is_err() {
+                return;
+            },
+            () = tokio::time::sleep(refresh), if !leading => {
+                if let Err(error) = ctx.registry.reload().await {
+                    tracing::debug!(%error, "could not re-read the replays");
+                }
+            }
+        }
+    }
+}
+
 /// Serves the coordinator on `listener` until `shutdown`. Replays still running at
 /// shutdown stay RUNNING in the KV bucket and are resumed by the next coordinator.
 pub async fn run(
@@ -120,11 +252,42 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let workers = workers::Workers::new(
-        &config.workers,
-        config.max_shards_per_worker.into(),
-        config.worker_cooldown,
-    )?;
+    let lease = match &config.lease_name {
+        Some(name) => {
+            let settings = LeaseSettings {
+                name: name.clone(),
+                identity: config.pod_name.clone().unwrap_or_default(),
+                duration: config.lease_duration,
+                renew_interval: config.lease_renew_interval,
+            };
+            settings.validate()?;
+            Some(settings)
+        }
+        None => None,
+    };
+    // Only a coordinator told to use the Kubernetes API talks to it.
+    let kube = match config.workers_service.is_some() || lease.is_some() {
+        true => {
+            let client = kube_client(&config).await?;
+            let namespace = config
+                .namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string());
+            Some((client, namespace))
+        }
+        false => None,
+    };
+    let workers = Arc::new(match &config.workers_service {
+        Some(_) => workers::Workers::discovered(
+            config.max_shards_per_worker.into(),
+            config.worker_cooldown,
+        ),
+        None => workers::Workers::new(
+            &config.workers,
+            config.max_shards_per_worker.into(),
+            config.worker_cooldown,
+        )?,
+    });
     let tokens = config.access.tokens()?;
     // RunShard needs the internal role.
     let internal_token = match tokens.as_ref().map(|t| t.token_of(Role::Internal)) {
@@ -143,18 +306,21 @@ pub async fn run(
     let settings = wait_for_settings(&js).await;
     ensure_buckets(&js, config.kv_replicas).await?;
     let store = open_store(&config.store)?;
-    let (registry, unfinished) = registry::Registry::open(&js, config.kv_replicas).await?;
-    let registry = Arc::new(registry);
+    let registry = Arc::new(registry::Registry::open(&js, config.kv_replicas).await?);
     let mut metrics_registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::CoordinatorMetrics::register(&mut metrics_registry, registry.clone());
     let metrics_server = config
         .metrics
         .serve(metrics_registry, std::future::pending())
         .await?;
+    let (leadership_tx, leadership) = watch::channel(match lease {
+        Some(_) => Leadership::Following { holder: None },
+        None => Leadership::Leading,
+    });
     let ctx = Arc::new(runner::Context {
         registry,
         metrics,
-        workers: Arc::new(workers),
+        workers: workers.clone(),
         archive: ArchiveStore::new(store.clone(), settings.fingerprint()),
         snapshots: SnapshotStore::new(store),
         settings,
@@ -171,15 +337,46 @@ pub async fn run(
             reconcile_wait: config.reconcile_wait,
             max_differences_stored: config.max_differences_stored,
         },
+        drivers: Default::default(),
+        leadership: leadership.clone(),
+        lease: lease.clone(),
     });
-    for id in unfinished {
-        tracing::info!(replay = %id, "resuming a replay the previous coordinator left unfinished");
-        tokio::spawn(runner::drive(ctx.clone(), id));
+    // Background tasks that end with `run`.
+    let mut tasks = tokio::task::JoinSet::new();
+    if let (Some(service), Some((client, namespace))) = (&config.workers_service, &kube) {
+        if !config.workers.is_empty() {
+            tracing::info!(%service, "discovering the replay workers; --workers is not used");
+        }
+        tasks.spawn(discovery::follow_workers(
+            client.clone(),
+            namespace.clone(),
+            service.clone(),
+            workers,
+        ));
     }
-    tracing::info!(workers = ?config.workers, store = %config.store, local = %listener.local_addr()?, "replay coordinator serving");
-    serve_grpc(
+    let (stop_lease, lease_stopped) = tokio::sync::oneshot::channel::<()>();
+    let holder = match (&lease, &kube) {
+        (Some(settings), Some((client, namespace))) => {
+            let elector = LeaseElector::new(client.clone(), namespace, settings.clone());
+            tasks.spawn(follow_leadership(
+                ctx.clone(),
+                leadership,
+                settings.renew_interval,
+            ));
+            Some(tokio::spawn(leader::hold(elector, leadership_tx, async {
+                let _ = lease_stopped.await;
+            })))
+        }
+        _ => {
+            // No Lease: this coordinator is the only one, and leads from the start.
+            lead(&ctx).await?;
+            None
+        }
+    };
+    tracing::info!(workers = ?config.workers, workers_service = ?config.workers_service, lease = ?config.lease_name, store = %config.store, local = %listener.local_addr()?, "replay coordinator serving");
+    let served = serve_grpc(
         Some(tonic::service::Routes::new(
-            service::CoordinatorApi { ctx }.into_service(),
+            service::CoordinatorApi { ctx: ctx.clone() }.into_service(),
         )),
         &["payledger.v1.ReplayCoordinator"],
         listener,
@@ -191,10 +388,21 @@ pub async fn run(
         },
         shutdown,
     )
-    .await?;
+    .await;
+    // Replays still running stay RUNNING in the KV bucket; the Lease goes last,
+    // released so that a standby takes over at once.
+    tasks.shutdown().await;
+    for task in ctx.drivers.stand_down() {
+        let _ = task.await;
+    }
+    if let Some(holder) = holder {
+        let _ = stop_lease.send(());
+        let _ = holder.await;
+    }
     if let Some(task) = metrics_server {
         task.abort();
     }
+    served?;
     tracing::info!("replay coordinator stopped");
     Ok(())
 }

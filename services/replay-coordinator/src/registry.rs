@@ -45,11 +45,8 @@ pub(crate) fn now_us() -> i64 {
 }
 
 impl Registry {
-    /// Opens the bucket and loads every replay; returns the ids of unfinished ones.
-    pub async fn open(
-        js: &jetstream::Context,
-        replicas: usize,
-    ) -> anyhow::Result<(Registry, Vec<String>)> {
+    /// Opens the bucket and loads every replay.
+    pub async fn open(js: &jetstream::Context, replicas: usize) -> anyhow::Result<Registry> {
         let kv = ensure_bucket(
             js,
             kv::Config {
@@ -62,11 +59,24 @@ impl Registry {
             },
         )
         .await?;
-        let keys: Vec<String> = kv.keys().await?.try_collect().await?;
-        let mut entries = HashMap::new();
+        let registry = Registry {
+            kv,
+            entries: Mutex::new(HashMap::new()),
+            persist: tokio::sync::Mutex::new(()),
+        };
+        registry.reload().await?;
+        Ok(registry)
+    }
+
+    /// Reads every replay from the bucket again (what another coordinator wrote
+    /// while this one was not the leader), telling the watchers of those that
+    /// changed; returns the ids of the unfinished ones.
+    pub async fn reload(&self) -> anyhow::Result<Vec<String>> {
+        let _order = self.persist.lock().await;
+        let keys: Vec<String> = self.kv.keys().await?.try_collect().await?;
         let mut unfinished = Vec::new();
         for key in keys {
-            let Some(bytes) = kv.get(&key).await? else {
+            let Some(bytes) = self.kv.get(&key).await? else {
                 continue;
             };
             let replay = v1::Replay::decode(bytes.as_ref()).map_err(|e| {
@@ -75,14 +85,21 @@ impl Registry {
             if !is_terminal(replay.state) {
                 unfinished.push(replay.replay_id.clone());
             }
-            entries.insert(key, Entry::new(replay));
+            let mut entries = self.entries.lock().expect("registry lock");
+            match entries.get(&key) {
+                Some(entry) => {
+                    entry.current.send_if_modified(|current| {
+                        let changed = *current != replay;
+                        *current = replay;
+                        changed
+                    });
+                }
+                None => {
+                    entries.insert(key, Entry::new(replay));
+                }
+            }
         }
-        let registry = Registry {
-            kv,
-            entries: Mutex::new(entries),
-            persist: tokio::sync::Mutex::new(()),
-        };
-        Ok((registry, unfinished))
+        Ok(unfinished)
     }
 
     pub async fn insert(&self, replay: v1::Replay) -> anyhow::Result<()> {

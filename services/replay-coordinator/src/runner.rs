@@ -3,7 +3,7 @@
 //! persisted replay says, so a restarted coordinator resumes the same way.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{kv, stream::Stream as JsStream};
@@ -11,7 +11,7 @@ use payledger_proto::v1;
 use payledger_proto::v1::projector_service_client::ProjectorServiceClient;
 use payledger_semantics::{Day, SEMANTICS_VERSION, Settings};
 use payledger_storage::{ArchiveStore, CommitDraft, ObjectRef, SnapshotStore};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::registry::{Registry, now_us};
 use crate::workers::{Lease, Workers};
@@ -40,6 +40,59 @@ pub(crate) struct Context {
     /// `Bearer <internal token>` for RunShard, when the workers check tokens.
     pub internal_token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     pub limits: Limits,
+    /// The replays this coordinator drives, while it is the leader.
+    pub drivers: Drivers,
+    /// Who holds the Lease, when the coordinator runs with one (`--lease-name`).
+    pub leadership: tokio::sync::watch::Receiver<crate::leader::Leadership>,
+    pub lease: Option<crate::leader::LeaseSettings>,
+}
+
+/// The tasks driving replays. Only the leader drives any: on losing the Lease
+/// they are all aborted, and their replays stay as the KV bucket has them for the
+/// next leader to resume (see `lib.rs` for why abandoning is the safe choice).
+#[derive(Default)]
+pub(crate) struct Drivers {
+    state: Mutex<DriversState>,
+}
+
+#[derive(Default)]
+struct DriversState {
+    leading: bool,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drivers {
+    /// Drives replay `id`, unless this coordinator does not lead (false then).
+    pub fn start(&self, ctx: &Arc<Context>, id: String) -> bool {
+        let mut state = self.state.lock().expect("drivers lock");
+        if !state.leading {
+            return false;
+        }
+        state.tasks.retain(|t| !t.is_finished());
+        state.tasks.push(tokio::spawn(drive(ctx.clone(), id)));
+        true
+    }
+
+    pub fn leading(&self) -> bool {
+        self.state.lock().expect("drivers lock").leading
+    }
+
+    pub fn lead(&self) {
+        self.state.lock().expect("drivers lock").leading = true;
+    }
+
+    /// Stops leading: no replay starts any more, and every running one is aborted.
+    /// Returns the aborted tasks, to wait for.
+    pub fn stand_down(&self) -> Vec<JoinHandle<()>> {
+        let mut state = self.state.lock().expect("drivers lock");
+        state.leading = false;
+        let mut tasks = std::mem::take(&mut state.tasks);
+        tasks.retain(|t| !t.is_finished());
+        for task in &tasks {
+            task.abort();
+        }
+        tasks
+    }
 }
 
 /// Why a replay stopped before it succeeded.

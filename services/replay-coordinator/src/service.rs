@@ -9,8 +9,9 @@ use payledger_proto::v1::replay_coordinator_server::{ReplayCoordinator, ReplayCo
 use payledger_semantics::Day;
 use tonic::{Request, Response, Status};
 
+use crate::leader::Leadership;
 use crate::registry::{is_terminal, now_us};
-use crate::runner::{Context, drive, plan_shards};
+use crate::runner::{Context, plan_shards};
 
 pub(crate) struct CoordinatorApi {
     pub ctx: Arc<Context>,
@@ -46,6 +47,40 @@ fn internal(e: impl std::fmt::Display) -> Status {
 type ReplayStream = Pin<Box<dyn Stream<Item = Result<v1::Replay, Status>> + Send>>;
 
 impl CoordinatorApi {
+    /// Only the leader starts or cancels replays. Another replica answers
+    /// UNAVAILABLE, the code for a condition that passes by itself and a call
+    /// worth trying again (each call through the Service may reach another
+    /// replica, and a new leader is chosen within a lease duration), rather than
+    /// FAILED_PRECONDITION, which tells the caller to change something first.
+    fn must_lead(&self) -> Result<(), Status> {
+        let ctx = &self.ctx;
+        if ctx.drivers.leading() {
+            return Ok(());
+        }
+        let Some(lease) = &ctx.lease else {
+            return Err(Status::unavailable(
+                "the coordinator is starting; try again",
+            ));
+        };
+        let leadership = ctx.leadership.borrow().clone();
+        Err(Status::unavailable(match leadership {
+            Leadership::Following {
+                holder: Some(holder),
+            } if holder != lease.identity => format!(
+                "this coordinator ({}) is a standby: {holder} holds the Lease '{}' and plans the replays; try again (a call may reach another replica)",
+                lease.identity, lease.name
+            ),
+            Leadership::Leading => format!(
+                "this coordinator ({}) is taking over the replays as the new holder of the Lease '{}'; try again in a moment",
+                lease.identity, lease.name
+            ),
+            Leadership::Following { .. } => format!(
+                "no coordinator holds the Lease '{}' at the moment (one takes it within {:?}); try again shortly",
+                lease.name, lease.duration
+            ),
+        }))
+    }
+
     fn known(&self, id: &str) -> Result<v1::Replay, Status> {
         self.ctx.registry.get(id).ok_or_else(|| {
             Status::not_found(format!(
@@ -82,6 +117,7 @@ impl ReplayCoordinator for CoordinatorApi {
                 "reason: say why, in 1 to {MAX_REASON_CHARS} characters (e.g. 'nightly', 'late settlement file of 2026-11-20')"
             )));
         }
+        self.must_lead()?;
         let ctx = &self.ctx;
         if ctx.registry.active() >= ctx.limits.max_active_replays {
             return Err(Status::resource_exhausted(format!(
@@ -125,7 +161,11 @@ impl ReplayCoordinator for CoordinatorApi {
             .await
             .map_err(internal)?;
         tracing::info!(replay = %replay_id, %from_day, %to_day, cutoff, reason, shards = replay.shards.len(), "replay started");
-        tokio::spawn(drive(ctx.clone(), replay_id));
+        if !ctx.drivers.start(ctx, replay_id.clone()) {
+            // The Lease was lost since the check above: the replay is in the KV
+            // bucket as RUNNING, and the next leader resumes it.
+            tracing::warn!(replay = %replay_id, "lost the Lease while starting the replay; the next leader runs it");
+        }
         Ok(Response::new(replay))
     }
 
@@ -181,6 +221,7 @@ impl ReplayCoordinator for CoordinatorApi {
         request: Request<v1::CancelReplayRequest>,
     ) -> Result<Response<v1::Replay>, Status> {
         let id = request.into_inner().replay_id;
+        self.must_lead()?;
         let replay = self.known(&id)?;
         match v1::ReplayState::try_from(replay.state) {
             Ok(v1::ReplayState::Running) => {}

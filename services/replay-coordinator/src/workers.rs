@@ -1,6 +1,14 @@
 //! The replay workers the coordinator knows, with a per-worker limit on shards
 //! running at once and a cooldown for a worker whose attempt just failed.
+//!
+//! The set is either the static `--workers` list or, in a cluster, what discovery
+//! (`crate::discovery`) last saw ready; `set_workers` replaces it live. A removed
+//! worker gets no new shard, while a shard already running on it keeps its
+//! `Lease` (its claim on a slot; nothing to do with the Kubernetes Lease) until its
+//! attempt ends: if the pod is gone the RPC fails and the
+//! runner retries the shard elsewhere.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -8,6 +16,9 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
 struct Slot {
+    /// Unique per slot ever made, so that a claim on a removed worker never
+    /// touches a later slot of the same URL.
+    id: u64,
     url: String,
     channel: Channel,
     running: usize,
@@ -18,13 +29,15 @@ pub(crate) struct Workers {
     slots: Mutex<Vec<Slot>>,
     per_worker: usize,
     cooldown: Duration,
-    /// Bumped whenever a slot frees up, so waiting replays look again.
+    /// Bumped whenever a slot frees up or workers are added, so waiting replays
+    /// look again.
     freed: watch::Sender<u64>,
 }
 
 /// A shard's claim on one worker slot, released on drop.
 pub(crate) struct Lease {
     workers: Arc<Workers>,
+    slot: u64,
     pub url: String,
     pub channel: Channel,
 }
@@ -33,7 +46,8 @@ impl Drop for Lease {
     fn drop(&mut self) {
         {
             let mut slots = self.workers.slots.lock().expect("workers lock");
-            if let Some(slot) = slots.iter_mut().find(|s| s.url == self.url) {
+            // The slot is gone when its worker was removed meanwhile: nothing to free.
+            if let Some(slot) = slots.iter_mut().find(|s| s.id == self.slot) {
                 slot.running -= 1;
             }
         }
@@ -41,31 +55,88 @@ impl Drop for Lease {
     }
 }
 
+static NEXT_SLOT: AtomicU64 = AtomicU64::new(0);
+
+fn slot(url: &str) -> anyhow::Result<Slot> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| anyhow::anyhow!("--workers: '{url}' is not a URL: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    Ok(Slot {
+        id: NEXT_SLOT.fetch_add(1, Ordering::Relaxed),
+        url: url.to_string(),
+        channel: endpoint.connect_lazy(),
+        running: 0,
+        cooling_until: None,
+    })
+}
+
 impl Workers {
+    /// A fixed list (`--workers`): at least one worker.
     pub fn new(urls: &[String], per_worker: usize, cooldown: Duration) -> anyhow::Result<Self> {
         anyhow::ensure!(
             !urls.is_empty(),
-            "no replay workers: pass --workers (projector gRPC URLs)"
+            "no replay workers: pass --workers (projector gRPC URLs) or --workers-service (their headless Service, in a cluster)"
         );
-        let mut slots = Vec::with_capacity(urls.len());
-        for url in urls {
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| anyhow::anyhow!("--workers: '{url}' is not a URL: {e}"))?
-                .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true);
-            slots.push(Slot {
-                url: url.clone(),
-                channel: endpoint.connect_lazy(),
-                running: 0,
-                cooling_until: None,
-            });
-        }
-        Ok(Self {
-            slots: Mutex::new(slots),
+        let workers = Self::discovered(per_worker, cooldown);
+        workers.set_workers(urls)?;
+        Ok(workers)
+    }
+
+    /// An empty set that discovery fills; shards wait until a worker appears.
+    pub fn discovered(per_worker: usize, cooldown: Duration) -> Self {
+        Self {
+            slots: Mutex::new(Vec::new()),
             per_worker: per_worker.max(1),
             cooldown,
             freed: watch::channel(0).0,
-        })
+        }
+    }
+
+    /// Makes `urls` the set of workers: a worker that stays keeps its slot (its
+    /// running shards, its cooldown and its connection), a new one gets a fresh
+    /// slot, a missing one is dropped. Refuses the whole change if a URL is bad.
+    pub fn set_workers(&self, urls: &[String]) -> anyhow::Result<()> {
+        let added = {
+            let mut slots = self.slots.lock().expect("workers lock");
+            // New slots first, so that a bad URL refuses the change before anything moved.
+            let mut fresh: Vec<Slot> = Vec::new();
+            for url in urls {
+                if !slots.iter().chain(&fresh).any(|s| &s.url == url) {
+                    fresh.push(slot(url)?);
+                }
+            }
+            let added = !fresh.is_empty();
+            let mut next: Vec<Slot> = Vec::with_capacity(urls.len());
+            for url in urls {
+                if next.iter().any(|s| &s.url == url) {
+                    continue;
+                }
+                if let Some(i) = slots.iter().position(|s| &s.url == url) {
+                    next.push(slots.swap_remove(i));
+                } else if let Some(i) = fresh.iter().position(|s| &s.url == url) {
+                    tracing::info!(worker = %url, "replay worker added");
+                    next.push(fresh.swap_remove(i));
+                }
+            }
+            // What is left was not in `urls`; its running shards keep their claims.
+            for removed in slots.iter() {
+                tracing::info!(worker = %removed.url, running = removed.running, "replay worker removed");
+            }
+            *slots = next;
+            added
+        };
+        if added {
+            self.freed.send_modify(|n| *n += 1);
+        }
+        Ok(())
+    }
+
+    /// The workers' URLs, in the order they were given.
+    #[cfg(test)]
+    pub fn urls(&self) -> Vec<String> {
+        let slots = self.slots.lock().expect("workers lock");
+        slots.iter().map(|s| s.url.clone()).collect()
     }
 
     /// Claims a slot for a shard whose attempts failed on `avoid`: the least busy
@@ -86,6 +157,7 @@ impl Workers {
         slot.running += 1;
         Some(Lease {
             workers: self.clone(),
+            slot: slot.id,
             url: slot.url.clone(),
             channel: slot.channel.clone(),
         })
@@ -152,6 +224,85 @@ mod tests {
         let held: Vec<Lease> = (0..4).map(|_| w.acquire(&[]).unwrap()).collect();
         assert!(held.iter().all(|l| l.url == "http://127.0.0.1:2"));
         assert!(w.acquire(&[]).is_none());
+    }
+
+    #[tokio::test]
+    async fn set_workers_keeps_the_slots_of_workers_that_stay() {
+        let w = workers(1);
+        let held = w.acquire(&[]).unwrap();
+        let kept = held.url.clone();
+        w.set_workers(&[kept.clone(), "http://127.0.0.1:3".into()])
+            .unwrap();
+        assert_eq!(w.urls(), [kept.clone(), "http://127.0.0.1:3".into()]);
+        // The kept worker is still full (its running shard came along); the
+        // removed one is never chosen.
+        let next = w.acquire(&[]).unwrap();
+        assert_eq!(next.url, "http://127.0.0.1:3");
+        assert!(w.acquire(&[]).is_none());
+        drop(held);
+        assert_eq!(w.acquire(&[]).unwrap().url, kept);
+    }
+
+    #[tokio::test]
+    async fn a_worker_removed_mid_shard_gets_no_new_shard_and_its_claim_drops_cleanly() {
+        let w = workers(1);
+        let on_1 = w.acquire(&[]).unwrap();
+        let on_2 = w.acquire(&[]).unwrap();
+        let (gone, stays) = if on_1.url.ends_with(":1") {
+            (on_1, on_2)
+        } else {
+            (on_2, on_1)
+        };
+        // The pod behind :1 disappears while its shard runs.
+        w.set_workers(&["http://127.0.0.1:2".into()]).unwrap();
+        assert!(w.acquire(&[]).is_none(), ":2 is full and :1 is gone");
+        drop(gone);
+        assert!(
+            w.acquire(&[]).is_none(),
+            "freeing a removed slot frees nothing"
+        );
+        // It comes back under the same URL while an old claim is still held: the
+        // old claim must not free a slot of the new one.
+        let gone_again = {
+            w.set_workers(&["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()])
+                .unwrap();
+            let back = w.acquire(&[]).unwrap();
+            assert_eq!(back.url, "http://127.0.0.1:1");
+            w.set_workers(&["http://127.0.0.1:2".into()]).unwrap();
+            back
+        };
+        w.set_workers(&["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()])
+            .unwrap();
+        let fresh = w.acquire(&[]).unwrap();
+        assert_eq!(fresh.url, "http://127.0.0.1:1");
+        drop(gone_again);
+        assert!(w.acquire(&[]).is_none(), "the stale claim freed nothing");
+        drop(stays);
+        assert_eq!(w.acquire(&[]).unwrap().url, "http://127.0.0.1:2");
+    }
+
+    #[tokio::test]
+    async fn an_added_worker_wakes_replays_waiting_for_a_slot() {
+        let w = Arc::new(Workers::discovered(1, Duration::from_secs(60)));
+        let mut freed = w.on_freed();
+        assert!(w.acquire(&[]).is_none(), "no worker yet");
+        w.set_workers(&["http://127.0.0.1:1".into()]).unwrap();
+        assert!(freed.has_changed().unwrap());
+        freed.mark_unchanged();
+        let _held = w.acquire(&[]).unwrap();
+        // The same set again adds nothing and wakes nobody.
+        w.set_workers(&["http://127.0.0.1:1".into()]).unwrap();
+        assert!(!freed.has_changed().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_bad_url_refuses_the_whole_change() {
+        let w = workers(1);
+        let err = w
+            .set_workers(&["http://127.0.0.1:3".into(), "not a url".into()])
+            .unwrap_err();
+        assert!(err.to_string().contains("not a url"), "{err}");
+        assert_eq!(w.urls(), ["http://127.0.0.1:1", "http://127.0.0.1:2"]);
     }
 
     #[test]
