@@ -256,7 +256,9 @@ async fn an_event_is_one_trace_from_publish_to_the_kv_write() -> anyhow::Result<
 
     let spans = receiver
         .wait_for(&trace_id, Duration::from_secs(30), |spans| {
-            has(spans, PROJECTOR, "kv write")
+            // Each process exports on its own schedule: wait for both.
+            has(spans, INGEST, "payledger.v1.IngestService/Publish")
+                && has(spans, PROJECTOR, "kv write")
         })
         .await
         .map_err(|e| e.context(format!("projector log:\n{}", projector.log())))?;

@@ -128,12 +128,14 @@ pub fn exported_span(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
 }
 
 /// A span made by `make` that continues the trace a NATS message carries; None,
-/// and `make` not called, when the message carries none or traces are not exported.
+/// and `make` not called, when the message carries none, its trace is not sampled
+/// (sampling decided at the root costs the consumer nothing per record), or traces
+/// are not exported.
 pub fn span_from_nats(
     headers: Option<&async_nats::HeaderMap>,
     make: impl FnOnce() -> tracing::Span,
 ) -> Option<tracing::Span> {
-    let parent = from_nats(headers)?;
+    let parent = from_nats(headers).filter(|cx| cx.span().span_context().is_sampled())?;
     let span = make();
     let _ = span.set_parent(parent);
     Some(span)
