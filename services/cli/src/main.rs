@@ -858,13 +858,13 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     payledger_cli::connect::set_token(cli.token.as_deref())?;
     payledger_cli::connect::set_tls(&cli.tls)?;
-    if matches!(
+    // Services log warnings only, to keep the output readable; RUST_LOG overrides.
+    // Dropped when main returns: spans still buffered are exported then.
+    let _telemetry = matches!(
         cli.command,
         Command::Dev(_) | Command::Demo { .. } | Command::Bench(_)
-    ) {
-        // Services log warnings only, to keep the output readable; RUST_LOG overrides.
-        payledger_server_common::telemetry::init_tracing_with_default("warn");
-    }
+    )
+    .then(|| payledger_server_common::telemetry::init_tracing_with_default("payledger", "warn"));
     match cli.command {
         Command::Dev(args) => {
             let stack = DevStack::start(&args).await?;

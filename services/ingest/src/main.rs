@@ -20,7 +20,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    payledger_server_common::telemetry::init_tracing();
+    // Dropped last, after the service drained: buffered spans are exported then.
+    let _telemetry = payledger_server_common::telemetry::init_tracing("payledger-ingest");
     let cli = Cli::parse();
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     payledger_ingest::run(

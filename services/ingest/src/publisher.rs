@@ -16,8 +16,10 @@ use payledger_server_common::atomic_batch::{
     BatchError, BatchMessage, ERR_DUPLICATE_MSG_ID, MAX_BATCH_MESSAGES, publish_atomic,
 };
 use payledger_server_common::topology::event_subject;
+use payledger_server_common::trace_context::{TraceHeaders, exported_span};
 use prost::Message;
 use tonic::Status;
+use tracing::Instrument;
 
 use crate::IngestConfig;
 
@@ -145,10 +147,36 @@ impl Publisher {
 
     /// Appends events, answering for each one, in order. Resends known to have
     /// been acked within the duplicate window are answered without a round trip.
+    ///
+    /// When traces are exported, the append is a span of the Publish call's trace
+    /// and every message carries its `traceparent` header, so the projector's
+    /// spans for these events join the same trace. The header never enters the
+    /// `Nats-Msg-Id` or the payload: a retry in another trace is still a duplicate
+    /// (and the log keeps the headers of the first).
     pub async fn append_events(
         &self,
         events: &[Prepared],
         ingest_time_us: i64,
+    ) -> Result<Vec<Appended>, Status> {
+        let span = exported_span(|| {
+            tracing::info_span!(
+                "append",
+                otel.name = "jetstream publish",
+                otel.kind = "producer",
+                events = events.len()
+            )
+        });
+        let trace = TraceHeaders::of(&span);
+        self.append_traced(events, ingest_time_us, &trace)
+            .instrument(span)
+            .await
+    }
+
+    async fn append_traced(
+        &self,
+        events: &[Prepared],
+        ingest_time_us: i64,
+        trace: &TraceHeaders,
     ) -> Result<Vec<Appended>, Status> {
         let mut out: Vec<Option<Appended>> = vec![None; events.len()];
         let mut to_send = Vec::with_capacity(events.len());
@@ -162,7 +190,7 @@ impl Publisher {
             }
         }
         for chunk in to_send.chunks(MAX_BATCH_MESSAGES) {
-            self.append_batch(events, chunk, &mut out).await?;
+            self.append_batch(events, chunk, trace, &mut out).await?;
             for &i in chunk {
                 self.last_record_us[events[i].partition as usize]
                     .fetch_max(ingest_time_us, Ordering::Relaxed);
@@ -188,12 +216,15 @@ impl Publisher {
         &self,
         events: &[Prepared],
         indices: &[usize],
+        trace: &TraceHeaders,
         out: &mut [Option<Appended>],
     ) -> Result<(), Status> {
         let mut parts = vec![indices.to_vec()];
         while let Some(part) = parts.pop() {
             if part.len() < ATOMIC_FROM_EVENTS {
-                let appended = self.append_singly(part.iter().map(|&i| &events[i])).await?;
+                let appended = self
+                    .append_singly(part.iter().map(|&i| &events[i]), trace)
+                    .await?;
                 for (&i, a) in part.iter().zip(appended) {
                     out[i] = Some(a);
                 }
@@ -204,6 +235,7 @@ impl Publisher {
                 .map(|&i| {
                     let mut headers = HeaderMap::new();
                     headers.insert("Nats-Msg-Id", events[i].msg_id.as_str());
+                    trace.add_to_nats(&mut headers);
                     BatchMessage {
                         subject: event_subject(events[i].partition),
                         headers,
@@ -233,11 +265,13 @@ impl Publisher {
     async fn append_singly(
         &self,
         events: impl Iterator<Item = &Prepared>,
+        trace: &TraceHeaders,
     ) -> Result<Vec<Appended>, Status> {
         let mut acks = Vec::new();
         for event in events {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", event.msg_id.as_str());
+            trace.add_to_nats(&mut headers);
             acks.push(
                 self.js
                     .publish_with_headers(
@@ -270,6 +304,7 @@ impl Publisher {
     ) -> Result<Appended, Status> {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
+        TraceHeaders::current().add_to_nats(&mut headers);
         let ack = self
             .js
             .publish_with_headers(subject.to_string(), headers, payload)

@@ -18,6 +18,7 @@ use payledger_semantics::{Currency, Day, PartitionState, RecordBody, Settings, S
 use payledger_server_common::topology::{
     STREAM, current_key, daily_key, event_subject, progress_key,
 };
+use payledger_server_common::trace_context::{self, SpanLink};
 use payledger_storage::CheckpointStore;
 use prost::Message;
 use tokio::sync::watch;
@@ -153,7 +154,14 @@ struct Projection {
     last_ingest_time_us: i64,
     /// Every record through this sequence has its rows stored.
     durable_seq: u64,
+    /// The apply spans of traced records whose rows wait for the next flush: the
+    /// row write joins their traces.
+    traced: Vec<SpanLink>,
 }
+
+/// Traces a flush joins at most (the rest of its records are not linked): bounds
+/// the memory a backlog of traced records takes and the links of a write span.
+const MAX_TRACES_PER_FLUSH: usize = 32;
 
 /// Progress is reported at most this often (each report is a fsynced KV write).
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -174,7 +182,8 @@ impl Projection {
             "flush"
         );
         self.settle().await?;
-        match self.ctx.rows.submit(daily, current).await? {
+        let traced = std::mem::take(&mut self.traced);
+        match self.ctx.rows.submit(daily, current, traced).await? {
             Some(ticket) => self.in_flight = Some((seq, self.last_ingest_time_us, ticket)),
             None => self.durable_seq = seq,
         }
@@ -313,6 +322,7 @@ pub(crate) async fn run(
         in_flight: None,
         last_ingest_time_us: 0,
         durable_seq: restored_seq,
+        traced: Vec::new(),
     };
     let mut first_applied: Option<u64> = None;
     let mut flush_at: Option<tokio::time::Instant> = None;
@@ -339,24 +349,46 @@ pub(crate) async fn run(
             .map_err(|e| anyhow::anyhow!("message without metadata: {e}"))?;
         let seq = info.stream_sequence;
         p.pending_records = info.pending;
-        match record_from_log(seq, &message.payload) {
-            Ok(record) => {
-                p.last_ingest_time_us = record.ingest_time_us;
-                let outcome = p.state.apply(&record)?;
-                if outcome.status != Status::AlreadyRead && first_applied.is_none() {
-                    first_applied = Some(seq);
-                    tracing::info!(
-                        partition,
-                        restored_seq,
-                        first_applied_seq = seq,
-                        "resumed partition"
-                    );
+        {
+            // A record that ingest published inside a trace is applied in a span of that
+            // trace (nothing is made when traces are not exported).
+            let span = trace_context::span_from_nats(message.headers.as_ref(), || {
+                tracing::info_span!(
+                    "apply",
+                    otel.kind = "consumer",
+                    partition,
+                    seq,
+                    outcome = tracing::field::Empty
+                )
+            });
+            // No await while the span is entered; it closes at the end of this block.
+            let _entered = span.as_ref().map(tracing::Span::enter);
+            match record_from_log(seq, &message.payload) {
+                Ok(record) => {
+                    p.last_ingest_time_us = record.ingest_time_us;
+                    let outcome = p.state.apply(&record)?;
+                    if let Some(span) = &span {
+                        span.record("outcome", tracing::field::debug(outcome.status));
+                        if outcome.touched.is_some() && p.traced.len() < MAX_TRACES_PER_FLUSH {
+                            p.traced.extend(SpanLink::of(span));
+                        }
+                    }
+                    if outcome.status != Status::AlreadyRead && first_applied.is_none() {
+                        first_applied = Some(seq);
+                        tracing::info!(
+                            partition,
+                            restored_seq,
+                            first_applied_seq = seq,
+                            "resumed partition"
+                        );
+                    }
+                    if let (Some(touched), RecordBody::Fact(fact)) = (outcome.touched, &record.body)
+                    {
+                        p.pending.add(&fact.merchant_id, touched);
+                    }
                 }
-                if let (Some(touched), RecordBody::Fact(fact)) = (outcome.touched, &record.body) {
-                    p.pending.add(&fact.merchant_id, touched);
-                }
+                Err(e) => tracing::warn!(partition, seq, error = %e, "unreadable record skipped"),
             }
-            Err(e) => tracing::warn!(partition, seq, error = %e, "unreadable record skipped"),
         }
         p.records_since_checkpoint += 1;
         flush_at.get_or_insert_with(|| tokio::time::Instant::now() + p.ctx.tuning.flush_interval);

@@ -18,6 +18,8 @@ use payledger_server_common::atomic_batch::{
     BatchMessage, ERR_WRONG_LAST_SEQUENCE, MAX_BATCH_MESSAGES, publish_atomic,
 };
 use payledger_server_common::topology::kv_subject;
+use payledger_server_common::trace_context::{SpanLink, join_traces};
+use tracing::Instrument;
 
 /// One encoded row ready to write.
 pub(crate) struct RowWrite {
@@ -243,6 +245,8 @@ impl RowWriter {
 struct FlushRequest {
     daily: Vec<RowWrite>,
     current: Vec<RowWrite>,
+    /// Apply spans of the traced records these rows hold.
+    traces: Vec<SpanLink>,
     stored: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
@@ -257,6 +261,9 @@ pub(crate) struct RowSink {
 
 /// Most rows merged into one write (across both buckets).
 const MAX_ROWS_PER_WRITE: usize = 8 * MAX_BATCH_MESSAGES;
+
+/// Traces one write joins at most (OpenTelemetry keeps 128 links a span by default).
+const MAX_TRACES_PER_WRITE: usize = 128;
 
 impl RowSink {
     pub fn spawn(
@@ -282,17 +289,45 @@ impl RowSink {
                 let mut daily_rows: HashMap<String, RowWrite> = HashMap::new();
                 let mut current_rows: HashMap<String, RowWrite> = HashMap::new();
                 let mut waiters = Vec::with_capacity(batch.len());
+                let mut traces = Vec::new();
                 for request in batch {
                     daily_rows.extend(request.daily.into_iter().map(|r| (r.key.clone(), r)));
                     current_rows.extend(request.current.into_iter().map(|r| (r.key.clone(), r)));
+                    let room = MAX_TRACES_PER_WRITE - traces.len();
+                    traces.extend(request.traces.into_iter().take(room));
                     waiters.push(request.stored);
                 }
                 let started = std::time::Instant::now();
                 let offered = (daily_rows.len(), current_rows.len(), waiters.len());
-                let result = tokio::try_join!(
-                    daily.write(daily_rows.into_values().collect()),
-                    current.write(current_rows.into_values().collect())
-                );
+                // One write stores the rows of many records, from many traces (group
+                // commit across records and partitions), but a span has one parent: the
+                // write is the child of the first traced record's apply span, so that
+                // record's trace runs from Publish through apply to this KV write, and it
+                // links to the apply spans of the others, whose traces reach it through
+                // the link. No traced record: no span.
+                let span = if traces.is_empty() {
+                    tracing::Span::none()
+                } else {
+                    let span = tracing::info_span!(
+                        "write_rows",
+                        otel.name = "kv write",
+                        otel.kind = "producer",
+                        requests = offered.2,
+                        daily = offered.0,
+                        current = offered.1,
+                        traces = traces.len()
+                    );
+                    join_traces(&span, &traces);
+                    span
+                };
+                let result = async {
+                    tokio::try_join!(
+                        daily.write(daily_rows.into_values().collect()),
+                        current.write(current_rows.into_values().collect())
+                    )
+                }
+                .instrument(span)
+                .await;
                 if let Ok((d, c)) = &result {
                     tracing::debug!(
                         requests = offered.2,
@@ -321,11 +356,13 @@ impl RowSink {
     }
 
     /// Hands rows to the writer; the returned ticket resolves once they are durable
-    /// in KV. None when there is nothing to store.
+    /// in KV. None when there is nothing to store. `traces`: the apply spans of the
+    /// traced records behind these rows, which the write joins.
     pub async fn submit(
         &self,
         daily: Vec<RowWrite>,
         current: Vec<RowWrite>,
+        traces: Vec<SpanLink>,
     ) -> anyhow::Result<Option<StoreTicket>> {
         if daily.is_empty() && current.is_empty() {
             return Ok(None);
@@ -335,6 +372,7 @@ impl RowSink {
             .send(FlushRequest {
                 daily,
                 current,
+                traces,
                 stored,
             })
             .await

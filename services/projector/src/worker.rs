@@ -150,6 +150,8 @@ impl ProjectorService for Worker {
             self.max_records_per_sec,
             self.metrics.clone(),
         );
+        // A child of this call's server span, which continues the coordinator's shard
+        // attempt when traces are exported (serve_grpc's trace layer).
         let span = tracing::info_span!("run_shard", replay = %request.replay_id, snapshot = %shard.snapshot_id, partitions = ?shard.partitions, cutoff = shard.cutoff);
         tokio::spawn(
             async move {

@@ -10,8 +10,10 @@ use async_nats::jetstream::{kv, stream::Stream as JsStream};
 use payledger_proto::v1;
 use payledger_proto::v1::projector_service_client::ProjectorServiceClient;
 use payledger_semantics::{Day, SEMANTICS_VERSION, Settings};
+use payledger_server_common::trace_context::{TraceHeaders, exported_span};
 use payledger_storage::{ArchiveStore, CommitDraft, ObjectRef, SnapshotStore};
 use tokio::task::{JoinHandle, JoinSet};
+use tracing::Instrument;
 
 use crate::registry::{Registry, now_us};
 use crate::workers::{Lease, Workers};
@@ -122,7 +124,15 @@ pub(crate) fn plan_shards(partitions: u32, per_shard: u32) -> Vec<v1::ShardStatu
         .collect()
 }
 
-pub(crate) async fn drive(ctx: Arc<Context>, id: String) {
+/// Drives replay `id` to its end. When traces are exported the replay is one span,
+/// made here, so a child of the caller's span (StartReplay's call, whose trace it
+/// joins), with a child span per shard attempt that the worker's RunShard continues.
+pub(crate) fn drive(ctx: Arc<Context>, id: String) -> impl Future<Output = ()> + Send + 'static {
+    let span = exported_span(|| tracing::info_span!("replay", replay = %id));
+    drive_traced(ctx, id).instrument(span)
+}
+
+async fn drive_traced(ctx: Arc<Context>, id: String) {
     let outcome = drive_phases(&ctx, &id).await;
     let finished = now_us();
     let result = match outcome {
@@ -255,7 +265,11 @@ async fn run_shards(ctx: &Arc<Context>, id: &str) -> Result<(), Stop> {
                 })
                 .await?;
             tracing::info!(replay = %id, shard = index, worker = %lease.url, attempt = replay.shards[index].attempts, "shard placed");
-            running.spawn(attempt(ctx.clone(), replay, index, lease));
+            let attempts = replay.shards[index].attempts;
+            let span = exported_span(
+                || tracing::info_span!("shard", shard = index, worker = %lease.url, attempt = attempts),
+            );
+            running.spawn(attempt(ctx.clone(), replay, index, lease).instrument(span));
         }
         tokio::select! {
             Some(joined) = running.join_next() => {
@@ -346,6 +360,8 @@ async fn call_worker(
             .metadata_mut()
             .insert("authorization", token.clone());
     }
+    // The worker's RunShard span continues this shard attempt's trace.
+    TraceHeaders::current().add_to_grpc(request.metadata_mut());
     let mut updates = tokio::time::timeout(stall, client.run_shard(request))
         .await
         .map_err(|_| format!("the worker did not answer within {stall:?}"))?

@@ -12,3 +12,4 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;
+pub mod trace_context;

@@ -64,6 +64,7 @@ pub async fn serve_grpc(
     };
     let router = Server::builder()
         .concurrency_limit_per_connection(limits.concurrency_per_connection)
+        .layer(crate::trace_context::GrpcTraceLayer)
         .layer(crate::auth::AuthLayer::new(limits.tokens.clone()))
         .add_routes(routes);
     match limits.tls.server_config()? {
