@@ -127,6 +127,11 @@ def main() -> int:
                     env[key] = str(work / "store" / re.sub(r"^[a-z0-9]+://", "", env[key]))
             if "PAYLEDGER_WORKERS" in env:
                 env["PAYLEDGER_WORKERS"] = ",".join(localize_url(u) for u in env["PAYLEDGER_WORKERS"].split(","))
+            # No Kubernetes API here: the coordinator uses the static worker list the
+            # chart also renders (discovery and the Lease have tests of their own,
+            # against a fake API server).
+            for key in ("PAYLEDGER_WORKERS_SERVICE", "PAYLEDGER_LEASE_NAME"):
+                env.pop(key, None)
             return env
 
         base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PAYLEDGER_", "AWS_", "RUST_BACKTRACE"))}
