@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use payledger_server_common::config::{AccessArgs, NatsArgs, SemanticsArgs, parse_duration};
+use payledger_server_common::config::{SemanticsArgs, ServerArgs, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{StreamOptions, ensure_stream};
 use tokio::net::TcpListener;
@@ -32,13 +32,7 @@ pub use publisher::message_id;
 #[derive(clap::Args, Clone, Debug)]
 pub struct IngestConfig {
     #[command(flatten)]
-    pub nats: NatsArgs,
-    #[command(flatten)]
-    pub access: AccessArgs,
-    #[command(flatten)]
-    pub tls: payledger_server_common::tls::TlsArgs,
-    #[command(flatten)]
-    pub metrics: payledger_server_common::metrics::MetricsArgs,
+    pub server: ServerArgs,
     #[command(flatten)]
     pub semantics: SemanticsArgs,
     /// Most events one Publish call may carry; a larger call is refused whole.
@@ -91,10 +85,7 @@ pub struct IngestConfig {
 impl IngestConfig {
     pub fn new(nats_url: &str) -> Self {
         Self {
-            nats: NatsArgs::new(nats_url),
-            access: AccessArgs::default(),
-            tls: Default::default(),
-            metrics: Default::default(),
+            server: ServerArgs::new(nats_url),
             semantics: SemanticsArgs::default(),
             max_batch_events: 1000,
             max_request_bytes: 4 * 1024 * 1024,
@@ -135,7 +126,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     let settings = config.semantics.settings()?;
-    let client = config.nats.connect("payledger-ingest").await?;
+    let client = config.server.nats.connect("payledger-ingest").await?;
     let js = async_nats::jetstream::new(client.clone());
     let max_age = config
         .stream_max_age
@@ -211,6 +202,7 @@ pub async fn run(
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::IngestMetrics::register(&mut registry);
     let metrics_server = config
+        .server
         .metrics
         .serve(registry, std::future::pending())
         .await?;
@@ -222,8 +214,8 @@ pub async fn run(
         &ServerOptions {
             max_request_bytes: config.max_request_bytes,
             concurrency_per_connection: 256,
-            tokens: config.access.tokens()?,
-            tls: config.tls.clone(),
+            tokens: config.server.access.tokens()?,
+            tls: config.server.tls.clone(),
         },
         shutdown,
     )

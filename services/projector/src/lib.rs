@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use payledger_proto::v1;
-use payledger_server_common::config::{AccessArgs, NatsArgs, parse_duration};
+use payledger_server_common::config::{ServerArgs, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
@@ -57,13 +57,7 @@ impl Mode {
 #[derive(clap::Args, Clone, Debug)]
 pub struct ProjectorConfig {
     #[command(flatten)]
-    pub nats: NatsArgs,
-    #[command(flatten)]
-    pub access: AccessArgs,
-    #[command(flatten)]
-    pub tls: payledger_server_common::tls::TlsArgs,
-    #[command(flatten)]
-    pub metrics: payledger_server_common::metrics::MetricsArgs,
+    pub server: ServerArgs,
     /// Stream projection, replay worker (RunShard), or both.
     #[arg(long, env = "PAYLEDGER_MODE", value_enum, default_value_t = Mode::Both)]
     pub mode: Mode,
@@ -126,10 +120,7 @@ pub struct ProjectorConfig {
 impl ProjectorConfig {
     pub fn new(nats_url: &str, store: &str) -> Self {
         Self {
-            nats: NatsArgs::new(nats_url),
-            access: AccessArgs::default(),
-            tls: Default::default(),
-            metrics: Default::default(),
+            server: ServerArgs::new(nats_url),
             mode: Mode::Both,
             store: store.to_string(),
             archive_store: None,
@@ -206,10 +197,11 @@ pub async fn run(
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::ProjectorMetrics::register(&mut registry);
     let metrics_server = config
+        .server
         .metrics
         .serve(registry, std::future::pending())
         .await?;
-    let client = config.nats.connect("payledger-projector").await?;
+    let client = config.server.nats.connect("payledger-projector").await?;
     let js = async_nats::jetstream::new(client.clone());
     let settings = wait_for_settings(&js).await;
     ensure_buckets(&js, config.kv_replicas).await?;
@@ -304,8 +296,8 @@ pub async fn run(
         &ServerOptions {
             max_request_bytes: 4 << 20,
             concurrency_per_connection: 64,
-            tokens: config.access.tokens()?,
-            tls: config.tls.clone(),
+            tokens: config.server.access.tokens()?,
+            tls: config.server.tls.clone(),
         },
         shutdown,
     )

@@ -14,8 +14,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use payledger_server_common::config::{AccessArgs, NatsArgs};
-use payledger_server_common::metrics::MetricsArgs;
+use payledger_server_common::config::ServerArgs;
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
@@ -27,13 +26,7 @@ pub use part_cache::{DiskTier, PartCache, PartCacheConfig, PartCacheCounters, Pa
 #[derive(clap::Args, Clone, Debug)]
 pub struct QueryConfig {
     #[command(flatten)]
-    pub nats: NatsArgs,
-    #[command(flatten)]
-    pub access: AccessArgs,
-    #[command(flatten)]
-    pub tls: payledger_server_common::tls::TlsArgs,
-    #[command(flatten)]
-    pub metrics: MetricsArgs,
+    pub server: ServerArgs,
     /// Most merchants one WatchCurrentExposure call may follow.
     #[arg(long, env = "PAYLEDGER_MAX_WATCH_MERCHANTS", default_value_t = 1000)]
     pub max_watch_merchants: usize,
@@ -88,10 +81,7 @@ impl QueryConfig {
 
     pub fn new(nats_url: &str) -> Self {
         Self {
-            nats: NatsArgs::new(nats_url),
-            access: AccessArgs::default(),
-            tls: Default::default(),
-            metrics: MetricsArgs::default(),
+            server: ServerArgs::new(nats_url),
             max_watch_merchants: 1000,
             max_concurrent_requests: 256,
             store: None,
@@ -123,10 +113,11 @@ pub async fn run_with_counters(
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::QueryMetrics::register(&mut registry, counters.clone());
     let metrics_server = config
+        .server
         .metrics
         .serve(registry, std::future::pending())
         .await?;
-    let client = config.nats.connect("payledger-query").await?;
+    let client = config.server.nats.connect("payledger-query").await?;
     let js = async_nats::jetstream::new(client);
     let settings = wait_for_settings(&js).await;
     ensure_buckets(&js, config.kv_replicas).await?;
@@ -177,8 +168,8 @@ pub async fn run_with_counters(
     let limits = ServerOptions {
         max_request_bytes: 1 << 20,
         concurrency_per_connection: config.max_concurrent_requests,
-        tokens: config.access.tokens()?,
-        tls: config.tls.clone(),
+        tokens: config.server.access.tokens()?,
+        tls: config.server.tls.clone(),
     };
     let served = {
         let follower_failed = async {

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use payledger_server_common::auth::Role;
-use payledger_server_common::config::{AccessArgs, NatsArgs, parse_duration};
+use payledger_server_common::config::{ServerArgs, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     DAILY_BUCKET, PROGRESS_BUCKET, STREAM, ensure_buckets, wait_for_settings,
@@ -50,13 +50,7 @@ pub use registry::REPLAYS_BUCKET;
 #[derive(clap::Args, Clone, Debug)]
 pub struct CoordinatorConfig {
     #[command(flatten)]
-    pub nats: NatsArgs,
-    #[command(flatten)]
-    pub access: AccessArgs,
-    #[command(flatten)]
-    pub tls: payledger_server_common::tls::TlsArgs,
-    #[command(flatten)]
-    pub metrics: payledger_server_common::metrics::MetricsArgs,
+    pub server: ServerArgs,
     /// Object storage holding the archive and the authoritative table: a directory,
     /// file:///path or s3://bucket/prefix (the same location ingest archives to).
     #[arg(long, env = "PAYLEDGER_STORE", default_value = "./data")]
@@ -137,10 +131,7 @@ pub struct CoordinatorConfig {
 impl CoordinatorConfig {
     pub fn new(nats_url: &str, store: &str, workers: Vec<String>) -> Self {
         Self {
-            nats: NatsArgs::new(nats_url),
-            access: AccessArgs::default(),
-            tls: Default::default(),
-            metrics: Default::default(),
+            server: ServerArgs::new(nats_url),
             store: store.to_string(),
             workers,
             workers_service: None,
@@ -288,7 +279,7 @@ pub async fn run(
             config.worker_cooldown,
         )?,
     });
-    let tokens = config.access.tokens()?;
+    let tokens = config.server.access.tokens()?;
     // RunShard needs the internal role.
     let internal_token = match tokens.as_ref().map(|t| t.token_of(Role::Internal)) {
         Some(Some(token)) => Some(
@@ -301,7 +292,11 @@ pub async fn run(
         ),
         None => None,
     };
-    let client = config.nats.connect("payledger-replay-coordinator").await?;
+    let client = config
+        .server
+        .nats
+        .connect("payledger-replay-coordinator")
+        .await?;
     let js = async_nats::jetstream::new(client);
     let settings = wait_for_settings(&js).await;
     ensure_buckets(&js, config.kv_replicas).await?;
@@ -310,6 +305,7 @@ pub async fn run(
     let mut metrics_registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::CoordinatorMetrics::register(&mut metrics_registry, registry.clone());
     let metrics_server = config
+        .server
         .metrics
         .serve(metrics_registry, std::future::pending())
         .await?;
@@ -384,7 +380,7 @@ pub async fn run(
             max_request_bytes: 64 << 10,
             concurrency_per_connection: 64,
             tokens,
-            tls: config.tls.clone(),
+            tls: config.server.tls.clone(),
         },
         shutdown,
     )

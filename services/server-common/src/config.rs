@@ -176,3 +176,28 @@ mod tests {
         }
     }
 }
+
+/// What every server takes besides its own settings: NATS, who may call it, TLS
+/// and where its metrics are served.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub access: AccessArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
+    #[command(flatten)]
+    pub metrics: crate::metrics::MetricsArgs,
+}
+
+impl ServerArgs {
+    pub fn new(nats_url: &str) -> Self {
+        Self {
+            nats: NatsArgs::new(nats_url),
+            access: AccessArgs::default(),
+            tls: Default::default(),
+            metrics: Default::default(),
+        }
+    }
+}
