@@ -321,7 +321,30 @@ pub(crate) fn encode_batch(
     Ok(Bytes::from(out))
 }
 
-/// Rows and content hash from a segment's footer.
+/// Checks what an object's footer claims (`rows`, `hash`) against what was read
+/// from its data, and describes the object.
+pub(crate) fn footer_matches(
+    path: &Path,
+    rows: u64,
+    hash: String,
+    rows_read: usize,
+    hash_read: String,
+) -> Result<SegmentInfo, StorageError> {
+    if rows_read as u64 != rows || hash_read != hash {
+        return Err(StorageError::Corrupt {
+            path: path.to_string(),
+            message: format!(
+                "footer says {rows} rows with hash {hash}, the data has {rows_read} rows with hash {hash_read}"
+            ),
+        });
+    }
+    Ok(SegmentInfo {
+        path: path.to_string(),
+        rows,
+        content_hash: hash,
+    })
+}
+
 /// A Parquet object as written by this crate: its batches and its footer's claims.
 pub(crate) struct ParquetObject {
     pub batches: Vec<RecordBatch>,
@@ -615,17 +638,7 @@ impl ArchiveStore {
             }
         }
         let (_, recomputed) = events_batch(partition, &records)?;
-        if records.len() as u64 != rows || recomputed != hash {
-            return Err(bad(format!(
-                "footer says {rows} rows with hash {hash}, the data has {} rows with hash {recomputed}",
-                records.len()
-            )));
-        }
-        let info = SegmentInfo {
-            path: path.to_string(),
-            rows,
-            content_hash: hash,
-        };
+        let info = footer_matches(&path, rows, hash, records.len(), recomputed)?;
         Ok((records, info))
     }
 
@@ -678,12 +691,7 @@ impl ArchiveStore {
             }
         }
         let (_, recomputed) = dims_batch(&records)?;
-        if records.len() as u64 != rows || recomputed != hash {
-            return Err(bad(format!(
-                "footer says {rows} rows with hash {hash}, the data has {} with hash {recomputed}",
-                records.len()
-            )));
-        }
+        footer_matches(&path, rows, hash, records.len(), recomputed)?;
         Ok(records)
     }
 }

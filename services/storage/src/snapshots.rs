@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::StorageError;
 use crate::archive::{
-    ParquetObject, SegmentInfo, column, decode_object, encode_batch, put_verified,
+    ParquetObject, SegmentInfo, column, decode_object, encode_batch, footer_matches, put_verified,
 };
 
 const TABLE: &str = "tables/merchant_exposure_daily";
@@ -298,17 +298,7 @@ impl SnapshotStore {
             }
         }
         let (_, recomputed) = rows_batch(&out)?;
-        if out.len() as u64 != rows || recomputed != hash {
-            return Err(bad(format!(
-                "footer says {rows} rows with hash {hash}, the data has {} with {recomputed}",
-                out.len()
-            )));
-        }
-        let info = SegmentInfo {
-            path: path.to_string(),
-            rows,
-            content_hash: hash,
-        };
+        let info = footer_matches(&path, rows, hash, out.len(), recomputed)?;
         Ok((out, info))
     }
 
