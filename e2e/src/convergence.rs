@@ -5,7 +5,7 @@
 //! `tests/convergence.rs` runs it on the local filesystem, `tests/s3.rs` on a real
 //! S3-compatible server.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use payledger_cli::generate::{GenConfig, Generator};
 use payledger_projector::replay::{fold_dimensions, fold_partitions, latest_cutoff};
@@ -14,7 +14,8 @@ use payledger_semantics::{Day, Settings, to_reporting};
 use payledger_storage::{ArchiveStore, Commit, SnapshotStore, open_store_with_env};
 
 use crate::{
-    AcceptedLog, Harness, assert_converges, ingest_client, now_us, query_client, stream_messages,
+    AcceptedLog, Harness, assert_converges, daily_answer_from, ingest_client, now_us, query_client,
+    stream_messages,
 };
 
 /// Generated traffic with every kind of trouble: duplicates, conflicts, late
@@ -239,25 +240,13 @@ pub async fn replay_of_the_archive_equals_the_stream_rows(
         consistency: consistency as i32,
         snapshot_id: snapshot_id.to_string(),
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let auto = loop {
-        let answer = query
-            .get_daily_exposure(ask(v1::Consistency::Auto, ""))
-            .await?
-            .into_inner();
-        if answer
-            .provenance
-            .as_ref()
-            .is_some_and(|p| p.source == v1::Source::Replay as i32)
-        {
-            break answer;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "AUTO never answered from the commit: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let auto = daily_answer_from(
+        &mut query,
+        ask(v1::Consistency::Auto, ""),
+        v1::Source::Replay,
+        Duration::from_secs(10),
+    )
+    .await?;
     let provenance = auto.provenance.clone().expect("provenance");
     assert!(!provenance.provisional);
     assert_eq!(provenance.snapshot_id, commit.draft.snapshot_id);
@@ -324,26 +313,15 @@ pub async fn replay_of_the_archive_equals_the_stream_rows(
         corrects_event_id: String::new(),
     };
     log.publish(&mut client, vec![late]).await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let answer = query
-            .get_daily_exposure(ask(v1::Consistency::Auto, ""))
-            .await?
-            .into_inner();
-        if answer
-            .provenance
-            .as_ref()
-            .is_some_and(|p| p.source == v1::Source::Stream as i32)
-        {
-            assert!(answer.rows.iter().any(|r| r.log_position > cutoff));
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "AUTO kept the stale snapshot: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The stream has moved past the commit there: AUTO answers from it.
+    let answer = daily_answer_from(
+        &mut query,
+        ask(v1::Consistency::Auto, ""),
+        v1::Source::Stream,
+        Duration::from_secs(10),
+    )
+    .await?;
+    assert!(answer.rows.iter().any(|r| r.log_position > cutoff));
     Ok(Outcome {
         cutoff,
         commit,

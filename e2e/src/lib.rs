@@ -401,6 +401,35 @@ pub async fn assert_converges(
     }
 }
 
+/// Asks for a merchant-day until the answer comes from `source`, within `within`
+/// (a new commit or a later event takes the query service a moment to see).
+pub async fn daily_answer_from(
+    query: &mut QueryServiceClient<Channel>,
+    request: v1::GetDailyExposureRequest,
+    source: v1::Source,
+    within: Duration,
+) -> anyhow::Result<v1::DailyExposure> {
+    let deadline = Instant::now() + within;
+    loop {
+        let answer = query
+            .get_daily_exposure(request.clone())
+            .await?
+            .into_inner();
+        if answer
+            .provenance
+            .as_ref()
+            .is_some_and(|p| p.source == source as i32)
+        {
+            return Ok(answer);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{request:?} never answered from {source:?} within {within:?}: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Messages in the stream right now.
 pub async fn stream_messages(nats_url: &str) -> anyhow::Result<u64> {
     let client = async_nats::connect(nats_url).await?;

@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use payledger_e2e::{
-    AcceptedLog, Harness, Service, ingest_client, now_us, query_client, stream_messages,
+    AcceptedLog, Harness, Service, daily_answer_from, ingest_client, now_us, query_client,
+    stream_messages,
 };
 use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
 use payledger_server_common::local_nats::free_port;
@@ -290,28 +291,12 @@ async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
     );
 
     let mut reads = query_client(&query.url()).await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let answer = reads
-            .get_daily_exposure(v1::GetDailyExposureRequest {
-                merchant_id: "m-1".into(),
-                day: today.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        if answer
-            .provenance
-            .is_some_and(|p| p.source == v1::Source::Replay as i32)
-        {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "AUTO never answered from the replay"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ask = v1::GetDailyExposureRequest {
+        merchant_id: "m-1".into(),
+        day: today.clone(),
+        ..Default::default()
+    };
+    daily_answer_from(&mut reads, ask, v1::Source::Replay, Duration::from_secs(10)).await?;
     reads
         .get_daily_exposure(v1::GetDailyExposureRequest {
             merchant_id: "m-1".into(),
