@@ -48,6 +48,29 @@ impl Service {
         format!("http://{}", self.addr)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGSTOP: the process freezes mid-work (a long stall, a frozen VM) until
+    /// `resume`.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {} failed", self.name);
+        Ok(())
+    }
+
     /// SIGKILL: no flush, no final checkpoint.
     pub fn kill_hard(&mut self) {
         let _ = self.child.kill();
@@ -56,8 +79,7 @@ impl Service {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> anyhow::Result<()> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
+        self.signal("-TERM")?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {

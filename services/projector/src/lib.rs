@@ -12,6 +12,7 @@
 //! one shard of a replay at a time, written as snapshot parts (see `replay`).
 
 mod checkpoint;
+mod lease;
 mod metrics;
 mod partition;
 pub mod replay;
@@ -26,7 +27,7 @@ use payledger_proto::v1;
 use payledger_server_common::config::{ServerArgs, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
-    CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
+    CURRENT_BUCKET, DAILY_BUCKET, LEASE_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
 };
 use payledger_storage::{CheckpointStore, open_store};
 use prost::Message;
@@ -90,6 +91,12 @@ pub struct ProjectorConfig {
     /// Projector replicas in the StatefulSet (see --pod-name).
     #[arg(long, env = "PAYLEDGER_PROJECTOR_REPLICAS", value_parser = clap::value_parser!(u32).range(1..))]
     pub replicas: Option<u32>,
+    /// A partition is applied only while this projector holds its lease in NATS KV
+    /// (bucket `projector_leases`), renewed every quarter of this. A partition
+    /// whose holder died is taken over after this long; one released on shutdown
+    /// at once.
+    #[arg(long, env = "PAYLEDGER_PARTITION_LEASE_TTL", default_value = "10s", value_parser = parse_lease_ttl)]
+    pub partition_lease_ttl: Duration,
     /// Flush once this many merchant-currencies have changed rows.
     #[arg(long, env = "PAYLEDGER_FLUSH_ROWS", default_value_t = 2000)]
     pub flush_rows: usize,
@@ -129,6 +136,7 @@ impl ProjectorConfig {
             own_partitions: String::new(),
             pod_name: None,
             replicas: None,
+            partition_lease_ttl: Duration::from_secs(10),
             flush_rows: 2000,
             flush_interval: Duration::from_millis(250),
             checkpoint_every_records: 100_000,
@@ -138,6 +146,16 @@ impl ProjectorConfig {
             ack_timeout: Duration::from_secs(10),
         }
     }
+}
+
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(s)?;
+    if ttl < Duration::from_millis(500) || ttl > Duration::from_secs(600) {
+        return Err(format!(
+            "{s} is outside 500ms..=10m: shorter leases expire under normal pauses, longer ones stall a partition that long after a crash"
+        ));
+    }
+    Ok(ttl)
 }
 
 /// Parses "0-3,7" into partition numbers below `partitions`; empty means all.
@@ -240,6 +258,12 @@ pub async fn run(
         ),
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let leases = lease::PartitionLeases::new(
+        js.get_key_value(LEASE_BUCKET).await?,
+        config.pod_name.clone(),
+        config.partition_lease_ttl,
+        metrics.clone(),
+    );
     let mut tasks = Vec::new();
     for partition in owned.iter().copied() {
         let ctx = partition::PartitionContext {
@@ -252,21 +276,11 @@ pub async fn run(
             tuning: tuning.clone(),
             metrics: metrics.clone(),
         };
-        let mut stopped = stopped.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                match partition::run(ctx.clone(), stopped.clone()).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::error!(partition, error = %e, "partition failed; restarting from its checkpoint");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = stopped.changed() => return,
-                        }
-                    }
-                }
-            }
-        }));
+        tasks.push(tokio::spawn(own_partition(
+            ctx,
+            leases.clone(),
+            stopped.clone(),
+        )));
     }
     let (routes, served_names) = if config.mode.replays() {
         let store = open_store(config.archive_store.as_deref().unwrap_or(&config.store))?;
@@ -314,6 +328,59 @@ pub async fn run(
     }
     tracing::info!("projector stopped");
     served
+}
+
+/// Applies one partition while holding its lease: waits for the lease, applies
+/// until stopped (then flushes, checkpoints and releases it) and, when the lease
+/// is lost, stops at once and waits for it again. A failing partition restarts
+/// from its checkpoint and keeps its lease.
+async fn own_partition(
+    ctx: partition::PartitionContext,
+    leases: lease::PartitionLeases,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let partition = ctx.partition;
+    loop {
+        let lease = match leases.acquire(partition, &mut stopped).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(partition, error = %e, "cannot read the partition's lease; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stopped.changed() => return,
+                }
+            }
+        };
+        loop {
+            let lost = lease.lost();
+            let result = tokio::select! {
+                result = partition::run(ctx.clone(), stopped.clone()) => result,
+                reason = lost => {
+                    // The next owner resumes from a checkpoint; whatever this one
+                    // still writes is fenced by log_position.
+                    tracing::warn!(partition, %reason, "lost the partition's lease; stopped applying it");
+                    break;
+                }
+            };
+            match result {
+                Ok(()) => {
+                    lease.release().await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(partition, error = %e, "partition failed; restarting from its checkpoint");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stopped.changed() => {
+                            lease.release().await;
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,9 @@ pub(crate) struct ProjectorMetrics {
     applied: Family<Labels, Gauge>,
     checkpoint: Family<Labels, Gauge<f64, AtomicU64>>,
     freshness: Histogram,
+    owned: Family<Labels, Gauge>,
+    leases_lost: Family<Labels, Counter>,
+    leases_taken_over: Family<Labels, Counter>,
     pub shards: Family<Labels, Counter>,
 }
 
@@ -27,6 +30,9 @@ impl ProjectorMetrics {
             applied: Family::default(),
             checkpoint: Family::default(),
             freshness: latency_histogram(),
+            owned: Family::default(),
+            leases_lost: Family::default(),
+            leases_taken_over: Family::default(),
             shards: Family::default(),
         };
         registry.register(
@@ -48,6 +54,21 @@ impl ProjectorMetrics {
             "payledger_projector_freshness_seconds",
             "From ingest_time of the newest record of a flush until its rows were stored",
             m.freshness.clone(),
+        );
+        registry.register(
+            "payledger_projector_partition_owned",
+            "1 while this projector holds the partition's lease and applies it",
+            m.owned.clone(),
+        );
+        registry.register(
+            "payledger_projector_partition_leases_lost",
+            "Partition leases this projector lost (taken over or not renewed in time)",
+            m.leases_lost.clone(),
+        );
+        registry.register(
+            "payledger_projector_partition_leases_taken_over",
+            "Partition leases this projector took over after they expired",
+            m.leases_taken_over.clone(),
         );
         registry.register(
             "payledger_replay_shards",
@@ -73,6 +94,18 @@ impl ProjectorMetrics {
     pub fn stored(&self, ingest_time_us: i64, now_us: i64) {
         self.freshness
             .observe((now_us - ingest_time_us).max(0) as f64 / 1e6);
+    }
+
+    pub fn owned(&self, p: u32, owned: bool) {
+        self.owned.get_or_create(&partition(p)).set(owned.into());
+    }
+
+    pub fn lease_lost(&self, p: u32) {
+        self.leases_lost.get_or_create(&partition(p)).inc();
+    }
+
+    pub fn lease_taken_over(&self, p: u32) {
+        self.leases_taken_over.get_or_create(&partition(p)).inc();
     }
 
     pub fn shard(&self, outcome: &'static str) {

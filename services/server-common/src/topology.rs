@@ -20,6 +20,8 @@ pub const DIMS_SUBJECTS: &str = "payledger.dims.>";
 pub const CURRENT_BUCKET: &str = "exposure_current";
 pub const DAILY_BUCKET: &str = "exposure_daily";
 pub const PROGRESS_BUCKET: &str = "projector_progress";
+/// Partition ownership leases (DESIGN §7), one key `p{N}` per partition.
+pub const LEASE_BUCKET: &str = "projector_leases";
 
 const META_SETTINGS: &str = "payledger.settings";
 const META_FINGERPRINT: &str = "payledger.settings_fingerprint";
@@ -176,7 +178,7 @@ pub async fn ensure_bucket(
 /// Creates the row buckets if missing. Their streams allow atomic batches, which
 /// the projector uses for fenced, coalesced row writes.
 pub async fn ensure_buckets(js: &jetstream::Context, replicas: usize) -> anyhow::Result<()> {
-    for bucket in [CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET] {
+    for bucket in [CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, LEASE_BUCKET] {
         let config = kv::Config {
             bucket: bucket.to_string(),
             history: 1,
