@@ -438,7 +438,7 @@ def scenario_tls_monitoring(objects: list[dict], index: dict) -> None:
     check(len(rules) == 1, "one PrometheusRule")
     if rules:
         exprs = {r["alert"]: r["expr"] for g in rules[0]["spec"]["groups"] for r in g["rules"]}
-        for metric in ("payledger_projector_lag_records", "payledger_projector_checkpoint_timestamp_seconds",
+        for metric in ("payledger_projector_lag_records", "payledger_projector_partition_owned", "payledger_projector_checkpoint_timestamp_seconds",
                        "payledger_projector_freshness_seconds_bucket", "payledger_reconciliation_differences"):
             check(any(metric in e for e in exprs.values()), f"an alert on {metric}")
         check("!= 0" in exprs.get("PayLedgerReconciliationDifferences", ""), "reconciliation differences != 0")

@@ -8,6 +8,7 @@ use payledger_e2e::{
     stream_messages,
 };
 use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
+use payledger_semantics::Settings;
 use payledger_server_common::local_nats::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
@@ -180,6 +181,17 @@ async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
     {
         assert!(line.ends_with(" 0"), "caught up means no lag: {line}");
     }
+    // The only projector holds every partition's lease.
+    let owned: Vec<&str> = projector_text
+        .lines()
+        .filter(|l| l.starts_with("payledger_projector_partition_owned{"))
+        .collect();
+    assert_eq!(
+        owned.len(),
+        Settings::default().partitions as usize,
+        "{projector_text}"
+    );
+    assert!(owned.iter().all(|l| l.ends_with(" 1")), "{owned:?}");
     let checkpoint = value(
         &projector_text,
         "payledger_projector_checkpoint_timestamp_seconds{",
