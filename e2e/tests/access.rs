@@ -81,10 +81,17 @@ async fn each_role_reaches_only_its_methods_and_refused_calls_change_nothing() -
             ],
         )
         .await?;
+    // The query service takes its tokens from the environment instead of files.
     let query = h
-        .spawn(
+        .spawn_with_env(
             "payledger-query",
-            &["--tokens-dir", &tokens, "--store", &store],
+            &["--store", &store],
+            &[
+                ("PAYLEDGER_PRODUCER_TOKENS".into(), PRODUCER.into()),
+                ("PAYLEDGER_READER_TOKENS".into(), READER.into()),
+                ("PAYLEDGER_OPERATOR_TOKENS".into(), OPERATOR.into()),
+                ("PAYLEDGER_INTERNAL_TOKENS".into(), INTERNAL.into()),
+            ],
         )
         .await?;
     let coordinator = h

@@ -54,6 +54,27 @@ pub fn required_role(path: &str) -> Option<Role> {
     }
 }
 
+/// The environment variable holding `role`'s tokens.
+pub fn env_var(role: Role) -> String {
+    format!("PAYLEDGER_{}_TOKENS", role.name().to_uppercase())
+}
+
+/// One token per non-empty line, each at least 16 characters; `source` names the
+/// file or variable in errors (never the token).
+fn parse_tokens(text: &str, source: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let tokens: Vec<Vec<u8>> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| l.as_bytes().to_vec())
+        .collect();
+    anyhow::ensure!(
+        tokens.iter().all(|t| t.len() >= 16),
+        "{source}: tokens must be at least 16 characters"
+    );
+    Ok(tokens)
+}
+
 /// The accepted tokens of each role (several per role, so tokens can be rotated).
 #[derive(Default)]
 pub struct Tokens {
@@ -76,31 +97,42 @@ impl Tokens {
     /// Reads `<dir>/<role>` for each role: one token per non-empty line. A role
     /// without a file has no token, so its methods refuse every call.
     pub fn from_dir(dir: &Path) -> anyhow::Result<Tokens> {
+        Self::load(Some(dir), |_| None)
+    }
+
+    /// The tokens of `<dir>/<role>` files (when `dir` is given) and of the
+    /// variables `PAYLEDGER_<ROLE>_TOKENS` that `env` returns (tokens separated by
+    /// commas or newlines), together. A role with neither has no token, so its
+    /// methods refuse every call.
+    pub fn load(
+        dir: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Tokens> {
         let mut by_role = Vec::new();
         for role in Role::ALL {
-            let path = dir.join(role.name());
-            let text = match std::fs::read_to_string(&path) {
-                Ok(text) => text,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => anyhow::bail!("token file {}: {e}", path.display()),
-            };
-            let tokens: Vec<Vec<u8>> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(|l| l.as_bytes().to_vec())
-                .collect();
-            anyhow::ensure!(
-                tokens.iter().all(|t| t.len() >= 16),
-                "token file {}: tokens must be at least 16 characters",
-                path.display()
-            );
-            by_role.push((role, tokens));
+            let mut tokens = Vec::new();
+            if let Some(dir) = dir {
+                let path = dir.join(role.name());
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => tokens.extend(parse_tokens(&text, &path.display().to_string())?),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => anyhow::bail!("token file {}: {e}", path.display()),
+                }
+            }
+            let var = env_var(role);
+            if let Some(text) = env(&var) {
+                tokens.extend(parse_tokens(&text.replace(',', "\n"), &var)?);
+            }
+            if !tokens.is_empty() {
+                by_role.push((role, tokens));
+            }
         }
         anyhow::ensure!(
             !by_role.is_empty(),
-            "no token files (producer, reader, operator, internal) in {}",
-            dir.display()
+            "no tokens: neither token files (producer, reader, operator, internal){} nor {}",
+            dir.map(|d| format!(" in {}", d.display()))
+                .unwrap_or_default(),
+            Role::ALL.map(env_var).join(", ")
         );
         Ok(Tokens { by_role })
     }
@@ -304,6 +336,51 @@ mod tests {
         assert!(
             !format!("{:?}", tokens()).contains("token-0123"),
             "Debug never shows tokens"
+        );
+    }
+
+    #[test]
+    fn tokens_from_the_environment_join_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("reader"), "reader-file-0123456789\n").unwrap();
+        let env = |var: &str| match var {
+            "PAYLEDGER_READER_TOKENS" => Some("reader-env-0123456789".to_string()),
+            "PAYLEDGER_OPERATOR_TOKENS" => {
+                Some("operator-a-0123456789, operator-b-0123456789".to_string())
+            }
+            _ => None,
+        };
+        let t = Tokens::load(Some(dir.path()), env).unwrap();
+        let query = "/payledger.v1.QueryService/GetDailyExposure";
+        let replay = "/payledger.v1.ReplayCoordinator/StartReplay";
+        assert!(t.check(query, &bearer("reader-file-0123456789")).is_ok());
+        assert!(t.check(query, &bearer("reader-env-0123456789")).is_ok());
+        assert!(t.check(replay, &bearer("operator-b-0123456789")).is_ok());
+        assert_eq!(
+            t.check(replay, &bearer("reader-env-0123456789"))
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
+        );
+        let only_env = Tokens::load(None, env).unwrap();
+        assert!(
+            only_env
+                .check(replay, &bearer("operator-a-0123456789"))
+                .is_ok()
+        );
+        let err = Tokens::load(None, |_| Some("short,also-short".into())).unwrap_err();
+        assert!(
+            err.to_string().contains("PAYLEDGER_PRODUCER_TOKENS"),
+            "{err}"
+        );
+        assert!(
+            !err.to_string().contains("short,"),
+            "errors never show tokens: {err}"
+        );
+        let none = Tokens::load(None, |_| None).unwrap_err();
+        assert!(
+            none.to_string().contains("PAYLEDGER_INTERNAL_TOKENS"),
+            "{none}"
         );
     }
 }

@@ -135,23 +135,29 @@ impl SemanticsArgs {
 pub struct AccessArgs {
     /// Directory of bearer-token files named after the roles (producer, reader,
     /// operator, internal), one token per line; every call then needs a token of
-    /// its method's role (health and reflection stay open). Without it calls are
-    /// not checked: for development only.
+    /// its method's role (health and reflection stay open). Tokens may also (or
+    /// instead) come from the variables PAYLEDGER_PRODUCER_TOKENS,
+    /// PAYLEDGER_READER_TOKENS, PAYLEDGER_OPERATOR_TOKENS and
+    /// PAYLEDGER_INTERNAL_TOKENS (comma-separated). With neither, calls are not
+    /// checked: for development only.
     #[arg(long, env = "PAYLEDGER_TOKENS_DIR")]
     pub tokens_dir: Option<std::path::PathBuf>,
 }
 
 impl AccessArgs {
     pub fn tokens(&self) -> anyhow::Result<Option<std::sync::Arc<crate::auth::Tokens>>> {
-        match &self.tokens_dir {
-            Some(dir) => Ok(Some(std::sync::Arc::new(crate::auth::Tokens::from_dir(
-                dir,
-            )?))),
-            None => {
-                tracing::warn!("no --tokens-dir: calls are not authenticated (development only)");
-                Ok(None)
-            }
+        use crate::auth::{Role, Tokens, env_var};
+        let from_env = Role::ALL
+            .iter()
+            .any(|r| std::env::var_os(env_var(*r)).is_some());
+        if self.tokens_dir.is_none() && !from_env {
+            tracing::warn!(
+                "no --tokens-dir and no PAYLEDGER_<ROLE>_TOKENS: calls are not authenticated (development only)"
+            );
+            return Ok(None);
         }
+        let tokens = Tokens::load(self.tokens_dir.as_deref(), |var| std::env::var(var).ok())?;
+        Ok(Some(std::sync::Arc::new(tokens)))
     }
 }
 
