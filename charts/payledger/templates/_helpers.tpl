@@ -200,6 +200,25 @@ servers require client certificates. */}}
 {{- end }}
 {{- end }}
 
+{{/* The coordinator as a client of the workers' RunShard: trust ca.crt, check every
+projector's certificate against the headless Service's name (the coordinator reaches
+discovered pods by IP, which the certificate does not name), and present the release's
+certificate when the servers require client certificates. */}}
+{{- define "payledger.workerTlsEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: PAYLEDGER_WORKER_CA
+  value: /etc/payledger/tls/ca.crt
+- name: PAYLEDGER_WORKER_TLS_SERVER_NAME
+  value: {{ printf "%s-projector" (include "payledger.fullname" .) | quote }}
+{{- if .Values.tls.clientAuth }}
+- name: PAYLEDGER_WORKER_CLIENT_CERT
+  value: /etc/payledger/tls/tls.crt
+- name: PAYLEDGER_WORKER_CLIENT_KEY
+  value: /etc/payledger/tls/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* A component's `env` map as EnvVars, in key order. */}}
 {{- define "payledger.envMap" -}}
 {{- range $name, $value := . }}

@@ -13,7 +13,8 @@
 //! In a cluster the workers are the ready endpoints of the projectors' headless
 //! Service (`discovery`), and of several coordinator replicas only the holder of a
 //! Lease plans and runs replays (`leader`). Without `--workers-service` and
-//! `--lease-name` the coordinator never talks to the Kubernetes API.
+//! `--lease-name` the coordinator never talks to the Kubernetes API. With
+//! `--worker-ca` it calls the workers over TLS (`workers`).
 
 mod discovery;
 #[cfg(test)]
@@ -46,6 +47,7 @@ use crate::leader::{Leadership, LeaseElector, LeaseSettings};
 use crate::runner::Context;
 
 pub use registry::REPLAYS_BUCKET;
+pub use workers::WorkerTlsArgs;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct CoordinatorConfig {
@@ -69,6 +71,8 @@ pub struct CoordinatorConfig {
     /// its EndpointSlices, watched) are the replay workers, on the port named grpc.
     #[arg(long, env = "PAYLEDGER_WORKERS_SERVICE")]
     pub workers_service: Option<String>,
+    #[command(flatten)]
+    pub worker_tls: WorkerTlsArgs,
     /// Namespace of --workers-service and --lease-name (default: the pod's own, or
     /// the kubeconfig context's).
     #[arg(long, env = "PAYLEDGER_NAMESPACE")]
@@ -135,6 +139,7 @@ impl CoordinatorConfig {
             store: store.to_string(),
             workers,
             workers_service: None,
+            worker_tls: WorkerTlsArgs::default(),
             namespace: None,
             lease_name: None,
             pod_name: None,
@@ -268,15 +273,18 @@ pub async fn run(
         }
         false => None,
     };
+    let worker_tls = config.worker_tls.load(config.workers_service.as_deref())?;
     let workers = Arc::new(match &config.workers_service {
         Some(_) => workers::Workers::discovered(
             config.max_shards_per_worker.into(),
             config.worker_cooldown,
+            worker_tls,
         ),
         None => workers::Workers::new(
             &config.workers,
             config.max_shards_per_worker.into(),
             config.worker_cooldown,
+            worker_tls,
         )?,
     });
     let tokens = config.server.access.tokens()?;
@@ -369,7 +377,7 @@ pub async fn run(
             None
         }
     };
-    tracing::info!(workers = ?config.workers, workers_service = ?config.workers_service, lease = ?config.lease_name, store = %config.store, local = %listener.local_addr()?, "replay coordinator serving");
+    tracing::info!(workers = ?config.workers, workers_service = ?config.workers_service, worker_tls = config.worker_tls.worker_ca.is_some(), lease = ?config.lease_name, store = %config.store, local = %listener.local_addr()?, "replay coordinator serving");
     let served = serve_grpc(
         Some(tonic::service::Routes::new(
             service::CoordinatorApi { ctx: ctx.clone() }.into_service(),
