@@ -209,6 +209,7 @@ def common_facts(objects: list[dict], index: dict) -> None:
                       f"{where}: {probe} must be a gRPC probe on the service's port")
             check(c["readinessProbe"]["grpc"].get("service", "").startswith("payledger.v1."),
                   f"{where}: readiness asks for its payledger.v1 service")
+            check(c["livenessProbe"]["grpc"].get("service", "") == "", f"{where}: liveness asks for the server as a whole")
             check("metrics" in ports, f"{where}: metrics port")
 
     # Every Service, PDB and NetworkPolicy selects pods that exist, by ports they have.
@@ -265,6 +266,16 @@ def common_facts(objects: list[dict], index: dict) -> None:
     check(c_env["PAYLEDGER_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", "coordinator PAYLEDGER_POD_NAME")
     check(c_env["PAYLEDGER_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace", "coordinator PAYLEDGER_NAMESPACE")
     check(pod_spec(coordinator)["serviceAccountName"] == binding["subjects"][0]["name"], "the coordinator runs as the bound ServiceAccount")
+    # Only the leader is ready: readiness asks for the ReplayCoordinator service
+    # (NOT_SERVING on a standby), startup for the server as a whole (else a standby
+    # would be restarted), and neither a rollout nor a PDB may wait for a standby.
+    probes = pod_spec(coordinator)["containers"][0]
+    check(probes["readinessProbe"]["grpc"].get("service") == "payledger.v1.ReplayCoordinator", "coordinator readiness: the leader only")
+    check(probes["startupProbe"]["grpc"].get("service", "") == "", "coordinator startup: the server as a whole")
+    check(coordinator["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": "100%", "maxSurge": 0},
+          "a coordinator rollout replaces every old pod at once")
+    check(not any(o["kind"] == "PodDisruptionBudget" and selects(o["spec"]["selector"]["matchLabels"], pod_labels(coordinator))
+                  for o in objects), "no PodDisruptionBudget for the coordinator")
     others = {pod_spec(o).get("serviceAccountName") for o in workloads if o is not coordinator}
     check(binding["subjects"][0]["name"] not in others, "only the coordinator runs as the bound ServiceAccount")
 

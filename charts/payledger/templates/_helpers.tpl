@@ -246,13 +246,19 @@ The pod template of a PayLedger server. Called with a dict:
   binary     the binary to run
   port       the gRPC port
   health     the gRPC service name the readiness probe asks for
+  startupHealth  the one the startup probe asks for, if not `health` ("": the
+             server as a whole)
   env        extra EnvVars (a YAML list as a string)
   objectStore  whether it gets the object-store keys
   serviceAccountName, automountToken
 */}}
 {{- define "payledger.serverPod" -}}
 {{- $ctx := .ctx }}
-{{- $v := .values -}}
+{{- $v := .values }}
+{{- $startupHealth := .health }}
+{{- if hasKey . "startupHealth" }}
+{{- $startupHealth = .startupHealth }}
+{{- end -}}
 metadata:
   labels:
     {{- include "payledger.labels" . | nindent 4 }}
@@ -328,7 +334,7 @@ spec:
       startupProbe:
         grpc:
           port: {{ include "payledger.probePort" . }}
-          service: {{ .health | quote }}
+          service: {{ $startupHealth | quote }}
         periodSeconds: 5
         failureThreshold: 60
       readinessProbe:

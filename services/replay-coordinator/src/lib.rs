@@ -47,6 +47,11 @@ use crate::leader::{Leadership, LeaseElector, LeaseSettings};
 use crate::runner::Context;
 
 pub use registry::REPLAYS_BUCKET;
+
+/// The gRPC service the coordinator serves. Its health status is SERVING only
+/// while this replica leads (always, without a Lease), NOT_SERVING on a standby;
+/// the server as a whole ("") is SERVING either way.
+pub use payledger_proto::v1::replay_coordinator_server::SERVICE_NAME;
 pub use workers::WorkerTlsArgs;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -382,13 +387,16 @@ pub async fn run(
         Some(tonic::service::Routes::new(
             service::CoordinatorApi { ctx: ctx.clone() }.into_service(),
         )),
-        &["payledger.v1.ReplayCoordinator"],
+        &[SERVICE_NAME],
         listener,
         &ServerOptions {
             max_request_bytes: 64 << 10,
             concurrency_per_connection: 64,
             tokens,
             tls: config.server.tls.clone(),
+            // Readiness: only the leader takes StartReplay and CancelReplay, so a
+            // standby is NOT_SERVING and a Service routes calls to the leader.
+            serving_while: vec![(SERVICE_NAME, ctx.drivers.on_leading())],
         },
         shutdown,
     )

@@ -55,6 +55,9 @@ pub(crate) struct Context {
 #[derive(Default)]
 pub(crate) struct Drivers {
     state: Mutex<DriversState>,
+    /// `state.leading`, for whoever follows it: the health status of the
+    /// ReplayCoordinator service, SERVING only on the leader.
+    leading: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -81,6 +84,12 @@ impl Drivers {
 
     pub fn lead(&self) {
         self.state.lock().expect("drivers lock").leading = true;
+        self.leading.send_replace(true);
+    }
+
+    /// Whether this coordinator leads, now and as it changes.
+    pub fn on_leading(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.leading.subscribe()
     }
 
     /// Stops leading: no replay starts any more, and every running one is aborted.
@@ -88,6 +97,7 @@ impl Drivers {
     pub fn stand_down(&self) -> Vec<JoinHandle<()>> {
         let mut state = self.state.lock().expect("drivers lock");
         state.leading = false;
+        self.leading.send_replace(false);
         let mut tasks = std::mem::take(&mut state.tasks);
         tasks.retain(|t| !t.is_finished());
         for task in &tasks {
