@@ -209,6 +209,7 @@ def common_facts(objects: list[dict], index: dict) -> None:
                       f"{where}: {probe} must be a gRPC probe on the service's port")
             check(c["readinessProbe"]["grpc"].get("service", "").startswith("payledger.v1."),
                   f"{where}: readiness asks for its payledger.v1 service")
+            check(c["livenessProbe"]["grpc"].get("service", "") == "", f"{where}: liveness asks for the server as a whole")
             check("metrics" in ports, f"{where}: metrics port")
 
     # Every Service, PDB and NetworkPolicy selects pods that exist, by ports they have.
@@ -265,6 +266,16 @@ def common_facts(objects: list[dict], index: dict) -> None:
     check(c_env["PAYLEDGER_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", "coordinator PAYLEDGER_POD_NAME")
     check(c_env["PAYLEDGER_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace", "coordinator PAYLEDGER_NAMESPACE")
     check(pod_spec(coordinator)["serviceAccountName"] == binding["subjects"][0]["name"], "the coordinator runs as the bound ServiceAccount")
+    # Only the leader is ready: readiness asks for the ReplayCoordinator service
+    # (NOT_SERVING on a standby), startup for the server as a whole (else a standby
+    # would be restarted), and neither a rollout nor a PDB may wait for a standby.
+    probes = pod_spec(coordinator)["containers"][0]
+    check(probes["readinessProbe"]["grpc"].get("service") == "payledger.v1.ReplayCoordinator", "coordinator readiness: the leader only")
+    check(probes["startupProbe"]["grpc"].get("service", "") == "", "coordinator startup: the server as a whole")
+    check(coordinator["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": "100%", "maxSurge": 0},
+          "a coordinator rollout replaces every old pod at once")
+    check(not any(o["kind"] == "PodDisruptionBudget" and selects(o["spec"]["selector"]["matchLabels"], pod_labels(coordinator))
+                  for o in objects), "no PodDisruptionBudget for the coordinator")
     others = {pod_spec(o).get("serviceAccountName") for o in workloads if o is not coordinator}
     check(binding["subjects"][0]["name"] not in others, "only the coordinator runs as the bound ServiceAccount")
 
@@ -346,6 +357,9 @@ def scenario_default(objects: list[dict], index: dict) -> None:
     check(not any(o["kind"] in CRD_KINDS or o["kind"] == "Job" for o in objects), "monitoring and backfill are off by default")
     ingest = find_workload(objects, "ingest")
     check("AWS_SECRET_ACCESS_KEY" not in env_of(pod_spec(ingest)["containers"][0]), "ingest gets no object-store keys")
+    c_env = env_of(pod_spec(find_workload(objects, "replay-coordinator"))["containers"][0])
+    check(not {"PAYLEDGER_WORKER_CA", "PAYLEDGER_WORKER_TLS_SERVER_NAME", "PAYLEDGER_WORKER_CLIENT_CERT"} & c_env.keys(),
+          "without TLS the coordinator calls the workers in plaintext")
     for component, roles in {"ingest": ["producer"], "query": ["reader", "operator"], "projector": ["internal"],
                              "replay-coordinator": ["operator", "internal"]}.items():
         volumes = pod_spec(find_workload(objects, component))["volumes"]
@@ -414,10 +428,20 @@ def scenario_tls_monitoring(objects: list[dict], index: dict) -> None:
         check(any(m["mountPath"] == "/etc/payledger/tls" for m in c["volumeMounts"]), f"{name_of(obj)}: TLS files mounted")
     ingest = env_of(pod_spec(find_workload(objects, "ingest"))["containers"][0])
     check(ingest["PAYLEDGER_MAX_BATCH_EVENTS"]["value"] == "500", "component env rendered as strings")
-    for obj in [find_workload(objects, "replay-coordinator")] + [o for o in objects if o["kind"] in ("CronJob", "Pod")]:
+    for obj in [o for o in objects if o["kind"] in ("CronJob", "Pod")]:
         env = env_of(pod_spec(obj)["containers"][0])
         check(env.get("PAYLEDGER_TLS_CA", {}).get("value") == "/etc/payledger/tls/ca.crt" and "PAYLEDGER_TLS_CLIENT_CERT" in env,
               f"{name_of(obj)}: TLS client settings")
+    # The coordinator calls the projectors over mutual TLS, checking their certificate
+    # against the headless Service's name (it dials discovered pods by IP).
+    projector = find_workload(objects, "projector")
+    c_env = {k: v.get("value") for k, v in env_of(pod_spec(find_workload(objects, "replay-coordinator"))["containers"][0]).items()}
+    check(c_env.get("PAYLEDGER_WORKER_CA") == "/etc/payledger/tls/ca.crt", "the coordinator trusts ca.crt for RunShard")
+    check(c_env.get("PAYLEDGER_WORKER_TLS_SERVER_NAME") == projector["spec"]["serviceName"],
+          "the coordinator checks the projectors' certificate against their Service's name")
+    check(c_env.get("PAYLEDGER_WORKER_CLIENT_CERT") == "/etc/payledger/tls/tls.crt"
+          and c_env.get("PAYLEDGER_WORKER_CLIENT_KEY") == "/etc/payledger/tls/tls.key", "the coordinator's client certificate for RunShard")
+    check(all(u.startswith("https://") for u in c_env["PAYLEDGER_WORKERS"].split(",")), "https to the workers")
     cron = pod_spec(next(o for o in objects if o["kind"] == "CronJob"))["containers"][0]
     check(env_of(cron)["PAYLEDGER_COORDINATOR_URL"]["value"].startswith("https://"), "https to the coordinator")
     test = pod_spec(next(o for o in objects if o["kind"] == "Pod"))["containers"][0]

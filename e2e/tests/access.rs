@@ -301,9 +301,14 @@ impl Authority {
 
     /// (certificate, key) in PEM for the loopback names.
     fn sign(&self) -> anyhow::Result<(String, String)> {
+        self.sign_for(&["localhost", "127.0.0.1"])
+    }
+
+    /// (certificate, key) in PEM naming `names` only.
+    fn sign_for(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
         let key = rcgen::KeyPair::generate()?;
         let params =
-            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
         Ok((
             params.signed_by(&key, &self.issuer)?.pem(),
             key.serialize_pem(),
@@ -503,5 +508,254 @@ async fn tls_refuses_plaintext_and_strangers_and_serves_a_rotated_certificate() 
         matches!(&answer, Err(s) if s.code() == Code::NotFound),
         "{answer:?}"
     );
+    Ok(())
+}
+
+/// Starts a replay of today through `coordinator` (once the archiver has cut the log)
+/// and follows it until it ends.
+async fn replay_today(coordinator: &str) -> anyhow::Result<v1::Replay> {
+    let mut replays = ReplayCoordinatorClient::new(
+        Channel::from_shared(coordinator.to_string())?
+            .connect()
+            .await?,
+    );
+    let today = payledger_semantics::Day::of_micros(now_us()).to_string();
+    let start = || v1::StartReplayRequest {
+        from_day: today.clone(),
+        to_day: today.clone(),
+        reason: "worker TLS test".into(),
+        cutoff: 0,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let started = loop {
+        match replays.start_replay(start()).await {
+            Ok(r) => break r.into_inner(),
+            // The archiver writes its first watermark shortly.
+            Err(s) if s.code() == Code::FailedPrecondition && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let replay = replays
+            .get_replay(v1::GetReplayRequest {
+                replay_id: started.replay_id.clone(),
+            })
+            .await?
+            .into_inner();
+        if replay.state >= i32::from(v1::ReplayState::Succeeded) {
+            return Ok(replay);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "replay did not end: {replay:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The coordinator calls a worker that serves TLS and requires client certificates:
+/// with the worker CA, its client certificate and the name the worker's certificate
+/// carries, a replay commits; without the CA (plaintext), without a client
+/// certificate, or checking the wrong name, the shard fails and the replay with it,
+/// saying what to check. https:// workers without the CA are refused at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_calls_workers_over_mutual_tls_and_fails_plainly_without_it()
+-> anyhow::Result<()> {
+    let mut h = Harness::start()?;
+    let ca = Authority::new("payledger test CA")?;
+    let dir = h.dir.path().join("tls");
+    std::fs::create_dir_all(&dir)?;
+    let write = |name: &str, pem: &str| -> anyhow::Result<String> {
+        let path = dir.join(name);
+        std::fs::write(&path, pem)?;
+        Ok(path.display().to_string())
+    };
+    // The worker's certificate names its Service only, not the address the
+    // coordinator dials: as in a cluster, where discovered workers are pod IPs.
+    let (cert, key) = ca.sign_for(&["payledger-projector"])?;
+    let (worker_cert, worker_key) = (write("worker.crt", &cert)?, write("worker.key", &key)?);
+    let (cert, key) = ca.sign_for(&["payledger-replay-coordinator"])?;
+    let (client_cert, client_key) = (write("client.crt", &cert)?, write("client.key", &key)?);
+    let ca_file = write("ca.crt", &ca.pem)?;
+    let store = h.store();
+    let ingest = h
+        .spawn(
+            "payledger-ingest",
+            &[
+                "--archive-store",
+                &store,
+                "--archive-flush-interval",
+                "200ms",
+                "--heartbeat-interval",
+                "0s",
+            ],
+        )
+        .await?;
+    ingest_client(&ingest.url())
+        .await?
+        .publish(v1::PublishRequest {
+            events: vec![event("ev-worker-tls")],
+        })
+        .await?;
+    // A replay worker that serves TLS only and requires client certificates.
+    let worker = h
+        .spawn(
+            "payledger-projector",
+            &[
+                "--mode",
+                "replay",
+                "--store",
+                &format!("{store}-worker"),
+                "--archive-store",
+                &store,
+                "--tls-cert",
+                &worker_cert,
+                "--tls-key",
+                &worker_key,
+                "--tls-client-ca",
+                &ca_file,
+                "--health-listen",
+                &format!(
+                    "127.0.0.1:{}",
+                    payledger_server_common::local_nats::free_port()?
+                ),
+            ],
+        )
+        .await?;
+    let (https, http) = (format!("https://{}", worker.addr), worker.url());
+    // No stream projector runs: reconciliation compares after a short wait.
+    let coordinator_args = |workers: &str, more: &[&str]| -> Vec<String> {
+        let mut args = [
+            "--store",
+            store.as_str(),
+            "--workers",
+            workers,
+            "--shard-attempts",
+            "1",
+            "--reconcile-wait",
+            "1s",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(more.iter().map(|a| a.to_string()));
+        args
+    };
+    let spawn = async |h: &mut Harness, args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        h.spawn("payledger-replay-coordinator", &args).await
+    };
+
+    // With the CA, the client certificate and the Service's name: the replay runs
+    // on the worker over mutual TLS and commits.
+    let mut coordinator = spawn(
+        &mut h,
+        coordinator_args(
+            &https,
+            &[
+                "--worker-ca",
+                &ca_file,
+                "--worker-client-cert",
+                &client_cert,
+                "--worker-client-key",
+                &client_key,
+                "--worker-tls-server-name",
+                "payledger-projector",
+            ],
+        ),
+    )
+    .await?;
+    let replay = replay_today(&coordinator.url()).await?;
+    anyhow::ensure!(
+        replay.state == i32::from(v1::ReplayState::Succeeded) && replay.commit_number > 0,
+        "the replay over TLS did not commit: {replay:?}"
+    );
+    assert!(
+        replay
+            .shards
+            .iter()
+            .all(|s| s.worker == https && s.state == i32::from(v1::ShardState::Done)),
+        "{replay:?}"
+    );
+    coordinator.terminate()?;
+
+    // An https:// worker without the worker CA: refused at start-up.
+    let refused = spawn(&mut h, coordinator_args(&https, &[]))
+        .await
+        .err()
+        .expect("a coordinator with https:// workers and no --worker-ca must not start");
+    assert!(refused.to_string().contains("--worker-ca"), "{refused:#}");
+
+    // Plaintext to the TLS worker: the shard fails, and the replay with it.
+    let mut plaintext = spawn(&mut h, coordinator_args(&http, &[])).await?;
+    let replay = replay_today(&plaintext.url()).await?;
+    assert_eq!(
+        replay.state,
+        i32::from(v1::ReplayState::Failed),
+        "{replay:?}"
+    );
+    assert_eq!(replay.commit_number, 0);
+    assert!(
+        replay.error.contains(&http) && replay.error.contains("pass --worker-ca"),
+        "{}",
+        replay.error
+    );
+    plaintext.terminate()?;
+
+    // The CA but no client certificate: the worker refuses the handshake.
+    let mut anonymous = spawn(
+        &mut h,
+        coordinator_args(
+            &https,
+            &[
+                "--worker-ca",
+                &ca_file,
+                "--worker-tls-server-name",
+                "payledger-projector",
+            ],
+        ),
+    )
+    .await?;
+    let replay = replay_today(&anonymous.url()).await?;
+    assert_eq!(
+        replay.state,
+        i32::from(v1::ReplayState::Failed),
+        "{replay:?}"
+    );
+    assert!(
+        replay.error.contains("pass --worker-client-cert"),
+        "{}",
+        replay.error
+    );
+    anonymous.terminate()?;
+
+    // The certificate checked against the host of the URL, an address it does not
+    // name: refused too.
+    let mut misnamed = spawn(
+        &mut h,
+        coordinator_args(
+            &https,
+            &[
+                "--worker-ca",
+                &ca_file,
+                "--worker-client-cert",
+                &client_cert,
+                "--worker-client-key",
+                &client_key,
+            ],
+        ),
+    )
+    .await?;
+    let replay = replay_today(&misnamed.url()).await?;
+    assert_eq!(
+        replay.state,
+        i32::from(v1::ReplayState::Failed),
+        "{replay:?}"
+    );
+    assert!(
+        replay.error.contains("invalid peer certificate"),
+        "{}",
+        replay.error
+    );
+    misnamed.terminate()?;
     Ok(())
 }

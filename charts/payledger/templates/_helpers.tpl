@@ -200,6 +200,25 @@ servers require client certificates. */}}
 {{- end }}
 {{- end }}
 
+{{/* The coordinator as a client of the workers' RunShard: trust ca.crt, check every
+projector's certificate against the headless Service's name (the coordinator reaches
+discovered pods by IP, which the certificate does not name), and present the release's
+certificate when the servers require client certificates. */}}
+{{- define "payledger.workerTlsEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: PAYLEDGER_WORKER_CA
+  value: /etc/payledger/tls/ca.crt
+- name: PAYLEDGER_WORKER_TLS_SERVER_NAME
+  value: {{ printf "%s-projector" (include "payledger.fullname" .) | quote }}
+{{- if .Values.tls.clientAuth }}
+- name: PAYLEDGER_WORKER_CLIENT_CERT
+  value: /etc/payledger/tls/tls.crt
+- name: PAYLEDGER_WORKER_CLIENT_KEY
+  value: /etc/payledger/tls/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* A component's `env` map as EnvVars, in key order. */}}
 {{- define "payledger.envMap" -}}
 {{- range $name, $value := . }}
@@ -227,13 +246,19 @@ The pod template of a PayLedger server. Called with a dict:
   binary     the binary to run
   port       the gRPC port
   health     the gRPC service name the readiness probe asks for
+  startupHealth  the one the startup probe asks for, if not `health` ("": the
+             server as a whole)
   env        extra EnvVars (a YAML list as a string)
   objectStore  whether it gets the object-store keys
   serviceAccountName, automountToken
 */}}
 {{- define "payledger.serverPod" -}}
 {{- $ctx := .ctx }}
-{{- $v := .values -}}
+{{- $v := .values }}
+{{- $startupHealth := .health }}
+{{- if hasKey . "startupHealth" }}
+{{- $startupHealth = .startupHealth }}
+{{- end -}}
 metadata:
   labels:
     {{- include "payledger.labels" . | nindent 4 }}
@@ -309,7 +334,7 @@ spec:
       startupProbe:
         grpc:
           port: {{ include "payledger.probePort" . }}
-          service: {{ .health | quote }}
+          service: {{ $startupHealth | quote }}
         periodSeconds: 5
         failureThreshold: 60
       readinessProbe:

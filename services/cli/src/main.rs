@@ -230,6 +230,8 @@ enum ReplayCommand {
         wait: bool,
         #[command(flatten)]
         coordinator: CoordinatorUrl,
+        #[command(flatten)]
+        retry: replay::RetryArgs,
     },
     /// Show one replay, shard by shard.
     Status {
@@ -249,6 +251,8 @@ enum ReplayCommand {
         replay_id: String,
         #[command(flatten)]
         coordinator: CoordinatorUrl,
+        #[command(flatten)]
+        retry: replay::RetryArgs,
     },
     /// Fold the archive from its beginning through the cutoff in this process (no
     /// coordinator or workers needed) and commit the rows of the day range as the
@@ -989,19 +993,28 @@ async fn main() -> anyhow::Result<()> {
             cutoff,
             wait,
             coordinator,
+            retry,
         }) => {
             let (from_day, to_day) = days.days()?;
-            let mut client = replay::client(&coordinator.coordinator_url).await?;
-            let started = client
-                .start_replay(v1::StartReplayRequest {
-                    from_day: from_day.to_string(),
-                    to_day: to_day.to_string(),
-                    reason,
-                    cutoff,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let request = v1::StartReplayRequest {
+                from_day: from_day.to_string(),
+                to_day: to_day.to_string(),
+                reason,
+                cutoff,
+            };
+            // Sent again only after a refusal made before anything was done (or no
+            // connection at all), never after one that may have started a replay:
+            // see `replay::retryable`.
+            let (started, mut client) = replay::send_with_retry(
+                &coordinator.coordinator_url,
+                &retry,
+                replay::Call::Start,
+                |mut client| {
+                    let request = request.clone();
+                    async move { client.start_replay(request).await }
+                },
+            )
+            .await?;
             if !wait {
                 if cli.json {
                     print_json(&replay::to_json(&started))?;
@@ -1071,13 +1084,22 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay(ReplayCommand::Cancel {
             replay_id,
             coordinator,
+            retry,
         }) => {
-            let mut client = replay::client(&coordinator.coordinator_url).await?;
-            let stopped = client
-                .cancel_replay(v1::CancelReplayRequest { replay_id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let (stopped, _) = replay::send_with_retry(
+                &coordinator.coordinator_url,
+                &retry,
+                replay::Call::Cancel,
+                |mut client| {
+                    let replay_id = replay_id.clone();
+                    async move {
+                        client
+                            .cancel_replay(v1::CancelReplayRequest { replay_id })
+                            .await
+                    }
+                },
+            )
+            .await?;
             if cli.json {
                 print_json(&replay::to_json(&stopped))?;
             } else {

@@ -1,16 +1,132 @@
 //! `payledger replay start|status|list|cancel`: the coordinator's client, with a
-//! progress bar per shard while waiting.
+//! progress bar per shard while waiting, and retries while no coordinator takes
+//! the call (a standby, a failover, a rollout).
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use crate::connect::Conn;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
+use payledger_server_common::config::parse_duration;
 
 pub async fn client(url: &str) -> anyhow::Result<ReplayCoordinatorClient<Conn>> {
     Ok(ReplayCoordinatorClient::new(
         crate::connect::connect(url, "coordinator").await?,
     ))
+}
+
+/// How long `replay start` and `replay cancel` keep trying.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RetryArgs {
+    /// Keep trying for this long, with backoff, while the coordinator cannot be
+    /// reached or answers that it does not lead (a standby replica, or a failover
+    /// or rollout in progress), saying on stderr what it waits for; 0s tries once.
+    #[arg(long, env = "PAYLEDGER_RETRY_FOR", default_value = "30s", value_parser = parse_duration)]
+    pub retry_for: Duration,
+}
+
+/// The waits between attempts: from `FIRST_WAIT`, doubling up to `MAX_WAIT`, for
+/// as long as `retry_for` lasts since the first attempt.
+#[derive(Debug)]
+pub struct Backoff {
+    retry_for: Duration,
+    next: Duration,
+}
+
+const FIRST_WAIT: Duration = Duration::from_millis(500);
+const MAX_WAIT: Duration = Duration::from_secs(5);
+
+impl Backoff {
+    pub fn new(retry_for: Duration) -> Self {
+        Self {
+            retry_for,
+            next: FIRST_WAIT,
+        }
+    }
+
+    /// The wait before the next attempt, `elapsed` after the first one began; None
+    /// once `retry_for` is spent. The last wait is cut to end at `retry_for`.
+    pub fn next_wait(&mut self, elapsed: Duration) -> Option<Duration> {
+        let left = self
+            .retry_for
+            .checked_sub(elapsed)
+            .filter(|l| !l.is_zero())?;
+        let wait = self.next.min(left);
+        self.next = (self.next * 2).min(MAX_WAIT);
+        Some(wait)
+    }
+}
+
+/// The coordinator calls that retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    Start,
+    Cancel,
+}
+
+/// Whether a `call` that failed with `status` may be sent again.
+///
+/// StartReplay is not idempotent: had a leader started the replay and the answer
+/// been lost (the connection broke, or a proxy answered UNAVAILABLE after passing
+/// the call on), sending it again would start a second replay. So it is retried
+/// only on the refusal a coordinator that does not lead sends before doing
+/// anything, which carries `NOT_LEADER_METADATA`. CancelReplay may be sent again
+/// after any UNAVAILABLE: cancelling a replay that is already stopping or stopped
+/// answers the replay as it is.
+pub fn retryable(call: Call, status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && match call {
+            Call::Start => status
+                .metadata()
+                .contains_key(payledger_proto::NOT_LEADER_METADATA),
+            Call::Cancel => true,
+        }
+}
+
+/// Sends `call` (made by `send` on a connection) to the coordinator at `url` until
+/// it is answered, fails in a way `retryable` does not retry, or `retry` is spent.
+/// Every attempt connects afresh, so that a call through a Service may reach
+/// another replica (the Service balances connections, not calls). Not connecting
+/// at all is always retried: nothing was sent. Returns the answer and the
+/// connection that gave it.
+pub async fn send_with_retry<T, F, Fut>(
+    url: &str,
+    retry: &RetryArgs,
+    call: Call,
+    mut send: F,
+) -> anyhow::Result<(T, ReplayCoordinatorClient<Conn>)>
+where
+    F: FnMut(ReplayCoordinatorClient<Conn>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let started = Instant::now();
+    let mut backoff = Backoff::new(retry.retry_for);
+    loop {
+        let waiting_for = match client(url).await {
+            Ok(connection) => match send(connection.clone()).await {
+                Ok(answer) => return Ok((answer.into_inner(), connection)),
+                Err(status) if retryable(call, &status) => {
+                    format!("the coordinator at {url} answered: {}", status.message())
+                }
+                Err(status) => anyhow::bail!("{:?}: {}", status.code(), status.message()),
+            },
+            Err(error) => format!("{error:#}"),
+        };
+        let Some(wait) = backoff.next_wait(started.elapsed()) else {
+            anyhow::bail!(
+                "{waiting_for} (gave up after --retry-for {})",
+                humantime::format_duration(retry.retry_for)
+            );
+        };
+        let shown = Duration::from_millis(wait.as_millis() as u64);
+        eprintln!(
+            "{waiting_for}; trying again in {}",
+            humantime::format_duration(shown)
+        );
+        tokio::time::sleep(wait).await;
+    }
 }
 
 pub fn state_name(state: i32) -> &'static str {
@@ -193,4 +309,50 @@ pub async fn wait(
     last.ok_or_else(|| {
         anyhow::anyhow!("the coordinator ended the watch of {replay_id} without an answer")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_seconds_and_ends_at_retry_for() {
+        let mut backoff = Backoff::new(Duration::from_secs(30));
+        let mut elapsed = Duration::ZERO;
+        let mut waits = Vec::new();
+        while let Some(wait) = backoff.next_wait(elapsed) {
+            waits.push(wait.as_millis());
+            elapsed += wait;
+        }
+        assert_eq!(waits, [500, 1000, 2000, 4000, 5000, 5000, 5000, 5000, 2500]);
+        assert_eq!(elapsed, Duration::from_secs(30));
+        assert_eq!(Backoff::new(Duration::ZERO).next_wait(Duration::ZERO), None);
+        // Time spent in the attempts counts too.
+        let mut backoff = Backoff::new(Duration::from_secs(3));
+        assert_eq!(
+            backoff.next_wait(Duration::from_millis(2800)),
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(backoff.next_wait(Duration::from_secs(3)), None);
+    }
+
+    #[test]
+    fn start_retries_only_the_refusal_of_a_coordinator_that_does_not_lead() {
+        let mut not_leader = tonic::metadata::MetadataMap::new();
+        not_leader.insert(
+            payledger_proto::NOT_LEADER_METADATA,
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        let refused =
+            tonic::Status::with_metadata(tonic::Code::Unavailable, "standby", not_leader.clone());
+        let unmarked = tonic::Status::unavailable("connection reset");
+        let other =
+            tonic::Status::with_metadata(tonic::Code::ResourceExhausted, "full", not_leader);
+        assert!(retryable(Call::Start, &refused));
+        assert!(!retryable(Call::Start, &unmarked));
+        assert!(!retryable(Call::Start, &other));
+        assert!(retryable(Call::Cancel, &refused));
+        assert!(retryable(Call::Cancel, &unmarked));
+        assert!(!retryable(Call::Cancel, &other));
+    }
 }

@@ -216,6 +216,7 @@ pub async fn run(
             concurrency_per_connection: 256,
             tokens: config.server.access.tokens()?,
             tls: config.server.tls.clone(),
+            serving_while: Vec::new(),
         },
         shutdown,
     )

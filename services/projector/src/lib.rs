@@ -312,6 +312,7 @@ pub async fn run(
             concurrency_per_connection: 64,
             tokens: config.server.access.tokens()?,
             tls: config.server.tls.clone(),
+            serving_while: Vec::new(),
         },
         shutdown,
     )

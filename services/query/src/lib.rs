@@ -170,6 +170,7 @@ pub async fn run_with_counters(
         concurrency_per_connection: config.max_concurrent_requests,
         tokens: config.server.access.tokens()?,
         tls: config.server.tls.clone(),
+        serving_while: Vec::new(),
     };
     let served = {
         let follower_failed = async {

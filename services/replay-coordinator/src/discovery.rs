@@ -22,14 +22,16 @@ const SERVICE_LABEL: &str = "kubernetes.io/service-name";
 /// The Service port the workers serve RunShard on (the chart names it so).
 const GRPC_PORT: &str = "grpc";
 
-/// The worker URLs of one EndpointSlice: `http://<address>:<port>` for every ready
-/// endpoint, with the port named `grpc` (or the slice's only port).
+/// The worker URLs of one EndpointSlice: `<scheme>://<address>:<port>` for every
+/// ready endpoint, with the port named `grpc` (or the slice's only port). The
+/// address is the pod's IP: with TLS the certificate is checked against the
+/// Service's name instead (`--worker-tls-server-name`, see `workers`).
 ///
 /// An endpoint with no `ready` condition counts as ready, as the API documents
 /// ("a nil value should be interpreted as true"); the EndpointSlice controller
 /// always sets it. Only the first address is used: the controller writes exactly
 /// one, and the API gives the others no meaning.
-pub(crate) fn ready_workers(slice: &EndpointSlice) -> Vec<String> {
+pub(crate) fn ready_workers(slice: &EndpointSlice, scheme: &str) -> Vec<String> {
     let ports = slice.ports.as_deref().unwrap_or_default();
     let port = ports
         .iter()
@@ -49,8 +51,8 @@ pub(crate) fn ready_workers(slice: &EndpointSlice) -> Vec<String> {
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
         .filter_map(|e| e.addresses.first())
         .map(|address| match address.contains(':') {
-            true => format!("http://[{address}]:{port}"),
-            false => format!("http://{address}:{port}"),
+            true => format!("{scheme}://[{address}]:{port}"),
+            false => format!("{scheme}://{address}:{port}"),
         })
         .collect()
 }
@@ -64,6 +66,7 @@ pub(crate) async fn follow_workers(
     workers: Arc<Workers>,
 ) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
+    let scheme = workers.scheme();
     let config = watcher::Config::default().labels(&format!("{SERVICE_LABEL}={service}"));
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
     // Ready worker URLs by slice name.
@@ -85,12 +88,12 @@ pub(crate) async fn follow_workers(
             Ok(Event::InitApply(slice)) => {
                 listing
                     .get_or_insert_default()
-                    .insert(slice.name_any(), ready_workers(&slice));
+                    .insert(slice.name_any(), ready_workers(&slice, scheme));
                 continue;
             }
             Ok(Event::InitDone) => slices = listing.take().unwrap_or_default(),
             Ok(Event::Apply(slice)) => {
-                slices.insert(slice.name_any(), ready_workers(&slice));
+                slices.insert(slice.name_any(), ready_workers(&slice, scheme));
             }
             Ok(Event::Delete(slice)) => {
                 slices.remove(&slice.name_any());
@@ -136,8 +139,12 @@ mod tests {
         );
         s.endpoints[0].conditions.as_mut().unwrap().ready = None;
         assert_eq!(
-            ready_workers(&s),
+            ready_workers(&s, "http"),
             ["http://10.0.0.1:50053", "http://[fd00::3]:50053"]
+        );
+        assert_eq!(
+            ready_workers(&s, "https"),
+            ["https://10.0.0.1:50053", "https://[fd00::3]:50053"]
         );
         // The port named grpc among several; then no name to go by.
         let metrics = EndpointPort {
@@ -146,14 +153,14 @@ mod tests {
             ..Default::default()
         };
         s.ports.as_mut().unwrap().insert(0, metrics.clone());
-        assert_eq!(ready_workers(&s)[0], "http://10.0.0.1:50053");
+        assert_eq!(ready_workers(&s, "http")[0], "http://10.0.0.1:50053");
         s.ports.as_mut().unwrap()[1].name = Some("other".into());
-        assert!(ready_workers(&s).is_empty());
+        assert!(ready_workers(&s, "http").is_empty());
         s.ports = Some(vec![EndpointPort {
             name: None,
             ..metrics
         }]);
-        assert_eq!(ready_workers(&s)[0], "http://10.0.0.1:9090");
+        assert_eq!(ready_workers(&s, "http")[0], "http://10.0.0.1:9090");
     }
 
     /// Waits until the worker set is `want`.
@@ -180,7 +187,7 @@ mod tests {
         // Another Service's slice and the same name in another namespace are not ours.
         kube.apply_slice(NS, slice("query-x", "payledger-query", 50052, &three));
         kube.apply_slice("elsewhere", slice("projector-abc", SERVICE, 1, &three));
-        let workers = Arc::new(Workers::discovered(1, Duration::from_secs(60)));
+        let workers = Arc::new(Workers::discovered(1, Duration::from_secs(60), None));
         let task = tokio::spawn(follow_workers(
             kube.client(),
             NS.into(),
@@ -232,7 +239,7 @@ mod tests {
         let kube = FakeKube::start().await;
         let pods = [("10.0.0.1", true), ("10.0.0.2", true)];
         kube.apply_slice(NS, slice("projector-abc", SERVICE, 50053, &pods));
-        let workers = Arc::new(Workers::discovered(1, Duration::from_secs(60)));
+        let workers = Arc::new(Workers::discovered(1, Duration::from_secs(60), None));
         let task = tokio::spawn(follow_workers(
             kube.client(),
             NS.into(),

@@ -13,7 +13,8 @@
 //! In a cluster the workers are the ready endpoints of the projectors' headless
 //! Service (`discovery`), and of several coordinator replicas only the holder of a
 //! Lease plans and runs replays (`leader`). Without `--workers-service` and
-//! `--lease-name` the coordinator never talks to the Kubernetes API.
+//! `--lease-name` the coordinator never talks to the Kubernetes API. With
+//! `--worker-ca` it calls the workers over TLS (`workers`).
 
 mod discovery;
 #[cfg(test)]
@@ -47,6 +48,12 @@ use crate::runner::Context;
 
 pub use registry::REPLAYS_BUCKET;
 
+/// The gRPC service the coordinator serves. Its health status is SERVING only
+/// while this replica leads (always, without a Lease), NOT_SERVING on a standby;
+/// the server as a whole ("") is SERVING either way.
+pub use payledger_proto::v1::replay_coordinator_server::SERVICE_NAME;
+pub use workers::WorkerTlsArgs;
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct CoordinatorConfig {
     #[command(flatten)]
@@ -69,6 +76,8 @@ pub struct CoordinatorConfig {
     /// its EndpointSlices, watched) are the replay workers, on the port named grpc.
     #[arg(long, env = "PAYLEDGER_WORKERS_SERVICE")]
     pub workers_service: Option<String>,
+    #[command(flatten)]
+    pub worker_tls: WorkerTlsArgs,
     /// Namespace of --workers-service and --lease-name (default: the pod's own, or
     /// the kubeconfig context's).
     #[arg(long, env = "PAYLEDGER_NAMESPACE")]
@@ -135,6 +144,7 @@ impl CoordinatorConfig {
             store: store.to_string(),
             workers,
             workers_service: None,
+            worker_tls: WorkerTlsArgs::default(),
             namespace: None,
             lease_name: None,
             pod_name: None,
@@ -268,15 +278,18 @@ pub async fn run(
         }
         false => None,
     };
+    let worker_tls = config.worker_tls.load(config.workers_service.as_deref())?;
     let workers = Arc::new(match &config.workers_service {
         Some(_) => workers::Workers::discovered(
             config.max_shards_per_worker.into(),
             config.worker_cooldown,
+            worker_tls,
         ),
         None => workers::Workers::new(
             &config.workers,
             config.max_shards_per_worker.into(),
             config.worker_cooldown,
+            worker_tls,
         )?,
     });
     let tokens = config.server.access.tokens()?;
@@ -369,18 +382,21 @@ pub async fn run(
             None
         }
     };
-    tracing::info!(workers = ?config.workers, workers_service = ?config.workers_service, lease = ?config.lease_name, store = %config.store, local = %listener.local_addr()?, "replay coordinator serving");
+    tracing::info!(workers = ?config.workers, workers_service = ?config.workers_service, worker_tls = config.worker_tls.worker_ca.is_some(), lease = ?config.lease_name, store = %config.store, local = %listener.local_addr()?, "replay coordinator serving");
     let served = serve_grpc(
         Some(tonic::service::Routes::new(
             service::CoordinatorApi { ctx: ctx.clone() }.into_service(),
         )),
-        &["payledger.v1.ReplayCoordinator"],
+        &[SERVICE_NAME],
         listener,
         &ServerOptions {
             max_request_bytes: 64 << 10,
             concurrency_per_connection: 64,
             tokens,
             tls: config.server.tls.clone(),
+            // Readiness: only the leader takes StartReplay and CancelReplay, so a
+            // standby is NOT_SERVING and a Service routes calls to the leader.
+            serving_while: vec![(SERVICE_NAME, ctx.drivers.on_leading())],
         },
         shutdown,
     )

@@ -55,6 +55,9 @@ pub(crate) struct Context {
 #[derive(Default)]
 pub(crate) struct Drivers {
     state: Mutex<DriversState>,
+    /// `state.leading`, for whoever follows it: the health status of the
+    /// ReplayCoordinator service, SERVING only on the leader.
+    leading: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -81,6 +84,12 @@ impl Drivers {
 
     pub fn lead(&self) {
         self.state.lock().expect("drivers lock").leading = true;
+        self.leading.send_replace(true);
+    }
+
+    /// Whether this coordinator leads, now and as it changes.
+    pub fn on_leading(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.leading.subscribe()
     }
 
     /// Stops leading: no replay starts any more, and every running one is aborted.
@@ -88,6 +97,7 @@ impl Drivers {
     pub fn stand_down(&self) -> Vec<JoinHandle<()>> {
         let mut state = self.state.lock().expect("drivers lock");
         state.leading = false;
+        self.leading.send_replace(false);
         let mut tasks = std::mem::take(&mut state.tasks);
         tasks.retain(|t| !t.is_finished());
         for task in &tasks {
@@ -365,13 +375,14 @@ async fn call_worker(
     let mut updates = tokio::time::timeout(stall, client.run_shard(request))
         .await
         .map_err(|_| format!("the worker did not answer within {stall:?}"))?
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        // Failing before any answer: where a TLS mismatch shows.
+        .map_err(|s| status_text(&s, ctx.workers.hint(&s)))?
         .into_inner();
     loop {
         let update = tokio::time::timeout(stall, updates.message())
             .await
             .map_err(|_| format!("no progress for {stall:?}"))?
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+            .map_err(|s| status_text(&s, None))?;
         match update.and_then(|u| u.update) {
             None => return Err("the worker ended the shard without a result".into()),
             Some(v1::run_shard_update::Update::Progress(progress)) => {
@@ -383,6 +394,20 @@ async fn call_worker(
             Some(v1::run_shard_update::Update::Result(result)) => return Ok(result),
         }
     }
+}
+
+/// A failed call's status, with the transport error behind it, if any (a refused
+/// certificate, say, which the status message alone does not tell), and what to
+/// check.
+fn status_text(status: &tonic::Status, hint: Option<&str>) -> String {
+    let mut text = format!("{}: {}", status.code(), status.message());
+    if let Some(source) = std::error::Error::source(status) {
+        text = format!("{text}: {}", crate::workers::error_chain(source));
+    }
+    if let Some(hint) = hint {
+        text = format!("{text} ({hint})");
+    }
+    text
 }
 
 /// A shard counts only when every part it reports is in storage with the row

@@ -52,18 +52,31 @@ impl CoordinatorApi {
     /// worth trying again (each call through the Service may reach another
     /// replica, and a new leader is chosen within a lease duration), rather than
     /// FAILED_PRECONDITION, which tells the caller to change something first.
+    /// The refusal carries `NOT_LEADER_METADATA`: it comes before anything is
+    /// done, so the caller knows that sending the call again cannot start a
+    /// replay twice.
     fn must_lead(&self) -> Result<(), Status> {
         let ctx = &self.ctx;
         if ctx.drivers.leading() {
             return Ok(());
         }
+        let refuse = |message: String| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert(
+                payledger_proto::NOT_LEADER_METADATA,
+                tonic::metadata::MetadataValue::from_static("true"),
+            );
+            Err(Status::with_metadata(
+                tonic::Code::Unavailable,
+                message,
+                metadata,
+            ))
+        };
         let Some(lease) = &ctx.lease else {
-            return Err(Status::unavailable(
-                "the coordinator is starting; try again",
-            ));
+            return refuse("the coordinator is starting; try again".into());
         };
         let leadership = ctx.leadership.borrow().clone();
-        Err(Status::unavailable(match leadership {
+        refuse(match leadership {
             Leadership::Following {
                 holder: Some(holder),
             } if holder != lease.identity => format!(
@@ -78,7 +91,7 @@ impl CoordinatorApi {
                 "no coordinator holds the Lease '{}' at the moment (one takes it within {:?}); try again shortly",
                 lease.name, lease.duration
             ),
-        }))
+        })
     }
 
     fn known(&self, id: &str) -> Result<v1::Replay, Status> {
@@ -117,6 +130,7 @@ impl ReplayCoordinator for CoordinatorApi {
                 "reason: say why, in 1 to {MAX_REASON_CHARS} characters (e.g. 'nightly', 'late settlement file of 2026-11-20')"
             )));
         }
+        // Before anything is written: a refusal here is safe for the caller to retry.
         self.must_lead()?;
         let ctx = &self.ctx;
         if ctx.registry.active() >= ctx.limits.max_active_replays {

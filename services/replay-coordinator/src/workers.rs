@@ -7,13 +7,116 @@
 //! `Lease` (its claim on a slot; nothing to do with the Kubernetes Lease) until its
 //! attempt ends: if the pod is gone the RPC fails and the
 //! runner retries the shard elsewhere.
+//!
+//! With `--worker-ca` the workers are called over TLS: every URL is https://, and
+//! each certificate is checked against `--worker-tls-server-name` when given (for
+//! discovered workers, reached by pod IP, the Service's name by default), else
+//! against the URL's host. The TLS files are read again when they change; a slot
+//! whose channel was built with older settings gets a new channel at its next
+//! shard, while shards already running keep their connection.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use payledger_server_common::tls::ClientTlsFiles;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// How the coordinator calls the workers' RunShard over TLS. Flags of their own,
+/// apart from the --tls-* the coordinator serves with.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct WorkerTlsArgs {
+    /// Call the replay workers over TLS, trusting this CA (PEM): worker URLs are
+    /// then https:// (discovered ones too). Without it the workers are called in
+    /// plaintext. Read again when it changes.
+    #[arg(long, env = "PAYLEDGER_WORKER_CA")]
+    pub worker_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to workers that require mutual TLS;
+    /// with --worker-client-key. Read again when it changes.
+    #[arg(
+        long,
+        env = "PAYLEDGER_WORKER_CLIENT_CERT",
+        requires_all = ["worker_client_key", "worker_ca"]
+    )]
+    pub worker_client_cert: Option<PathBuf>,
+    /// The private key of --worker-client-cert (PEM).
+    #[arg(
+        long,
+        env = "PAYLEDGER_WORKER_CLIENT_KEY",
+        requires = "worker_client_cert"
+    )]
+    pub worker_client_key: Option<PathBuf>,
+    /// The name every worker's certificate must carry (also sent as SNI), instead
+    /// of the host of its URL. Discovered workers are reached by pod IP, so with
+    /// --workers-service it defaults to that Service's name (e.g.
+    /// payledger-projector), which their certificate must then name.
+    #[arg(long, env = "PAYLEDGER_WORKER_TLS_SERVER_NAME", requires = "worker_ca")]
+    pub worker_tls_server_name: Option<String>,
+}
+
+impl WorkerTlsArgs {
+    /// The TLS settings for calling workers, or None without --worker-ca.
+    /// `workers_service`: the Service workers are discovered from, if any.
+    pub(crate) fn load(&self, workers_service: Option<&str>) -> anyhow::Result<Option<WorkerTls>> {
+        let Some(ca) = &self.worker_ca else {
+            return Ok(None);
+        };
+        let identity = self
+            .worker_client_cert
+            .clone()
+            .zip(self.worker_client_key.clone());
+        let files = ClientTlsFiles::new(ca, identity)
+            .map_err(|e| anyhow::anyhow!("--worker-ca / --worker-client-cert: {e:#}"))?;
+        let server_name = self
+            .worker_tls_server_name
+            .clone()
+            .or_else(|| workers_service.map(str::to_string));
+        Ok(Some(WorkerTls {
+            files,
+            server_name,
+            identity: self.worker_client_cert.is_some(),
+        }))
+    }
+}
+
+/// Loaded [`WorkerTlsArgs`].
+pub(crate) struct WorkerTls {
+    files: ClientTlsFiles,
+    server_name: Option<String>,
+    /// Whether a client certificate is presented.
+    identity: bool,
+}
+
+impl WorkerTls {
+    /// A channel to `url` with `config` (checked against the server name, if any).
+    fn channel(&self, url: &str, config: &ClientTlsConfig) -> anyhow::Result<Channel> {
+        let mut config = config.clone();
+        if let Some(name) = &self.server_name {
+            config = config.domain_name(name.clone());
+        }
+        let endpoint = endpoint(url)?
+            .tls_config(config)
+            .map_err(|e| anyhow::anyhow!("TLS settings for worker '{url}': {}", error_chain(&e)))?;
+        Ok(endpoint.connect_lazy())
+    }
+}
+
+/// An error and its sources, `: `-separated (tonic's and hyper's errors say little
+/// without their sources: "transport error").
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = e.source();
+    }
+    text
+}
 
 struct Slot {
     /// Unique per slot ever made, so that a claim on a removed worker never
@@ -23,12 +126,15 @@ struct Slot {
     channel: Channel,
     running: usize,
     cooling_until: Option<Instant>,
+    /// The TLS settings `channel` was built with.
+    tls: Option<Arc<ClientTlsConfig>>,
 }
 
 pub(crate) struct Workers {
     slots: Mutex<Vec<Slot>>,
     per_worker: usize,
     cooldown: Duration,
+    tls: Option<WorkerTls>,
     /// Bumped whenever a slot frees up or workers are added, so waiting replays
     /// look again.
     freed: watch::Sender<u64>,
@@ -57,39 +163,75 @@ impl Drop for Lease {
 
 static NEXT_SLOT: AtomicU64 = AtomicU64::new(0);
 
-fn slot(url: &str) -> anyhow::Result<Slot> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    Ok(Endpoint::from_shared(url.to_string())
         .map_err(|e| anyhow::anyhow!("--workers: '{url}' is not a URL: {e}"))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true))
+}
+
+fn slot(url: &str, tls: Option<&WorkerTls>) -> anyhow::Result<Slot> {
+    // tonic would call an http:// URL in plaintext even with TLS settings, and
+    // fail every call to an https:// one without: refuse both here.
+    match (tls.is_some(), url.starts_with("https://")) {
+        (true, false) => anyhow::bail!(
+            "worker '{url}' is not an https:// URL, but --worker-ca says the workers are called over TLS"
+        ),
+        (false, true) => anyhow::bail!(
+            "worker '{url}' is an https:// URL: pass --worker-ca, the CA that signed the workers' certificates"
+        ),
+        _ => {}
+    }
+    let (channel, config) = match tls {
+        Some(tls) => {
+            let config = tls.files.current();
+            (tls.channel(url, &config)?, Some(config))
+        }
+        None => (endpoint(url)?.connect_lazy(), None),
+    };
     Ok(Slot {
         id: NEXT_SLOT.fetch_add(1, Ordering::Relaxed),
         url: url.to_string(),
-        channel: endpoint.connect_lazy(),
+        channel,
         running: 0,
         cooling_until: None,
+        tls: config,
     })
 }
 
 impl Workers {
     /// A fixed list (`--workers`): at least one worker.
-    pub fn new(urls: &[String], per_worker: usize, cooldown: Duration) -> anyhow::Result<Self> {
+    pub fn new(
+        urls: &[String],
+        per_worker: usize,
+        cooldown: Duration,
+        tls: Option<WorkerTls>,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             !urls.is_empty(),
             "no replay workers: pass --workers (projector gRPC URLs) or --workers-service (their headless Service, in a cluster)"
         );
-        let workers = Self::discovered(per_worker, cooldown);
+        let workers = Self::discovered(per_worker, cooldown, tls);
         workers.set_workers(urls)?;
         Ok(workers)
     }
 
     /// An empty set that discovery fills; shards wait until a worker appears.
-    pub fn discovered(per_worker: usize, cooldown: Duration) -> Self {
+    pub fn discovered(per_worker: usize, cooldown: Duration, tls: Option<WorkerTls>) -> Self {
         Self {
             slots: Mutex::new(Vec::new()),
             per_worker: per_worker.max(1),
             cooldown,
+            tls,
             freed: watch::channel(0).0,
+        }
+    }
+
+    /// The URL scheme of workers: https with --worker-ca.
+    pub fn scheme(&self) -> &'static str {
+        match self.tls {
+            Some(_) => "https",
+            None => "http",
         }
     }
 
@@ -103,7 +245,7 @@ impl Workers {
             let mut fresh: Vec<Slot> = Vec::new();
             for url in urls {
                 if !slots.iter().chain(&fresh).any(|s| &s.url == url) {
-                    fresh.push(slot(url)?);
+                    fresh.push(slot(url, self.tls.as_ref())?);
                 }
             }
             let added = !fresh.is_empty();
@@ -155,12 +297,48 @@ impl Workers {
             .filter(|s| !any_usable || usable(s))
             .min_by_key(|s| s.running)?;
         slot.running += 1;
+        if let Some(tls) = &self.tls {
+            let current = tls.files.current();
+            if !slot.tls.as_ref().is_some_and(|c| Arc::ptr_eq(c, &current)) {
+                match tls.channel(&slot.url, &current) {
+                    Ok(channel) => {
+                        tracing::info!(worker = %slot.url, "TLS files changed: new connections to the worker use them");
+                        slot.channel = channel;
+                    }
+                    Err(error) => {
+                        tracing::warn!(worker = %slot.url, %error, "TLS files changed but do not make a channel; keeping the previous one")
+                    }
+                }
+                slot.tls = Some(current);
+            }
+        }
         Some(Lease {
             workers: self.clone(),
             slot: slot.id,
             url: slot.url.clone(),
             channel: slot.channel.clone(),
         })
+    }
+
+    /// What to check after a call to a worker failed below gRPC. A TLS mismatch
+    /// shows as an obscure transport error: plaintext to a TLS server reads its
+    /// alert as an oversized HTTP/2 frame, and a server that requires a client
+    /// certificate closes the connection after the handshake. A worker that is
+    /// not reachable at all (UNAVAILABLE) gets no hint.
+    pub fn hint(&self, status: &tonic::Status) -> Option<&'static str> {
+        std::error::Error::source(status)?;
+        if status.code() == tonic::Code::Unavailable {
+            return None;
+        }
+        match &self.tls {
+            None => {
+                Some("the workers are called in plaintext: if they serve TLS, pass --worker-ca")
+            }
+            Some(tls) if !tls.identity => Some(
+                "no client certificate is presented: if the workers require one (mutual TLS), pass --worker-client-cert and --worker-client-key",
+            ),
+            Some(_) => None,
+        }
     }
 
     /// A worker's attempt failed: give it no new shard for a while.
@@ -182,7 +360,7 @@ mod tests {
 
     fn workers(per_worker: usize) -> Arc<Workers> {
         let urls = ["http://127.0.0.1:1", "http://127.0.0.1:2"].map(String::from);
-        Arc::new(Workers::new(&urls, per_worker, Duration::from_secs(60)).unwrap())
+        Arc::new(Workers::new(&urls, per_worker, Duration::from_secs(60), None).unwrap())
     }
 
     #[tokio::test]
@@ -283,7 +461,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_added_worker_wakes_replays_waiting_for_a_slot() {
-        let w = Arc::new(Workers::discovered(1, Duration::from_secs(60)));
+        let w = Arc::new(Workers::discovered(1, Duration::from_secs(60), None));
         let mut freed = w.on_freed();
         assert!(w.acquire(&[]).is_none(), "no worker yet");
         w.set_workers(&["http://127.0.0.1:1".into()]).unwrap();
@@ -307,10 +485,84 @@ mod tests {
 
     #[test]
     fn no_workers_or_a_bad_url_is_refused() {
-        assert!(Workers::new(&[], 1, Duration::ZERO).is_err());
-        let err = Workers::new(&["not a url".into()], 1, Duration::ZERO)
+        assert!(Workers::new(&[], 1, Duration::ZERO, None).is_err());
+        let err = Workers::new(&["not a url".into()], 1, Duration::ZERO, None)
             .err()
             .unwrap();
         assert!(err.to_string().contains("--workers"), "{err}");
+    }
+
+    /// A self-signed CA certificate (PEM).
+    fn ca_pem() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    fn worker_tls(ca: &std::path::Path, server_name: Option<&str>) -> Option<WorkerTls> {
+        let args = WorkerTlsArgs {
+            worker_ca: Some(ca.to_path_buf()),
+            worker_tls_server_name: server_name.map(String::from),
+            ..Default::default()
+        };
+        args.load(Some("payledger-projector")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn with_a_worker_ca_workers_are_https_and_without_one_http() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, ca_pem()).unwrap();
+        let http = ["http://10.0.0.1:50053".to_string()];
+        let https = ["https://10.0.0.1:50053".to_string()];
+        let err = Workers::new(&http, 1, Duration::ZERO, worker_tls(&ca, None))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("--worker-ca"), "{err}");
+        let err = Workers::new(&https, 1, Duration::ZERO, None).err().unwrap();
+        assert!(err.to_string().contains("pass --worker-ca"), "{err}");
+        let w = Workers::new(&https, 1, Duration::ZERO, worker_tls(&ca, None)).unwrap();
+        assert_eq!(w.scheme(), "https");
+        assert_eq!(workers(1).scheme(), "http");
+        // Discovered pod IPs are checked against the Service's name unless told otherwise.
+        let tls = worker_tls(&ca, None).unwrap();
+        assert_eq!(tls.server_name.as_deref(), Some("payledger-projector"));
+        let tls = worker_tls(&ca, Some("workers.example")).unwrap();
+        assert_eq!(tls.server_name.as_deref(), Some("workers.example"));
+    }
+
+    #[test]
+    fn a_worker_ca_without_a_certificate_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        let args = WorkerTlsArgs {
+            worker_ca: Some(ca),
+            ..Default::default()
+        };
+        let err = args.load(None).err().unwrap();
+        assert!(err.to_string().contains("--worker-ca"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn changed_tls_files_give_the_next_shard_a_new_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, ca_pem()).unwrap();
+        let urls = ["https://10.0.0.1:50053".to_string()];
+        let w = Arc::new(Workers::new(&urls, 1, Duration::ZERO, worker_tls(&ca, None)).unwrap());
+        let settings = |w: &Workers| w.slots.lock().unwrap()[0].tls.clone().unwrap();
+        let first = settings(&w);
+        drop(w.acquire(&[]).unwrap());
+        assert!(Arc::ptr_eq(&first, &settings(&w)), "nothing changed");
+        // A rotated CA (written through a rename, as a Secret update is), after the
+        // reload check interval (and in another tick of the file system's clock).
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let temp = dir.path().join("ca.new");
+        std::fs::write(&temp, ca_pem()).unwrap();
+        std::fs::rename(&temp, &ca).unwrap();
+        drop(w.acquire(&[]).unwrap());
+        assert!(!Arc::ptr_eq(&first, &settings(&w)), "the new CA is used");
     }
 }

@@ -1,8 +1,9 @@
 //! Two coordinators in a (fake) cluster, run in-process with a real NATS server:
 //! exactly one holds the Lease and plans; the standby answers StartReplay
-//! UNAVAILABLE and reads the replays from KV; the workers are the ready
-//! endpoints of the projectors' Service; when the leader stops, the standby takes
-//! over and resumes its unfinished replay on a worker that turned ready since.
+//! UNAVAILABLE, reads the replays from KV and is not ready (its ReplayCoordinator
+//! health is NOT_SERVING); the workers are the ready endpoints of the projectors'
+//! Service; when the leader stops, the standby takes over, turns ready and
+//! resumes its unfinished replay on a worker that turned ready since.
 
 #[path = "support/fake_kube.rs"]
 mod fake_kube;
@@ -11,12 +12,14 @@ use std::time::{Duration, Instant};
 
 use fake_kube::{FakeKube, slice};
 use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
-use payledger_replay_coordinator::{CoordinatorConfig, run};
+use payledger_replay_coordinator::{CoordinatorConfig, SERVICE_NAME, run};
 use payledger_semantics::Settings;
 use payledger_server_common::local_nats::{LocalNats, free_port};
 use payledger_server_common::topology::{StreamOptions, ensure_stream};
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const NS: &str = "payledger";
 const SERVICE: &str = "payledger-projector";
@@ -25,6 +28,7 @@ const LEASE: &str = "payledger-replay-coordinator";
 struct Coordinator {
     name: String,
     client: ReplayCoordinatorClient<Channel>,
+    health: HealthClient<Channel>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -48,7 +52,8 @@ async fn coordinator(nats: &str, store: &str, kube: &str, name: &str) -> Coordin
     let channel = Channel::from_shared(url).unwrap().connect_lazy();
     Coordinator {
         name: name.into(),
-        client: ReplayCoordinatorClient::new(channel),
+        client: ReplayCoordinatorClient::new(channel.clone()),
+        health: HealthClient::new(channel),
         stop: Some(stop),
         task,
     }
@@ -77,6 +82,24 @@ async fn eventually<T, F: Future<Output = Option<T>>>(
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The health status of `service` ("" for the server as a whole).
+async fn health(c: &Coordinator, service: &str) -> ServingStatus {
+    let request = HealthCheckRequest {
+        service: service.into(),
+    };
+    let status = c.health.clone().check(request).await.unwrap();
+    ServingStatus::try_from(status.into_inner().status).unwrap()
+}
+
+/// Waits until `c`'s health for `service` is `want`.
+async fn until_health(c: &Coordinator, service: &str, want: ServingStatus) {
+    let what = format!("{}'s {service:?} health to be {want:?}", c.name);
+    eventually(Duration::from_secs(5), &what, || async {
+        (health(c, service).await == want).then_some(())
+    })
+    .await;
 }
 
 async fn replay(c: &Coordinator, id: &str) -> Option<v1::Replay> {
@@ -146,6 +169,13 @@ async fn one_coordinator_plans_and_a_standby_takes_over_on_discovered_workers() 
             async move {
                 let refused = client.start_replay(start_request()).await.unwrap_err();
                 assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+                // Marked as refused before anything was done: safe to retry.
+                assert!(
+                    refused
+                        .metadata()
+                        .contains_key(payledger_proto::NOT_LEADER_METADATA),
+                    "{refused:?}"
+                );
                 refused.message().contains(&leader).then_some(())
             }
         },
@@ -165,6 +195,15 @@ async fn one_coordinator_plans_and_a_standby_takes_over_on_discovered_workers() 
     })
     .await;
     let id = started.replay_id.clone();
+    // Readiness: the leader's ReplayCoordinator is SERVING, the standby's is not,
+    // while both servers as a whole are (liveness).
+    until_health(&leader, SERVICE_NAME, ServingStatus::Serving).await;
+    assert_eq!(
+        health(&standby, SERVICE_NAME).await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(health(&standby, "").await, ServingStatus::Serving);
+    assert_eq!(health(&leader, "").await, ServingStatus::Serving);
     // No worker is ready, so every shard waits.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let waiting = replay(&leader, &id).await.unwrap();
@@ -193,6 +232,8 @@ async fn one_coordinator_plans_and_a_standby_takes_over_on_discovered_workers() 
         (holder == standby.name).then_some(())
     })
     .await;
+    // The new leader turns ready.
+    until_health(&standby, SERVICE_NAME, ServingStatus::Serving).await;
 
     // The pod turns ready: discovery hands it to the new leader, which places a
     // shard on it. Nothing listens there, so the attempt fails and (one attempt

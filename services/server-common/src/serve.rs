@@ -20,11 +20,17 @@ pub struct ServerOptions {
     pub tokens: Option<std::sync::Arc<crate::auth::Tokens>>,
     /// TLS settings (see [`crate::tls::TlsArgs`]).
     pub tls: crate::tls::TlsArgs,
+    /// Names in `served` whose health status follows a flag instead of being
+    /// SERVING throughout: SERVING while it is true, NOT_SERVING while false (the
+    /// replay coordinator's service on a standby replica, so that readiness routes
+    /// calls to the leader only). The server as a whole ("") stays SERVING.
+    pub serving_while: Vec<(&'static str, tokio::sync::watch::Receiver<bool>)>,
 }
 
-/// Serves `routes` plus `grpc.health.v1` (SERVING for each name in `served`, and for
-/// the server as a whole) and reflection of the payledger protos (listing the
-/// services in `served` plus health and reflection), until `shutdown`.
+/// Serves `routes` plus `grpc.health.v1` (SERVING for each name in `served`, or as
+/// `limits.serving_while` says, and for the server as a whole) and reflection of
+/// the payledger protos (listing the services in `served` plus health and
+/// reflection), until `shutdown`.
 pub async fn serve_grpc(
     routes: Option<Routes>,
     served: &[&'static str],
@@ -34,9 +40,26 @@ pub async fn serve_grpc(
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in served {
+        if limits.serving_while.iter().any(|(gated, _)| gated == name) {
+            continue;
+        }
         health
             .set_service_status(*name, tonic_health::ServingStatus::Serving)
             .await;
+    }
+    // Each flag is followed until this function returns and drops `followers`.
+    let mut followers = tokio::task::JoinSet::new();
+    for (name, flag) in &limits.serving_while {
+        let (name, mut flag, health) = (*name, flag.clone(), health.clone());
+        // Set before serving starts, so that no check sees it unknown.
+        let serving = *flag.borrow_and_update();
+        health.set_service_status(name, status_of(serving)).await;
+        followers.spawn(async move {
+            while flag.changed().await.is_ok() {
+                let serving = *flag.borrow_and_update();
+                health.set_service_status(name, status_of(serving)).await;
+            }
+        });
     }
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -101,4 +124,11 @@ pub async fn serve_grpc(
         }
     }
     Ok(())
+}
+
+fn status_of(serving: bool) -> tonic_health::ServingStatus {
+    match serving {
+        true => tonic_health::ServingStatus::Serving,
+        false => tonic_health::ServingStatus::NotServing,
+    }
 }

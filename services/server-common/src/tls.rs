@@ -282,15 +282,54 @@ impl ClientTlsArgs {
         let Some(ca) = &self.ca else {
             return Ok(None);
         };
-        let read = |p: &Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
-        let mut config = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
-        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
-            config = config.identity(tonic::transport::Identity::from_pem(
-                read(cert)?,
-                read(key)?,
-            ));
-        }
-        Ok(Some(config))
+        let identity = self.client_cert.clone().zip(self.client_key.clone());
+        Ok(Some(load_client_config(&client_files(ca, identity))?))
+    }
+}
+
+/// The files of a client's TLS settings: the CA, then the certificate and key if any.
+fn client_files(ca: &Path, identity: Option<(PathBuf, PathBuf)>) -> Vec<PathBuf> {
+    let mut files = vec![ca.to_path_buf()];
+    files.extend(identity.into_iter().flat_map(|(cert, key)| [cert, key]));
+    files
+}
+
+/// tonic's client TLS settings from `[ca]` or `[ca, cert, key]`. The files are
+/// parsed here, so a CA without a certificate or a broken key is an error now
+/// rather than a failed handshake later (tonic skips what it cannot parse).
+fn load_client_config(files: &[PathBuf]) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+    let ca = &files[0];
+    read_certs(ca)?;
+    let mut config = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+    if let [_, cert, key] = files {
+        load_key(cert, key)?;
+        config = config.identity(tonic::transport::Identity::from_pem(
+            read(cert)?,
+            read(key)?,
+        ));
+    }
+    Ok(config)
+}
+
+/// A long-running client's TLS settings (the coordinator calling workers), loaded
+/// again when a file changes, so that a rotated client certificate or CA is used
+/// for new connections without a restart. Files that do not load keep the previous
+/// settings, with a warning.
+#[derive(Debug)]
+pub struct ClientTlsFiles(Reloading<Arc<tonic::transport::ClientTlsConfig>>);
+
+impl ClientTlsFiles {
+    /// Trust `ca` (PEM) and, with `identity` (certificate and key, PEM), present it.
+    pub fn new(ca: &Path, identity: Option<(PathBuf, PathBuf)>) -> anyhow::Result<Self> {
+        Ok(Self(Reloading::new(client_files(ca, identity), |files| {
+            load_client_config(files).map(Arc::new)
+        })?))
+    }
+
+    /// The current settings: the same `Arc` until a file changes.
+    pub fn current(&self) -> Arc<tonic::transport::ClientTlsConfig> {
+        self.0.get()
     }
 }
