@@ -235,7 +235,7 @@ async fn each_role_reaches_only_its_methods_and_refused_calls_change_nothing() -
     };
     assert_eq!(
         worker
-            .run_shard(with_token(shard, Some(OPERATOR)))
+            .run_shard(with_token(shard.clone(), Some(OPERATOR)))
             .await
             .expect_err("refused")
             .code(),
@@ -255,19 +255,55 @@ async fn each_role_reaches_only_its_methods_and_refused_calls_change_nothing() -
             Err(s) => return Err(s.into()),
         }
     };
+    wait_succeeded(&mut replays, &started.replay_id).await?;
+
+    // Token files are read again when they change (a rotated Secret): once the
+    // internal token is replaced, the worker refuses the old one, and the
+    // coordinator calls it with the new one.
+    const INTERNAL_ROTATED: &str = "internal-rotated-eeeeeeeeeeeeeeee";
+    replace(
+        &h.dir.path().join("tokens").join("internal"),
+        &format!("{INTERNAL_ROTATED}\n"),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match worker
+            .run_shard(with_token(shard.clone(), Some(INTERNAL)))
+            .await
+        {
+            Err(s) if s.code() == Code::Unauthenticated => break,
+            _ => {}
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the worker still accepts the replaced internal token"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let again = replays
+        .start_replay(with_token(start(), Some(OPERATOR)))
+        .await?
+        .into_inner();
+    wait_succeeded(&mut replays, &again.replay_id).await
+}
+
+async fn wait_succeeded(
+    replays: &mut ReplayCoordinatorClient<Channel>,
+    replay_id: &str,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let replay = replays
             .get_replay(with_token(
                 v1::GetReplayRequest {
-                    replay_id: started.replay_id.clone(),
+                    replay_id: replay_id.to_string(),
                 },
                 Some(OPERATOR),
             ))
             .await?
             .into_inner();
         if replay.state == i32::from(v1::ReplayState::Succeeded) {
-            break;
+            return Ok(());
         }
         anyhow::ensure!(
             replay.state < i32::from(v1::ReplayState::Succeeded) && Instant::now() < deadline,
@@ -275,7 +311,6 @@ async fn each_role_reaches_only_its_methods_and_refused_calls_change_nothing() -
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(())
 }
 
 /// A certificate authority for the test, and certificates it signs.

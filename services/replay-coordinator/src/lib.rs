@@ -33,7 +33,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use payledger_server_common::auth::Role;
 use payledger_server_common::config::{ServerArgs, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
@@ -294,17 +293,9 @@ pub async fn run(
     });
     let tokens = config.server.access.tokens()?;
     // RunShard needs the internal role.
-    let internal_token = match tokens.as_ref().map(|t| t.token_of(Role::Internal)) {
-        Some(Some(token)) => Some(
-            format!("Bearer {token}")
-                .parse()
-                .map_err(|_| anyhow::anyhow!("the internal token is not a valid header value"))?,
-        ),
-        Some(None) => anyhow::bail!(
-            "--tokens-dir has no 'internal' token file: the coordinator needs it to call the workers' RunShard"
-        ),
-        None => None,
-    };
+    if let Some(tokens) = &tokens {
+        runner::internal_bearer(&tokens.current())?;
+    }
     let client = config
         .server
         .nats
@@ -337,7 +328,7 @@ pub async fn run(
         daily: js.get_key_value(DAILY_BUCKET).await?,
         daily_stream: js.get_stream(format!("KV_{DAILY_BUCKET}")).await?,
         progress: js.get_key_value(PROGRESS_BUCKET).await?,
-        internal_token,
+        tokens: tokens.clone(),
         limits: runner::Limits {
             partitions_per_shard: config.partitions_per_shard,
             shard_attempts: config.shard_attempts,

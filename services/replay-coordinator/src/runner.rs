@@ -10,6 +10,7 @@ use async_nats::jetstream::{kv, stream::Stream as JsStream};
 use payledger_proto::v1;
 use payledger_proto::v1::projector_service_client::ProjectorServiceClient;
 use payledger_semantics::{Day, SEMANTICS_VERSION, Settings};
+use payledger_server_common::auth::{Role, TokenSource, Tokens};
 use payledger_server_common::trace_context::{TraceHeaders, exported_span};
 use payledger_storage::{ArchiveStore, CommitDraft, ObjectRef, SnapshotStore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -39,8 +40,9 @@ pub(crate) struct Context {
     /// The stream behind `daily`, for fresh stream info.
     pub daily_stream: JsStream,
     pub progress: kv::Store,
-    /// `Bearer <internal token>` for RunShard, when the workers check tokens.
-    pub internal_token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// Whose internal token RunShard is called with, when the workers check tokens
+    /// (read at each call, so a rotated token file is followed).
+    pub tokens: Option<Arc<TokenSource>>,
     pub limits: Limits,
     /// The replays this coordinator drives, while it is the leader.
     pub drivers: Drivers,
@@ -355,6 +357,20 @@ async fn attempt(ctx: Arc<Context>, replay: v1::Replay, index: usize, lease: Lea
     }
 }
 
+/// `Bearer <the first internal token>`: what RunShard is called with.
+pub(crate) fn internal_bearer(
+    tokens: &Tokens,
+) -> anyhow::Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    let token = tokens.token_of(Role::Internal).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no internal token (file 'internal' in --tokens-dir, or PAYLEDGER_INTERNAL_TOKENS): the coordinator needs it to call the workers' RunShard"
+        )
+    })?;
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| anyhow::anyhow!("the internal token is not a valid header value"))
+}
+
 async fn call_worker(
     ctx: &Context,
     replay_id: &str,
@@ -365,10 +381,9 @@ async fn call_worker(
     let stall = ctx.limits.shard_stall_timeout;
     let mut client = ProjectorServiceClient::new(lease.channel.clone());
     let mut request = tonic::Request::new(request);
-    if let Some(token) = &ctx.internal_token {
-        request
-            .metadata_mut()
-            .insert("authorization", token.clone());
+    if let Some(tokens) = &ctx.tokens {
+        let bearer = internal_bearer(&tokens.current()).map_err(|e| e.to_string())?;
+        request.metadata_mut().insert("authorization", bearer);
     }
     // The worker's RunShard span continues this shard attempt's trace.
     TraceHeaders::current().add_to_grpc(request.metadata_mut());

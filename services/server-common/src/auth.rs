@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use subtle::ConstantTimeEq;
+
+use crate::reload::Reloading;
 use tonic::Status;
 
 /// Who may call what.
@@ -188,14 +190,42 @@ impl Tokens {
     }
 }
 
+/// The tokens a server accepts, read again within a second of a token file
+/// changing (a rotated Kubernetes Secret), so rotation needs no restart: add the
+/// new token, switch the clients, remove the old one. Environment tokens are
+/// fixed for the life of the process. Files that stop loading (a token too short,
+/// every file gone) keep the previous tokens.
+#[derive(Debug)]
+pub struct TokenSource(Reloading<Arc<Tokens>>);
+
+impl TokenSource {
+    /// The token files under `dir` (if any) and the `PAYLEDGER_<ROLE>_TOKENS`
+    /// variables; see [`Tokens::load`].
+    pub fn load(dir: Option<&Path>) -> anyhow::Result<TokenSource> {
+        let files = dir.map_or_else(Vec::new, |dir| {
+            Role::ALL.map(|r| dir.join(r.name())).to_vec()
+        });
+        let reloading = Reloading::new("token files", files, |files| {
+            let dir = files.first().and_then(|f| f.parent());
+            Ok(Arc::new(Tokens::load(dir, |var| std::env::var(var).ok())?))
+        })?;
+        Ok(TokenSource(reloading))
+    }
+
+    /// The tokens now.
+    pub fn current(&self) -> Arc<Tokens> {
+        self.0.get()
+    }
+}
+
 /// The tower layer: with tokens, every call is checked; without, calls pass.
 #[derive(Clone, Default)]
 pub struct AuthLayer {
-    tokens: Option<Arc<Tokens>>,
+    tokens: Option<Arc<TokenSource>>,
 }
 
 impl AuthLayer {
-    pub fn new(tokens: Option<Arc<Tokens>>) -> Self {
+    pub fn new(tokens: Option<Arc<TokenSource>>) -> Self {
         Self { tokens }
     }
 }
@@ -214,7 +244,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 #[derive(Clone)]
 pub struct Auth<S> {
     inner: S,
-    tokens: Option<Arc<Tokens>>,
+    tokens: Option<Arc<TokenSource>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -235,7 +265,9 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         if let Some(tokens) = &self.tokens
-            && let Err(status) = tokens.check(request.uri().path(), request.headers())
+            && let Err(status) = tokens
+                .current()
+                .check(request.uri().path(), request.headers())
         {
             return Box::pin(async move { Ok(status.into_http()) });
         }
@@ -381,6 +413,38 @@ mod tests {
         assert!(
             none.to_string().contains("PAYLEDGER_INTERNAL_TOKENS"),
             "{none}"
+        );
+    }
+
+    #[test]
+    fn a_rewritten_token_file_is_read_again_and_a_broken_one_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let reader = dir.path().join("reader");
+        std::fs::write(&reader, "reader-old-0123456789\n").unwrap();
+        let source = TokenSource::load(Some(dir.path())).unwrap();
+        let query = "/payledger.v1.QueryService/GetDailyExposure";
+        let accepts = |token: &str| source.current().check(query, &bearer(token)).is_ok();
+        assert!(accepts("reader-old-0123456789"));
+        let rewrite = |text: &str, ahead: u64| {
+            std::fs::write(&reader, text).unwrap();
+            // A distinct modification time, however coarse the file system's clock.
+            let stamp = std::time::SystemTime::now() + std::time::Duration::from_secs(ahead);
+            std::fs::File::options()
+                .append(true)
+                .open(&reader)
+                .unwrap()
+                .set_modified(stamp)
+                .unwrap();
+            std::thread::sleep(crate::reload::RELOAD_CHECK + std::time::Duration::from_millis(50));
+        };
+        rewrite("reader-old-0123456789\nreader-new-0123456789\n", 10);
+        assert!(accepts("reader-new-0123456789") && accepts("reader-old-0123456789"));
+        rewrite("reader-new-0123456789\n", 20);
+        assert!(accepts("reader-new-0123456789") && !accepts("reader-old-0123456789"));
+        rewrite("short\n", 30);
+        assert!(
+            accepts("reader-new-0123456789"),
+            "a broken file keeps the tokens"
         );
     }
 }

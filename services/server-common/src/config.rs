@@ -145,8 +145,8 @@ pub struct AccessArgs {
 }
 
 impl AccessArgs {
-    pub fn tokens(&self) -> anyhow::Result<Option<std::sync::Arc<crate::auth::Tokens>>> {
-        use crate::auth::{Role, Tokens, env_var};
+    pub fn tokens(&self) -> anyhow::Result<Option<std::sync::Arc<crate::auth::TokenSource>>> {
+        use crate::auth::{Role, TokenSource, env_var};
         let from_env = Role::ALL
             .iter()
             .any(|r| std::env::var_os(env_var(*r)).is_some());
@@ -156,7 +156,7 @@ impl AccessArgs {
             );
             return Ok(None);
         }
-        let tokens = Tokens::load(self.tokens_dir.as_deref(), |var| std::env::var(var).ok())?;
+        let tokens = TokenSource::load(self.tokens_dir.as_deref())?;
         Ok(Some(std::sync::Arc::new(tokens)))
     }
 }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod local_nats;
 pub mod metrics;
+mod reload;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

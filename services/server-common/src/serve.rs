@@ -17,7 +17,7 @@ pub struct ServerOptions {
     /// Requests handled at once per connection.
     pub concurrency_per_connection: usize,
     /// Accepted bearer tokens per role; None: calls are not checked.
-    pub tokens: Option<std::sync::Arc<crate::auth::Tokens>>,
+    pub tokens: Option<std::sync::Arc<crate::auth::TokenSource>>,
     /// TLS settings (see [`crate::tls::TlsArgs`]).
     pub tls: crate::tls::TlsArgs,
     /// Names in `served` whose health status follows a flag instead of being

@@ -4,8 +4,8 @@
 //! a CA to trust and an optional client certificate.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -17,8 +17,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-/// How often certificate files are looked at for changes, at most.
-const RELOAD_CHECK: Duration = Duration::from_secs(1);
+use crate::reload::Reloading;
+
 /// TLS handshakes in progress at once per server; more wait to be accepted.
 const MAX_HANDSHAKES: usize = 256;
 /// A handshake that takes longer is dropped.
@@ -44,10 +44,6 @@ pub struct TlsArgs {
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -83,56 +79,6 @@ fn load_verifier(ca: &Path) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| anyhow::anyhow!("client CA {}: {e}", ca.display()))
-}
-
-/// Something loaded from files, loaded again when one of them changes.
-#[derive(Debug)]
-struct Reloading<T> {
-    files: Vec<PathBuf>,
-    current: RwLock<(Vec<Option<SystemTime>>, T)>,
-    checked: Mutex<Instant>,
-    load: fn(&[PathBuf]) -> anyhow::Result<T>,
-}
-
-impl<T: Clone> Reloading<T> {
-    fn new(files: Vec<PathBuf>, load: fn(&[PathBuf]) -> anyhow::Result<T>) -> anyhow::Result<Self> {
-        let stamps = files.iter().map(|f| modified(f)).collect();
-        let value = load(&files)?;
-        Ok(Self {
-            files,
-            current: RwLock::new((stamps, value)),
-            checked: Mutex::new(Instant::now()),
-            load,
-        })
-    }
-
-    /// The value, loaded again first if a file changed since (checked at most every
-    /// RELOAD_CHECK). A file that does not load keeps the previous value.
-    fn get(&self) -> T {
-        let due = {
-            let mut checked = self.checked.lock().expect("reload lock");
-            let due = checked.elapsed() >= RELOAD_CHECK;
-            if due {
-                *checked = Instant::now();
-            }
-            due
-        };
-        if due {
-            let stamps: Vec<_> = self.files.iter().map(|f| modified(f)).collect();
-            if stamps != self.current.read().expect("reload lock").0 {
-                match (self.load)(&self.files) {
-                    Ok(value) => {
-                        tracing::info!(files = ?self.files, "TLS files changed; reloaded");
-                        *self.current.write().expect("reload lock") = (stamps, value);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TLS files changed but do not load; keeping the previous ones")
-                    }
-                }
-            }
-        }
-        self.current.read().expect("reload lock").1.clone()
-    }
 }
 
 #[derive(Debug)]
@@ -193,14 +139,16 @@ impl TlsArgs {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
-        let resolver = CertResolver(Reloading::new(vec![cert.clone(), key.clone()], |f| {
-            load_key(&f[0], &f[1])
-        })?);
+        let resolver = CertResolver(Reloading::new(
+            "TLS files",
+            vec![cert.clone(), key.clone()],
+            |f| load_key(&f[0], &f[1]),
+        )?);
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?;
         let builder = match &self.tls_client_ca {
             Some(ca) => builder.with_client_cert_verifier(Arc::new(ClientVerifier(
-                Reloading::new(vec![ca.clone()], |f| load_verifier(&f[0]))?,
+                Reloading::new("TLS files", vec![ca.clone()], |f| load_verifier(&f[0]))?,
             ))),
             None => builder.with_no_client_auth(),
         };
@@ -323,9 +271,11 @@ pub struct ClientTlsFiles(Reloading<Arc<tonic::transport::ClientTlsConfig>>);
 impl ClientTlsFiles {
     /// Trust `ca` (PEM) and, with `identity` (certificate and key, PEM), present it.
     pub fn new(ca: &Path, identity: Option<(PathBuf, PathBuf)>) -> anyhow::Result<Self> {
-        Ok(Self(Reloading::new(client_files(ca, identity), |files| {
-            load_client_config(files).map(Arc::new)
-        })?))
+        Ok(Self(Reloading::new(
+            "TLS files",
+            client_files(ca, identity),
+            |files| load_client_config(files).map(Arc::new),
+        )?))
     }
 
     /// The current settings: the same `Arc` until a file changes.
