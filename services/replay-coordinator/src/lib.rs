@@ -340,6 +340,7 @@ pub async fn run(
         drivers: Default::default(),
         leadership: leadership.clone(),
         lease: lease.clone(),
+        verified: Default::default(),
     });
     // Background tasks that end with `run`.
     let mut tasks = tokio::task::JoinSet::new();

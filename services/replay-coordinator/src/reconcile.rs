@@ -42,12 +42,16 @@ pub(crate) async fn reconcile(
     }
     let (from, to) = (commit.draft.from_day, commit.draft.to_day);
     let mut snapshot: BTreeMap<Day, DayRows> = BTreeMap::new();
+    let mut verified = ctx.verified.take(&replay.replay_id);
     for partition in 0..commit.draft.partitions {
-        let rows = ctx
-            .snapshots
-            .read_part(&commit.draft.snapshot_id, partition)
-            .await
-            .map_err(anyhow::Error::from)?;
+        let rows = match verified.remove(&partition) {
+            Some(rows) => rows,
+            None => ctx
+                .snapshots
+                .read_part(&commit.draft.snapshot_id, partition)
+                .await
+                .map_err(anyhow::Error::from)?,
+        };
         for row in rows {
             let key = (row.merchant_id.clone(), row.currency.to_string());
             snapshot.entry(row.day).or_default().insert(key, row);

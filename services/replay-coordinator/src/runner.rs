@@ -2,14 +2,14 @@
 //! every part, the commit, then reconciliation. Each phase starts from what the
 //! persisted replay says, so a restarted coordinator resumes the same way.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{kv, stream::Stream as JsStream};
 use payledger_proto::v1;
 use payledger_proto::v1::projector_service_client::ProjectorServiceClient;
-use payledger_semantics::{Day, SEMANTICS_VERSION, Settings};
+use payledger_semantics::{DailyRow, Day, SEMANTICS_VERSION, Settings};
 use payledger_server_common::auth::{Role, TokenSource, Tokens};
 use payledger_server_common::trace_context::{TraceHeaders, exported_span};
 use payledger_storage::{ArchiveStore, CommitDraft, ObjectRef, SnapshotStore};
@@ -49,6 +49,37 @@ pub(crate) struct Context {
     /// Who holds the Lease, when the coordinator runs with one (`--lease-name`).
     pub leadership: tokio::sync::watch::Receiver<crate::leader::Leadership>,
     pub lease: Option<crate::leader::LeaseSettings>,
+    /// The rows of every part read back and verified, by replay and partition,
+    /// kept for the reconciliation so that each part is read once. (The
+    /// reconciliation holds them all at once anyway.) A replay resumed by a
+    /// restarted coordinator reads the parts it has not verified itself.
+    pub verified: VerifiedParts,
+}
+
+#[derive(Default)]
+pub(crate) struct VerifiedParts(Mutex<HashMap<String, BTreeMap<u32, Vec<DailyRow>>>>);
+
+impl VerifiedParts {
+    fn keep(&self, replay_id: &str, parts: Vec<(u32, Vec<DailyRow>)>) {
+        let mut all = self.0.lock().expect("verified parts lock");
+        all.entry(replay_id.to_string()).or_default().extend(parts);
+    }
+
+    /// The verified rows of `replay_id`, taken out.
+    pub fn take(&self, replay_id: &str) -> BTreeMap<u32, Vec<DailyRow>> {
+        let mut all = self.0.lock().expect("verified parts lock");
+        all.remove(replay_id).unwrap_or_default()
+    }
+}
+
+/// Drops a replay's verified rows however its driver ends (finished, failed,
+/// or aborted on losing the Lease).
+struct ForgetVerified<'a>(&'a Context, &'a str);
+
+impl Drop for ForgetVerified<'_> {
+    fn drop(&mut self) {
+        self.0.verified.take(self.1);
+    }
 }
 
 /// The tasks driving replays. Only the leader drives any: on losing the Lease
@@ -145,6 +176,7 @@ pub(crate) fn drive(ctx: Arc<Context>, id: String) -> impl Future<Output = ()> +
 }
 
 async fn drive_traced(ctx: Arc<Context>, id: String) {
+    let _forget = ForgetVerified(&ctx, &id);
     let outcome = drive_phases(&ctx, &id).await;
     let finished = now_us();
     let result = match outcome {
@@ -340,13 +372,14 @@ async fn attempt(ctx: Arc<Context>, replay: v1::Replay, index: usize, lease: Lea
     };
     let outcome = async {
         let result = call_worker(&ctx, &replay.replay_id, index, lease, request).await?;
-        verify(
+        let parts = verify(
             &ctx.snapshots,
             &replay.snapshot_id,
             &shard.partitions,
             &result,
         )
         .await?;
+        ctx.verified.keep(&replay.replay_id, parts);
         Ok(result)
     }
     .await;
@@ -427,12 +460,13 @@ fn status_text(status: &tonic::Status, hint: Option<&str>) -> String {
 
 /// A shard counts only when every part it reports is in storage with the row
 /// count and content hash it reported, one part per partition of the shard.
+/// Returns the rows read, by partition.
 async fn verify(
     snapshots: &SnapshotStore,
     snapshot_id: &str,
     partitions: &[u32],
     result: &v1::ShardResult,
-) -> Result<(), String> {
+) -> Result<Vec<(u32, Vec<DailyRow>)>, String> {
     let mut reported: Vec<u32> = result.parts.iter().map(|p| p.partition).collect();
     reported.sort_unstable();
     if reported != partitions {
@@ -440,8 +474,9 @@ async fn verify(
             "the worker reported parts for partitions {reported:?}, the shard has {partitions:?}"
         ));
     }
+    let mut verified = Vec::with_capacity(result.parts.len());
     for part in &result.parts {
-        let (_, stored) = snapshots
+        let (rows, stored) = snapshots
             .read_part_with_info(snapshot_id, part.partition)
             .await
             .map_err(|e| format!("part of partition {} does not verify: {e}", part.partition))?;
@@ -456,8 +491,9 @@ async fn verify(
                 stored.path, stored.rows, stored.content_hash, part.rows, part.content_hash
             ));
         }
+        verified.push((part.partition, rows));
     }
-    Ok(())
+    Ok(verified)
 }
 
 fn object_ref(o: &v1::ObjectWritten) -> ObjectRef {
