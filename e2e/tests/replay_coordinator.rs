@@ -89,6 +89,10 @@ async fn stack(workers: usize) -> anyhow::Result<Stack> {
         seed: 29,
         merchants: 80,
         late_pct: 10.0,
+        // Event times over the last 30 hours, so that the history has days before
+        // today whatever the time of day the test runs (late events alone reach
+        // back 20 hours only: after 20:00 UTC they all fall on today).
+        spread_secs: 30 * 3600,
         ..history_config()
     };
     // Pauses spread the log over many cuts, so that shards have several segments.
