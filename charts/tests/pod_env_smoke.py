@@ -45,10 +45,19 @@ ORDER = {"ingest": 0, "archiver": 1, "projector": 2, "query": 3, "replay-coordin
 NAMESPACE = "payments"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # A port is free only until someone binds it, and the processes bind theirs
+    # later: never hand out the same one twice.
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def main() -> int:
