@@ -2,7 +2,8 @@
 //! A renewed Kubernetes Secret is picked up without a restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 /// How often the files are looked at for changes, at most.
@@ -18,7 +19,10 @@ pub(crate) struct Reloading<T> {
     what: &'static str,
     files: Vec<PathBuf>,
     current: RwLock<(Vec<Option<SystemTime>>, T)>,
-    checked: Mutex<Instant>,
+    created: Instant,
+    /// When the files were last looked at, in milliseconds since `created`: an
+    /// atomic, because `get` runs on every call that checks a token.
+    checked_ms: AtomicU64,
     load: fn(&[PathBuf]) -> anyhow::Result<T>,
 }
 
@@ -34,7 +38,8 @@ impl<T: Clone> Reloading<T> {
             what,
             files,
             current: RwLock::new((stamps, value)),
-            checked: Mutex::new(Instant::now()),
+            created: Instant::now(),
+            checked_ms: AtomicU64::new(0),
             load,
         })
     }
@@ -42,14 +47,14 @@ impl<T: Clone> Reloading<T> {
     /// The value, loaded again first if a file changed since (checked at most every
     /// RELOAD_CHECK). A file that does not load keeps the previous value.
     pub fn get(&self) -> T {
-        let due = {
-            let mut checked = self.checked.lock().expect("reload lock");
-            let due = checked.elapsed() >= RELOAD_CHECK;
-            if due {
-                *checked = Instant::now();
-            }
-            due
-        };
+        let now = self.created.elapsed().as_millis() as u64;
+        let last = self.checked_ms.load(Ordering::Relaxed);
+        // Whoever moves the stamp forward looks at the files; the others go on.
+        let due = now.saturating_sub(last) >= RELOAD_CHECK.as_millis() as u64
+            && self
+                .checked_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
         if due {
             let stamps: Vec<_> = self.files.iter().map(|f| modified(f)).collect();
             if stamps != self.current.read().expect("reload lock").0 {
