@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::metrics::ProjectorMetrics;
+use crate::partition::now_us;
 
 /// What the lease key holds. `holder` is unique per process; `pod` and
 /// `started_at_us` let a restarted pod take its own lease back at once from its
@@ -59,13 +60,6 @@ pub(crate) struct HeldLease {
     lost: watch::Receiver<Option<String>>,
     release: Option<tokio::sync::oneshot::Sender<()>>,
     renewer: tokio::task::JoinHandle<()>,
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or_default()
 }
 
 impl PartitionLeases {
@@ -296,14 +290,19 @@ mod tests {
 
     const TTL: Duration = Duration::from_millis(800);
 
-    async fn bucket(nats: &LocalNats) -> kv::Store {
+    /// A private nats-server (and its store directory) with the lease bucket.
+    async fn nats_with_bucket() -> (tempfile::TempDir, LocalNats, kv::Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = LocalNats::start(dir.path()).unwrap();
         let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
         payledger_server_common::topology::ensure_buckets(&js, 1)
             .await
             .unwrap();
-        js.get_key_value(payledger_server_common::topology::LEASE_BUCKET)
+        let kv = js
+            .get_key_value(payledger_server_common::topology::LEASE_BUCKET)
             .await
-            .unwrap()
+            .unwrap();
+        (dir, nats, kv)
     }
 
     fn leases(kv: &kv::Store, pod: Option<&str>) -> PartitionLeases {
@@ -328,9 +327,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_renewed_lease_keeps_others_out_until_it_is_released() {
-        let dir = tempfile::tempdir().unwrap();
-        let nats = LocalNats::start(dir.path()).unwrap();
-        let kv = bucket(&nats).await;
+        let (_dir, _nats, kv) = nats_with_bucket().await;
         let (a, b) = (leases(&kv, None), leases(&kv, None));
         let held = a.acquire(3, &mut running()).await.unwrap().unwrap();
         let waiting = tokio::spawn(async move { b.acquire(3, &mut running()).await });
@@ -347,9 +344,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_abandoned_lease_is_taken_over_only_after_its_ttl() {
-        let dir = tempfile::tempdir().unwrap();
-        let nats = LocalNats::start(dir.path()).unwrap();
-        let kv = bucket(&nats).await;
+        let (_dir, _nats, kv) = nats_with_bucket().await;
         let (a, b) = (leases(&kv, None), leases(&kv, None));
         drop(a.acquire(0, &mut running()).await.unwrap().unwrap());
         let abandoned = Instant::now();
@@ -364,9 +359,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_holder_learns_at_its_next_renewal_that_its_lease_was_taken() {
-        let dir = tempfile::tempdir().unwrap();
-        let nats = LocalNats::start(dir.path()).unwrap();
-        let kv = bucket(&nats).await;
+        let (_dir, _nats, kv) = nats_with_bucket().await;
         let held = leases(&kv, None)
             .acquire(1, &mut running())
             .await
@@ -386,9 +379,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_holder_that_cannot_renew_stops_before_anyone_may_take_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut nats = LocalNats::start(dir.path()).unwrap();
-        let kv = bucket(&nats).await;
+        let (_dir, mut nats, kv) = nats_with_bucket().await;
         let held = leases(&kv, None)
             .acquire(2, &mut running())
             .await
@@ -407,9 +398,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_restarted_pod_takes_its_own_lease_back_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let nats = LocalNats::start(dir.path()).unwrap();
-        let kv = bucket(&nats).await;
+        let (_dir, _nats, kv) = nats_with_bucket().await;
         let before = leases(&kv, Some("payledger-projector-1"));
         drop(before.acquire(5, &mut running()).await.unwrap().unwrap());
         let after = leases(&kv, Some("payledger-projector-1"));
