@@ -408,6 +408,17 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_ttl_outside_its_bounds_is_refused_with_the_reason() {
+        assert_eq!(parse_lease_ttl("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_lease_ttl("500ms"), Ok(Duration::from_millis(500)));
+        for bad in ["499ms", "11m"] {
+            let err = parse_lease_ttl(bad).unwrap_err();
+            assert!(err.contains("outside 500ms..=10m"), "{bad}: {err}");
+        }
+        assert!(parse_lease_ttl("soon").is_err());
+    }
+
+    #[test]
     fn partition_specs_parse_and_out_of_range_is_refused() {
         assert_eq!(parse_partitions("0-2,7", 16).unwrap(), [0, 1, 2, 7]);
         assert_eq!(parse_partitions("", 4).unwrap(), [0, 1, 2, 3]);
