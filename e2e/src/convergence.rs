@@ -156,9 +156,12 @@ pub async fn replay_of_the_archive_equals_the_stream_rows(
     // Quiet partitions get heartbeats; they are archived and replayed too.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     // A clean stop writes the cut in progress.
-    ingest.terminate()?;
+    ingest.terminate().await?;
 
-    let archive = ArchiveStore::new(stores.open(store)?, Settings::default().fingerprint());
+    let archive = ArchiveStore::new(
+        stores.open(store)?,
+        payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
+    );
     let cutoff = latest_cutoff(&archive).await?;
     assert_eq!(
         cutoff,

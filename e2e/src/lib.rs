@@ -77,8 +77,9 @@ impl Service {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then wait for a clean exit.
-    pub fn terminate(&mut self) -> anyhow::Result<()> {
+    /// SIGTERM, then wait for a clean exit. Async, so that the test's own clients
+    /// of the service can answer its drain while it stops.
+    pub async fn terminate(&mut self) -> anyhow::Result<()> {
         self.signal("-TERM")?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -90,7 +91,7 @@ impl Service {
                 );
                 return Ok(());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         anyhow::bail!("{} did not stop within 20 s of SIGTERM", self.name)
     }
@@ -115,6 +116,20 @@ pub struct Harness {
 impl Harness {
     pub fn start() -> anyhow::Result<Harness> {
         let dir = tempfile::tempdir()?;
+        let nats = LocalNats::start(&dir.path().join("nats"))?;
+        Ok(Harness {
+            dir,
+            nats,
+            services: 0,
+        })
+    }
+
+    /// Starts on a copy of `fixture` (its `nats/` a nats-server's store
+    /// directory, its `store/` an object store), as a machine that ran the
+    /// stack and was stopped would be found.
+    pub fn start_from(fixture: &Path) -> anyhow::Result<Harness> {
+        let dir = tempfile::tempdir()?;
+        copy_dir(fixture, dir.path())?;
         let nats = LocalNats::start(&dir.path().join("nats"))?;
         Ok(Harness {
             dir,
@@ -169,6 +184,20 @@ impl Harness {
         wait_serving(&mut service, &health).await?;
         Ok(service)
     }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
 }
 
 /// Waits until the gRPC server at `url` answers health checks with SERVING (for

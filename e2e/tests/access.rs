@@ -711,7 +711,7 @@ async fn the_coordinator_calls_workers_over_mutual_tls_and_fails_plainly_without
             .all(|s| s.worker == https && s.state == i32::from(v1::ShardState::Done)),
         "{replay:?}"
     );
-    coordinator.terminate()?;
+    coordinator.terminate().await?;
 
     // An https:// worker without the worker CA: refused at start-up.
     let refused = spawn(&mut h, coordinator_args(&https, &[]))
@@ -734,7 +734,7 @@ async fn the_coordinator_calls_workers_over_mutual_tls_and_fails_plainly_without
         "{}",
         replay.error
     );
-    plaintext.terminate()?;
+    plaintext.terminate().await?;
 
     // The CA but no client certificate: the worker refuses the handshake.
     let mut anonymous = spawn(
@@ -761,7 +761,7 @@ async fn the_coordinator_calls_workers_over_mutual_tls_and_fails_plainly_without
         "{}",
         replay.error
     );
-    anonymous.terminate()?;
+    anonymous.terminate().await?;
 
     // The certificate checked against the host of the URL, an address it does not
     // name: refused too.
@@ -791,6 +791,6 @@ async fn the_coordinator_calls_workers_over_mutual_tls_and_fails_plainly_without
         "{}",
         replay.error
     );
-    misnamed.terminate()?;
+    misnamed.terminate().await?;
     Ok(())
 }

@@ -105,7 +105,7 @@ async fn archiver_killed_mid_ingest_archives_every_record_exactly_once() -> anyh
     let total = stream_messages(&h.nats.url()).await?;
     let archive = ArchiveStore::new(
         open_store(&store)?,
-        payledger_semantics::Settings::default().fingerprint(),
+        payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     let (top, seqs) = loop {
@@ -160,7 +160,7 @@ async fn a_cut_short_is_completed_with_the_same_range() -> anyhow::Result<()> {
     // A crash left one partition's segment of the cut (0, 400] and no watermark.
     let archive = ArchiveStore::new(
         open_store(&store)?,
-        payledger_semantics::Settings::default().fingerprint(),
+        payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
     );
     let p = payledger_semantics::partition_of(
         &log.facts().next().expect("events").merchant_id,

@@ -510,7 +510,7 @@ async fn days_close_late_events_restate_and_heartbeats_close_quiet_days() -> any
     }
     let provenance = current.provenance.unwrap_or_default();
     assert_eq!(provenance.log_position, s9);
-    assert_eq!(provenance.settings_fingerprint, settings.fingerprint());
+    assert_eq!(provenance.version_key, settings.version_key());
 
     // The log holds exactly the nine facts of the merchant, in this order, besides heartbeats.
     let log = read_log(&nats_url).await?;

@@ -48,10 +48,13 @@ async fn duckdb_closing_balances_from_the_archive_match_the_snapshot() -> anyhow
         log.publish(&mut client, traffic.batch(500, now_us()))
             .await?;
     }
-    ingest.terminate()?;
+    ingest.terminate().await?;
 
     let objects = open_store(&store)?;
-    let archive = ArchiveStore::new(objects.clone(), Settings::default().fingerprint());
+    let archive = ArchiveStore::new(
+        objects.clone(),
+        payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
+    );
     let snapshots = SnapshotStore::new(objects);
     let request = ReplayRequest {
         replay_id: "duckdb".into(),

@@ -222,7 +222,7 @@ async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
     let messages = stream_messages(&h.nats.url()).await?;
     let archive = payledger_storage::ArchiveStore::new(
         payledger_storage::open_store(&store)?,
-        payledger_semantics::Settings::default().fingerprint(),
+        payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while payledger_projector::replay::latest_cutoff(&archive).await? < messages {

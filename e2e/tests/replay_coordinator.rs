@@ -119,7 +119,7 @@ async fn stack(workers: usize) -> anyhow::Result<Stack> {
 fn archive(store: &str) -> anyhow::Result<ArchiveStore> {
     Ok(ArchiveStore::new(
         open_store(store)?,
-        Settings::default().fingerprint(),
+        payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
     ))
 }
 

@@ -32,7 +32,7 @@ fn draft(snapshot: &str) -> CommitDraft {
         to_day: Day(20_010),
         log_cutoff: 1000,
         semantics_version: 1,
-        settings_fingerprint: "f".into(),
+        version_key: "f".into(),
         partitions: 16,
         parts: Vec::new(),
         segments_read: Vec::new(),
@@ -103,7 +103,7 @@ async fn put_if_absent_keeps_the_first_object() -> anyhow::Result<()> {
     assert_eq!(snapshots.read_part("s1", 3).await?, rows);
 
     // Checkpoints: one at a sequence already checkpointed keeps the first.
-    let checkpoints = CheckpointStore::new(store.clone(), 2);
+    let checkpoints = CheckpointStore::new(store.clone(), 2, "v-test");
     checkpoints.put(5, 100, Bytes::from("state@100")).await?;
     checkpoints.put(5, 100, Bytes::from("other@100")).await?;
     let latest = checkpoints.latest(5).await?.expect("a checkpoint");

@@ -59,7 +59,7 @@ fn help_of_every_binary_explains_its_flags() -> anyhow::Result<()> {
             "--nats-url",
             "--partitions",
             "--dedup-horizon",
-            "--allowed-lateness",
+            "--max-clock-skew",
             "--max-batch-events",
             "--max-request-bytes",
             "--heartbeat-interval",
@@ -67,6 +67,11 @@ fn help_of_every_binary_explains_its_flags() -> anyhow::Result<()> {
             "PAYLEDGER_NATS_URL",
             "[default: 1m]",
         ],
+    );
+    // Ingest enforces only the stream's settings; the projection's are the projector's.
+    assert!(
+        !ingest.contains("--allowed-lateness") && !ingest.contains("--bucket-width"),
+        "{ingest}"
     );
     let projector = help("payledger-projector", &[])?;
     assert_mentions(
@@ -81,6 +86,8 @@ fn help_of_every_binary_explains_its_flags() -> anyhow::Result<()> {
             "--checkpoint-every",
             "--checkpoint-interval",
             "--flush-interval",
+            "--allowed-lateness",
+            "--bucket-width",
             "--mode",
             "--max-concurrent-shards",
             "--replay-max-records-per-sec",
@@ -318,7 +325,7 @@ async fn every_service_answers_health_and_reflection_and_stops_on_sigterm() -> a
         (&mut ingest, "ingest stopped"),
     ] {
         let started = std::time::Instant::now();
-        service.terminate()?;
+        service.terminate().await?;
         eprintln!(
             "{} stopped {:?} after SIGTERM",
             service.name,

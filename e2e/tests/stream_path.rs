@@ -171,7 +171,7 @@ async fn projector_killed_three_times_mid_ingest_loses_and_doubles_nothing() -> 
     assert_converges(&mut query_client, &oracle, Duration::from_secs(120)).await?;
 
     // A clean stop writes a final checkpoint; a restart then re-applies nothing.
-    projector.terminate()?;
+    projector.terminate().await?;
     let projector = h.spawn("payledger-projector", &args).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(

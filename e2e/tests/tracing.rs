@@ -331,7 +331,7 @@ async fn a_replay_is_one_trace_with_a_span_per_shard() -> anyhow::Result<()> {
     let seq = publish_traced(&ingest, replayed, &traceparent).await?;
     let archive = payledger_storage::ArchiveStore::new(
         payledger_storage::open_store(&store)?,
-        payledger_semantics::Settings::default().fingerprint(),
+        payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while payledger_projector::replay::latest_cutoff(&archive).await? < seq {
@@ -443,7 +443,7 @@ async fn spans_buffered_at_sigterm_are_exported_before_exit() -> anyhow::Result<
         receiver.of_trace(&trace_id).is_empty(),
         "exported before the shutdown"
     );
-    ingest.terminate()?;
+    ingest.terminate().await?;
     let spans = receiver
         .wait_for(&trace_id, Duration::from_secs(5), |spans| {
             has(spans, INGEST, "jetstream publish")

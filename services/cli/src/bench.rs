@@ -113,7 +113,8 @@ async fn bare_publish(
     let client = async_nats::connect(nats.url()).await?;
     let js = async_nats::jetstream::new(client.clone());
     let settings = Settings::default();
-    payledger_server_common::topology::ensure_stream(&js, &settings, &stream_options()).await?;
+    payledger_server_common::topology::ensure_stream(&js, &settings.stream(), &stream_options())
+        .await?;
     let now = now_us();
     let messages: Vec<(String, String, Bytes)> = events
         .iter()

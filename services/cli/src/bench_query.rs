@@ -89,7 +89,7 @@ async fn write_snapshot(
             to_day: to,
             log_cutoff: 10_000_000,
             semantics_version: SEMANTICS_VERSION,
-            settings_fingerprint: settings.fingerprint(),
+            version_key: settings.version_key(),
             partitions: settings.partitions,
             parts: refs,
             segments_read: Vec::new(),
@@ -179,7 +179,8 @@ pub async fn write_rows(args: &QueryBenchArgs, report: &mut String) -> anyhow::R
     let settings = Settings::default();
     let mut nats = LocalNats::start(&dir.path().join("nats"))?;
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
-    payledger_server_common::topology::ensure_stream(&js, &settings, &stream_options()).await?;
+    payledger_server_common::topology::ensure_stream(&js, &settings.stream(), &stream_options())
+        .await?;
 
     let store = dir.path().join("store").display().to_string();
     eprintln!(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use payledger_projector::{Mode, ProjectorConfig};
 use payledger_proto::v1;
 use payledger_replay_coordinator::CoordinatorConfig;
-use payledger_semantics::{Day, Record, RecordBody, Settings, partition_of};
+use payledger_semantics::{Day, Record, RecordBody, RecordedStream, Settings, partition_of};
 use payledger_server_common::local_nats::{LocalNats, free_port};
 use payledger_storage::{ArchiveStore, CutRange, open_store};
 use tokio::net::TcpListener;
@@ -31,7 +31,7 @@ struct History {
 /// archive, in cuts as the archiver writes them, with a watermark after each.
 async fn write_history(store: &str, events: usize, days: u32) -> anyhow::Result<History> {
     let settings = Settings::default();
-    let archive = ArchiveStore::new(open_store(store)?, settings.fingerprint());
+    let archive = ArchiveStore::new(open_store(store)?, RecordedStream::new(settings.stream()));
     let mut generator = Generator::new(GenConfig {
         seed: 5,
         merchants: 20_000,
@@ -222,7 +222,7 @@ fn duckdb(python: &Path, store: &str, threads: usize, out: &Path) -> anyhow::Res
 async fn profile(store: &str, cutoff: u64, history: &History) -> anyhow::Result<(f64, f64)> {
     let settings = Settings::default();
     let objects = open_store(store)?;
-    let archive = ArchiveStore::new(objects.clone(), settings.fingerprint());
+    let archive = ArchiveStore::new(objects.clone(), RecordedStream::new(settings.stream()));
     let started = Instant::now();
     for p in 0..settings.partitions {
         for cut in archive.event_segments(p).await? {
@@ -271,7 +271,7 @@ pub async fn run(
         let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
         payledger_server_common::topology::ensure_stream(
             &js,
-            &Settings::default(),
+            &Settings::default().stream(),
             &crate::bench::stream_options(),
         )
         .await?;

@@ -11,7 +11,7 @@ use payledger_ingest::{IngestConfig, SystemClock};
 use payledger_projector::{Mode, ProjectorConfig};
 use payledger_query::QueryConfig;
 use payledger_replay_coordinator::CoordinatorConfig;
-use payledger_server_common::config::SemanticsArgs;
+use payledger_server_common::config::{ProjectionArgs, StreamArgs};
 use payledger_server_common::local_nats::LocalNats;
 use tokio::net::TcpListener;
 
@@ -40,7 +40,9 @@ pub struct DevArgs {
     )]
     pub workers: Vec<SocketAddr>,
     #[command(flatten)]
-    pub semantics: SemanticsArgs,
+    pub stream: StreamArgs,
+    #[command(flatten)]
+    pub projection: ProjectionArgs,
 }
 
 pub struct DevStack {
@@ -83,13 +85,15 @@ impl DevStack {
         );
         let store = data.join("store");
         let mut ingest_config = IngestConfig::new(&nats.url());
-        ingest_config.semantics = args.semantics.clone();
+        ingest_config.stream = args.stream.clone();
         ingest_config.archive_store = Some(store.display().to_string());
         ingest_config.archive_flush_interval = std::time::Duration::from_secs(1);
         let store_location = store.display().to_string();
         let mut projector_config = ProjectorConfig::new(&nats.url(), &store_location);
         projector_config.mode = Mode::Stream;
+        projector_config.projection = args.projection.clone();
         let mut query_config = QueryConfig::new(&nats.url());
+        query_config.projection = args.projection.clone();
         query_config.store = Some(store_location.clone());
         let coordinator_listener = TcpListener::bind(args.coordinator).await?;
         let coordinator = coordinator_listener.local_addr()?;
@@ -100,13 +104,16 @@ impl DevStack {
             worker_urls.push(format!("http://{}", listener.local_addr()?));
             let mut config = ProjectorConfig::new(&nats.url(), &store_location);
             config.mode = Mode::Replay;
+            config.projection = args.projection.clone();
             worker_tasks.push(tokio::spawn(payledger_projector::run(
                 config,
                 listener,
                 until_stopped(),
             )));
         }
-        let coordinator_config = CoordinatorConfig::new(&nats.url(), &store_location, worker_urls);
+        let mut coordinator_config =
+            CoordinatorConfig::new(&nats.url(), &store_location, worker_urls);
+        coordinator_config.projection = args.projection.clone();
         // Ingest first: it creates the stream the others wait for.
         let mut tasks = vec![
             tokio::spawn(payledger_ingest::run(

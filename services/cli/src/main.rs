@@ -271,6 +271,8 @@ enum ReplayCommand {
         store: String,
         #[command(flatten)]
         nats: payledger_server_common::config::NatsArgs,
+        #[command(flatten)]
+        projection: payledger_server_common::config::ProjectionArgs,
     },
 }
 
@@ -452,12 +454,12 @@ fn print_provenance(p: Option<&v1::Provenance>) {
         }
     });
     println!(
-        "  source {source}{} restated={} log_position={} semantics v{} settings {}\n  stream: {lag}",
+        "  source {source}{} restated={} log_position={} semantics v{} version key {}\n  stream: {lag}",
         if p.provisional { " (provisional)" } else { "" },
         p.restated,
         p.log_position,
         p.semantics_version,
-        p.settings_fingerprint
+        p.version_key
     );
 }
 
@@ -649,7 +651,7 @@ fn json_provenance(p: Option<&v1::Provenance>) -> serde_json::Value {
         "source": v1::Source::try_from(p.source).map(|s| s.as_str_name()).unwrap_or("?"),
         "provisional": p.provisional, "restated": p.restated, "snapshot_id": p.snapshot_id,
         "log_position": p.log_position, "semantics_version": p.semantics_version,
-        "settings_fingerprint": p.settings_fingerprint,
+        "version_key": p.version_key,
         "stream_lag": {"partition": lag.partition, "known": lag.known, "applied_sequence": lag.applied_sequence,
                         "pending_records": lag.pending_records, "report_age_us": lag.report_age_us},
     })
@@ -793,8 +795,10 @@ async fn demo(dev: DevArgs, events: usize) -> anyhow::Result<()> {
     }
     // The authoritative side: replay the archive and commit today's rows.
     let objects = payledger_storage::open_store(&stack.data.join("store").display().to_string())?;
-    let settings = dev.semantics.settings()?;
-    let archive = payledger_storage::ArchiveStore::new(objects.clone(), settings.fingerprint());
+    let archive = payledger_storage::ArchiveStore::new(
+        objects.clone(),
+        payledger_semantics::RecordedStream::new(dev.stream.settings()?),
+    );
     let last = tally.last_seq.values().copied().max().unwrap_or(0);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while payledger_projector::replay::latest_cutoff(&archive).await? < last {
@@ -1112,17 +1116,20 @@ async fn main() -> anyhow::Result<()> {
             replay_id,
             store,
             nats,
+            projection,
         }) => {
             let (from_day, to_day) = days.days()?;
-            // The semantics settings of the log are recorded with the stream.
+            // The stream's settings are recorded with the stream; the projection's
+            // are this command's.
             let client = nats.connect("payledger-replay").await?;
-            let settings = payledger_server_common::topology::read_settings(
-                &async_nats::jetstream::new(client),
-            )
-            .await?;
+            let recorded =
+                payledger_server_common::topology::read_stream(&async_nats::jetstream::new(client))
+                    .await?;
+            let settings =
+                payledger_semantics::Settings::of(recorded.settings, projection.settings()?);
+            settings.validate()?;
             let objects = payledger_storage::open_store(&store)?;
-            let archive =
-                payledger_storage::ArchiveStore::new(objects.clone(), settings.fingerprint());
+            let archive = payledger_storage::ArchiveStore::new(objects.clone(), recorded);
             let snapshots = payledger_storage::SnapshotStore::new(objects);
             let request = payledger_projector::replay::ReplayRequest {
                 replay_id,

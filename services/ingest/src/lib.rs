@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use payledger_server_common::config::{SemanticsArgs, ServerArgs, parse_duration};
+use payledger_server_common::config::{ServerArgs, StreamArgs, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{StreamOptions, ensure_stream};
 use tokio::net::TcpListener;
@@ -34,7 +34,7 @@ pub struct IngestConfig {
     #[command(flatten)]
     pub server: ServerArgs,
     #[command(flatten)]
-    pub semantics: SemanticsArgs,
+    pub stream: StreamArgs,
     /// Most events one Publish call may carry; a larger call is refused whole.
     #[arg(long, env = "PAYLEDGER_MAX_BATCH_EVENTS", default_value_t = 1000)]
     pub max_batch_events: usize,
@@ -86,7 +86,7 @@ impl IngestConfig {
     pub fn new(nats_url: &str) -> Self {
         Self {
             server: ServerArgs::new(nats_url),
-            semantics: SemanticsArgs::default(),
+            stream: StreamArgs::default(),
             max_batch_events: 1000,
             max_request_bytes: 4 * 1024 * 1024,
             max_concurrent_batches: 32,
@@ -125,13 +125,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let settings = config.semantics.settings()?;
+    let settings = config.stream.settings()?;
     let client = config.server.nats.connect("payledger-ingest").await?;
     let js = async_nats::jetstream::new(client.clone());
     let max_age = config
         .stream_max_age
         .max(Duration::from_micros(settings.dedup_horizon_us as u64) + Duration::from_secs(86_400));
-    ensure_stream(
+    let recorded = ensure_stream(
         &js,
         &settings,
         &StreamOptions {
@@ -164,7 +164,7 @@ pub async fn run(
         Some(location) => {
             let archive = payledger_storage::ArchiveStore::new(
                 payledger_storage::open_store(location)?,
-                settings.fingerprint(),
+                recorded,
             );
             let tuning = archiver::ArchiverTuning {
                 flush_interval: config.archive_flush_interval,
@@ -198,7 +198,7 @@ pub async fn run(
         }
         None => None,
     };
-    tracing::info!(%local, partitions = settings.partitions, fingerprint = %settings.fingerprint(), "ingest serving");
+    tracing::info!(%local, partitions = settings.partitions, stream_fingerprint = %settings.fingerprint(), "ingest serving");
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::IngestMetrics::register(&mut registry);
     let metrics_server = config

@@ -11,7 +11,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
 use payledger_proto::v1;
-use payledger_semantics::{Fact, Settings};
+use payledger_semantics::{Fact, StreamSettings};
 use payledger_server_common::atomic_batch::{
     BatchError, BatchMessage, ERR_DUPLICATE_MSG_ID, MAX_BATCH_MESSAGES, publish_atomic,
 };
@@ -63,7 +63,7 @@ pub(crate) enum Appended {
 pub(crate) struct Publisher {
     client: async_nats::Client,
     js: jetstream::Context,
-    pub settings: Settings,
+    pub settings: StreamSettings,
     ack_timeout: Duration,
     /// Per partition: ingest clock of the last record appended, for heartbeats.
     last_record_us: Vec<AtomicI64>,
@@ -115,7 +115,7 @@ impl Publisher {
     pub fn new(
         client: async_nats::Client,
         js: jetstream::Context,
-        settings: Settings,
+        settings: StreamSettings,
         config: &IngestConfig,
     ) -> Self {
         Self {

@@ -11,7 +11,6 @@
 //! Replay mode serves `ProjectorService.RunShard`: the same fold over the archive,
 //! one shard of a replay at a time, written as snapshot parts (see `replay`).
 
-mod checkpoint;
 mod lease;
 mod metrics;
 mod partition;
@@ -24,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use payledger_proto::v1;
-use payledger_server_common::config::{ServerArgs, parse_duration};
+use payledger_server_common::config::{ProjectionArgs, ServerArgs, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, LEASE_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
@@ -59,6 +58,8 @@ impl Mode {
 pub struct ProjectorConfig {
     #[command(flatten)]
     pub server: ServerArgs,
+    #[command(flatten)]
+    pub projection: ProjectionArgs,
     /// Stream projection, replay worker (RunShard), or both.
     #[arg(long, env = "PAYLEDGER_MODE", value_enum, default_value_t = Mode::Both)]
     pub mode: Mode,
@@ -128,6 +129,7 @@ impl ProjectorConfig {
     pub fn new(nats_url: &str, store: &str) -> Self {
         Self {
             server: ServerArgs::new(nats_url),
+            projection: ProjectionArgs::default(),
             mode: Mode::Both,
             store: store.to_string(),
             archive_store: None,
@@ -221,7 +223,7 @@ pub async fn run(
         .await?;
     let client = config.server.nats.connect("payledger-projector").await?;
     let js = async_nats::jetstream::new(client.clone());
-    let settings = wait_for_settings(&js).await;
+    let (stream, settings) = wait_for_settings(&js, config.projection.settings()?).await?;
     ensure_buckets(&js, config.kv_replicas).await?;
     let owned = if config.mode.streams() {
         match (&config.pod_name, config.replicas) {
@@ -231,7 +233,11 @@ pub async fn run(
     } else {
         Vec::new()
     };
-    let checkpoints = CheckpointStore::new(open_store(&config.store)?, config.checkpoints_kept);
+    let checkpoints = CheckpointStore::new(
+        open_store(&config.store)?,
+        config.checkpoints_kept,
+        settings.version_key(),
+    );
     let tuning = Arc::new(Tuning {
         flush_rows: config.flush_rows.max(1),
         flush_interval: config.flush_interval,
@@ -285,7 +291,7 @@ pub async fn run(
     let (routes, served_names) = if config.mode.replays() {
         let store = open_store(config.archive_store.as_deref().unwrap_or(&config.store))?;
         let worker = worker::Worker {
-            archive: payledger_storage::ArchiveStore::new(store.clone(), settings.fingerprint()),
+            archive: payledger_storage::ArchiveStore::new(store.clone(), stream),
             snapshots: payledger_storage::SnapshotStore::new(store),
             settings,
             running: Arc::new(tokio::sync::Semaphore::new(
@@ -302,7 +308,7 @@ pub async fn run(
     } else {
         (None, &[][..])
     };
-    tracing::info!(mode = ?config.mode, partitions = ?owned, store = %config.store, local = %listener.local_addr()?, "projector running");
+    tracing::info!(mode = ?config.mode, partitions = ?owned, store = %config.store, version_key = %settings.version_key(), local = %listener.local_addr()?, "projector running");
     let served = serve_grpc(
         routes,
         served_names,

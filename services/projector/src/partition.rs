@@ -23,7 +23,6 @@ use payledger_storage::CheckpointStore;
 use prost::Message;
 use tokio::sync::watch;
 
-use crate::checkpoint;
 use crate::rows::{RowSink, RowWrite, StoreTicket};
 
 #[derive(Clone, Debug)]
@@ -236,7 +235,7 @@ impl Projection {
             applied_sequence: self.durable_seq,
             pending_records: self.pending_records,
             written_at_us: now_us(),
-            settings_fingerprint: self.ctx.settings.fingerprint(),
+            version_key: self.ctx.settings.version_key(),
         };
         self.ctx
             .progress
@@ -254,7 +253,7 @@ impl Projection {
     }
 
     async fn checkpoint(&mut self) -> anyhow::Result<()> {
-        let bytes = checkpoint::encode(&self.state)?;
+        let bytes = bytes::Bytes::from(self.state.encode());
         let size = bytes.len();
         self.ctx
             .checkpoints
@@ -281,10 +280,17 @@ pub(crate) async fn run(
     let partition = ctx.partition;
     let state = match ctx.checkpoints.latest(partition).await? {
         Some(stored) => {
-            let state = checkpoint::decode(&stored.bytes, &ctx.settings, partition)?;
+            let state = PartitionState::decode(&stored.bytes, &ctx.settings, partition)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "checkpoint {} of partition {partition}: {e}; move it away to rebuild the partition from the log",
+                        stored.path
+                    )
+                })?;
             tracing::info!(
                 partition,
                 checkpoint_seq = stored.seq,
+                checkpoint = %stored.path,
                 identities = state.identities_remembered(),
                 "restored checkpoint"
             );

@@ -254,7 +254,7 @@ pub async fn replay_and_commit(
         to_day: request.to_day,
         log_cutoff: cutoff,
         semantics_version: payledger_semantics::SEMANTICS_VERSION,
-        settings_fingerprint: settings.fingerprint(),
+        version_key: settings.version_key(),
         partitions: settings.partitions,
         parts,
         segments_read,

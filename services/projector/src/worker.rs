@@ -75,11 +75,13 @@ fn valid_snapshot_id(id: &str) -> bool {
 
 impl Worker {
     fn check(&self, request: &v1::RunShardRequest) -> Result<Shard, Status> {
-        let fingerprint = self.settings.fingerprint();
-        if request.settings_fingerprint != fingerprint {
+        let version_key = self.settings.version_key();
+        if request.version_key != version_key {
             return Err(Status::failed_precondition(format!(
-                "settings_fingerprint: this worker runs under settings {fingerprint}, the replay under '{}'; restart the worker or the coordinator against the same stream",
-                request.settings_fingerprint
+                "version_key: this worker folds under {version_key} ({}), the replay under '{}'; \
+                 give the worker and the coordinator the same projection settings (allowed lateness, bucket width) and build",
+                self.settings.version_canonical(),
+                request.version_key
             )));
         }
         if !valid_snapshot_id(&request.snapshot_id) {

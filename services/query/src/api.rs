@@ -75,7 +75,7 @@ impl QueryApi {
             snapshot_id: String::new(),
             log_position,
             semantics_version: SEMANTICS_VERSION,
-            settings_fingerprint: self.settings.fingerprint(),
+            version_key: self.settings.version_key(),
             stream_lag: Some(self.stream_lag(merchant_id)),
         }
     }
@@ -229,7 +229,7 @@ impl QueryApi {
                 snapshot_id: commit.draft.snapshot_id.clone(),
                 log_position: rows.iter().map(|r| r.log_position).max().unwrap_or(0),
                 semantics_version: commit.draft.semantics_version,
-                settings_fingerprint: commit.draft.settings_fingerprint.clone(),
+                version_key: commit.draft.version_key.clone(),
                 stream_lag: Some(self.stream_lag(merchant_id)),
             }),
         })

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use payledger_server_common::config::ServerArgs;
+use payledger_server_common::config::{ProjectionArgs, ServerArgs};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
@@ -27,6 +27,10 @@ pub use part_cache::{DiskTier, PartCache, PartCacheConfig, PartCacheCounters, Pa
 pub struct QueryConfig {
     #[command(flatten)]
     pub server: ServerArgs,
+    /// The projection settings of the rows it serves (their version key is in
+    /// every answer's provenance).
+    #[command(flatten)]
+    pub projection: ProjectionArgs,
     /// Most merchants one WatchCurrentExposure call may follow.
     #[arg(long, env = "PAYLEDGER_MAX_WATCH_MERCHANTS", default_value_t = 1000)]
     pub max_watch_merchants: usize,
@@ -82,6 +86,7 @@ impl QueryConfig {
     pub fn new(nats_url: &str) -> Self {
         Self {
             server: ServerArgs::new(nats_url),
+            projection: ProjectionArgs::default(),
             max_watch_merchants: 1000,
             max_concurrent_requests: 256,
             store: None,
@@ -119,7 +124,7 @@ pub async fn run_with_counters(
         .await?;
     let client = config.server.nats.connect("payledger-query").await?;
     let js = async_nats::jetstream::new(client);
-    let settings = wait_for_settings(&js).await;
+    let (_, settings) = wait_for_settings(&js, config.projection.settings()?).await?;
     ensure_buckets(&js, config.kv_replicas).await?;
     let tables = Arc::new(tables::Tables::default());
     let (changes, _) = tokio::sync::broadcast::channel(4096);

@@ -69,7 +69,7 @@ impl Fixture {
                 to_day: Day(20_002),
                 log_cutoff: 99_999,
                 semantics_version: 1,
-                settings_fingerprint: "test".into(),
+                version_key: "test".into(),
                 partitions: parts,
                 parts: refs,
                 segments_read: Vec::new(),

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use payledger_server_common::config::{ServerArgs, parse_duration};
+use payledger_server_common::config::{ProjectionArgs, ServerArgs, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     DAILY_BUCKET, PROGRESS_BUCKET, STREAM, ensure_buckets, wait_for_settings,
@@ -57,6 +57,10 @@ pub use workers::WorkerTlsArgs;
 pub struct CoordinatorConfig {
     #[command(flatten)]
     pub server: ServerArgs,
+    /// The projection settings of the replays it plans: with the stream's, they
+    /// make the version key the workers must fold under.
+    #[command(flatten)]
+    pub projection: ProjectionArgs,
     /// Object storage holding the archive and the authoritative table: a directory,
     /// file:///path or s3://bucket/prefix (the same location ingest archives to).
     #[arg(long, env = "PAYLEDGER_STORE", default_value = "./data")]
@@ -140,6 +144,7 @@ impl CoordinatorConfig {
     pub fn new(nats_url: &str, store: &str, workers: Vec<String>) -> Self {
         Self {
             server: ServerArgs::new(nats_url),
+            projection: ProjectionArgs::default(),
             store: store.to_string(),
             workers,
             workers_service: None,
@@ -302,7 +307,7 @@ pub async fn run(
         .connect("payledger-replay-coordinator")
         .await?;
     let js = async_nats::jetstream::new(client);
-    let settings = wait_for_settings(&js).await;
+    let (recorded, settings) = wait_for_settings(&js, config.projection.settings()?).await?;
     ensure_buckets(&js, config.kv_replicas).await?;
     let store = open_store(&config.store)?;
     let registry = Arc::new(registry::Registry::open(&js, config.kv_replicas).await?);
@@ -321,7 +326,7 @@ pub async fn run(
         registry,
         metrics,
         workers: workers.clone(),
-        archive: ArchiveStore::new(store.clone(), settings.fingerprint()),
+        archive: ArchiveStore::new(store.clone(), recorded),
         snapshots: SnapshotStore::new(store),
         settings,
         stream: js.get_stream(STREAM).await?,

@@ -368,7 +368,7 @@ async fn attempt(ctx: Arc<Context>, replay: v1::Replay, index: usize, lease: Lea
         cutoff: replay.cutoff,
         from_day: replay.from_day.clone(),
         to_day: replay.to_day.clone(),
-        settings_fingerprint: replay.settings_fingerprint.clone(),
+        version_key: replay.version_key.clone(),
     };
     let outcome = async {
         let result = call_worker(&ctx, &replay.replay_id, index, lease, request).await?;
@@ -532,7 +532,7 @@ async fn commit(ctx: &Context, replay: &v1::Replay) -> Result<payledger_storage:
         to_day: day(&replay.to_day)?,
         log_cutoff: replay.cutoff,
         semantics_version: SEMANTICS_VERSION,
-        settings_fingerprint: replay.settings_fingerprint.clone(),
+        version_key: replay.version_key.clone(),
         partitions: ctx.settings.partitions,
         parts: parts.into_iter().map(|(_, p)| p).collect(),
         segments_read: segments.into_iter().map(|(_, s)| s).collect(),

@@ -167,7 +167,7 @@ impl ReplayCoordinator for CoordinatorApi {
             shards: plan_shards(ctx.settings.partitions, ctx.limits.partitions_per_shard),
             created_at_us: created,
             updated_at_us: created,
-            settings_fingerprint: ctx.settings.fingerprint(),
+            version_key: ctx.settings.version_key(),
             ..Default::default()
         };
         ctx.registry

@@ -125,7 +125,7 @@ async fn one_coordinator_plans_and_a_standby_takes_over_on_discovered_workers() 
         max_age: Duration::from_secs(36 * 86_400),
         max_message_bytes: 1 << 20,
     };
-    ensure_stream(&js, &Settings::default(), &options)
+    ensure_stream(&js, &Settings::default().stream(), &options)
         .await
         .unwrap();
     // An archive with one complete cut (and nothing in it): enough to start a replay.

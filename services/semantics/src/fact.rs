@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::currency::Currency;
-use crate::settings::Settings;
+use crate::settings::StreamSettings;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventKind {
@@ -213,7 +213,7 @@ impl Fact {
 pub fn check_event_time(
     event_time_us: i64,
     ingest_time_us: i64,
-    settings: &Settings,
+    settings: &StreamSettings,
 ) -> Result<(), FactError> {
     let ahead = event_time_us.saturating_sub(ingest_time_us);
     if ahead > settings.max_clock_skew_us {

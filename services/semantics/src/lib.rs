@@ -30,14 +30,20 @@ pub use fact::{
     EventKind, Fact, FactError, MAX_EVENT_ID_BYTES, MAX_MERCHANT_ID_BYTES, Record, RecordBody,
     check_event_time, check_id,
 };
-pub use settings::{Settings, SettingsError, fnv1a_64, partition_of};
-pub use state::{CurrentRow, DailyRow, Outcome, PartitionState, SemanticsError, Status, Touched};
+pub use settings::{
+    ProjectionSettings, RecordedStream, Settings, SettingsError, StreamSettings, fnv1a_64,
+    partition_of,
+};
+pub use state::{
+    CurrentRow, DailyRow, Outcome, PartitionState, SemanticsError, StateFileError, Status, Touched,
+};
 pub use time::{Day, DayParseError, MICROS_PER_DAY};
 
 /// Changes with any change of meaning; written into every row, checkpoint and manifest.
 pub const SEMANTICS_VERSION: u32 = 1;
 
-/// Changes with any change of how [`PartitionState`] is laid out or hashed, even
-/// without a change of meaning: saved state of another format is refused, and the
-/// projector rebuilds from the log instead.
-pub const STATE_FORMAT: u32 = 1;
+/// Changes with any change of how [`PartitionState`] is encoded or hashed, even
+/// without a change of meaning; part of the version key. 2: the canonical encoding
+/// shared by checkpoints and replay states (format 1, the first checkpoints,
+/// stays readable).
+pub const STATE_FORMAT: u32 = 2;

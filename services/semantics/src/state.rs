@@ -13,6 +13,9 @@ use crate::fact::{Fact, Record, RecordBody};
 use crate::settings::{Settings, partition_of};
 use crate::time::Day;
 
+mod encoding;
+pub use encoding::StateFileError;
+
 /// Largest magnitude a `DECIMAL(38,0)` balance column can hold.
 const MAX_MINOR: i128 = 10_i128.pow(38) - 1;
 
@@ -101,6 +104,9 @@ pub struct CurrentRow {
     pub semantics_version: u32,
 }
 
+/// A partition's semantic state. Its stored bytes are [`PartitionState::encode`]'s,
+/// the same for checkpoints and replay states; serde gives an inspection form
+/// (JSON in tests, say) that is neither canonical nor stable.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PartitionState {
     partition: u32,
@@ -140,7 +146,11 @@ struct CurrencyBook {
     duplicates: u64,
     conflicts: u64,
     late: u64,
+    /// Facts that reached a day no longer kept (none yet: every day is kept).
+    too_old: u64,
     log_position: u64,
+    /// The balance of the days no longer kept, carried into the first day kept.
+    carried: i128,
     /// Sorted by day. Most events land on the newest day, so it is checked first.
     days: Vec<(Day, DayState)>,
 }
@@ -192,6 +202,11 @@ impl MerchantState {
         }
     }
 
+    /// How many identities a merchant may hold before the next prune.
+    fn next_prune(remembered: usize) -> usize {
+        (remembered * 2).max(MIN_PRUNE_AT)
+    }
+
     fn book(&self, currency: Currency) -> Option<&CurrencyBook> {
         self.books.iter().find(|b| b.currency == currency)
     }
@@ -210,7 +225,9 @@ fn book_mut(books: &mut Vec<CurrencyBook>, currency: Currency) -> &mut CurrencyB
                 duplicates: 0,
                 conflicts: 0,
                 late: 0,
+                too_old: 0,
                 log_position: 0,
+                carried: 0,
                 days: Vec::new(),
             });
             books.len() - 1
@@ -387,7 +404,7 @@ impl PartitionState {
             merchant
                 .identities
                 .retain(|_, r| now <= r.event_time_us.saturating_add(horizon));
-            merchant.prune_at = (merchant.identities.len() * 2).max(MIN_PRUNE_AT);
+            merchant.prune_at = MerchantState::next_prune(merchant.identities.len());
         }
 
         Ok(Outcome {
@@ -460,7 +477,11 @@ impl PartitionState {
     ) -> Vec<DailyRow> {
         let width = self.settings.bucket_width_us;
         let start = book.days.partition_point(|(d, _)| *d < from);
-        let mut balance: i128 = book.days[..start].iter().map(|(_, d)| d.total).sum();
+        let mut balance: i128 = book.carried
+            + book.days[..start]
+                .iter()
+                .map(|(_, d)| d.total)
+                .sum::<i128>();
         let mut rows = Vec::new();
         for (day, state) in &book.days[start..] {
             if last.is_some_and(|l| *day > l) {

@@ -9,8 +9,9 @@ use payledger_semantics::{Currency, MICROS_PER_DAY};
 use payledger_semantics::{
     CurrencyError, CurrentRow, DailyRow, Day, DayParseError, DimOutcome, DimensionBook, EventKind,
     Exposure, Fact, FactError, FxRecord, FxUsed, PartitionState, Rate, RateError, Record,
-    RecordBody, Reporting, RiskRecord, RiskUsed, SEMANTICS_VERSION, SemanticsError, Settings,
-    SettingsError, Status, Touched, check_event_time, fnv1a_64, partition_of, to_reporting,
+    RecordBody, Reporting, RiskRecord, RiskUsed, SEMANTICS_VERSION, STATE_FORMAT, SemanticsError,
+    Settings, SettingsError, Status, StreamSettings, Touched, check_event_time, fnv1a_64,
+    partition_of, to_reporting,
 };
 
 use EventKind::{
@@ -555,7 +556,7 @@ fn rule2_prune_keeps_identities_at_exactly_the_horizon() {
 
 #[test]
 fn rule2_ingest_rejects_events_beyond_horizon_or_skew() {
-    let s = Settings::default();
+    let s = Settings::default().stream();
     let ingest = at(0, 12, 0);
     assert_eq!(check_event_time(ingest, ingest, &s), Ok(()));
     assert_eq!(check_event_time(ingest + 300_000_000, ingest, &s), Ok(()));
@@ -1822,12 +1823,13 @@ fn rule9_settings_fingerprint_changes_with_any_setting() {
         }
     );
     assert_eq!(s.buckets_per_day(), 96);
+    // What the first streams, footers and checkpoints recorded: kept to recognise them.
     assert_eq!(
-        s.canonical(),
+        s.legacy_canonical(),
         "semantics_version=1;partitions=16;dedup_horizon_us=3024000000000;\
          allowed_lateness_us=3600000000;max_clock_skew_us=300000000;bucket_width_us=900000000"
     );
-    assert_eq!(s.fingerprint(), "24d5f4baa8093b62");
+    assert_eq!(s.legacy_fingerprint(), "24d5f4baa8093b62");
     let variants = [
         s,
         Settings {
@@ -1851,13 +1853,68 @@ fn rule9_settings_fingerprint_changes_with_any_setting() {
             ..s
         },
     ];
-    let prints: Vec<String> = variants.iter().map(Settings::fingerprint).collect();
+    let prints: Vec<String> = variants.iter().map(Settings::legacy_fingerprint).collect();
     for (i, a) in prints.iter().enumerate() {
         assert_eq!(a.len(), 16);
         assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
         for b in &prints[i + 1..] {
             assert_ne!(a, b);
         }
+    }
+    // Every setting changes the version key; only the stream's change the stream's
+    // fingerprint, which is all an archive footer records.
+    let keys: Vec<String> = variants.iter().map(Settings::version_key).collect();
+    for (i, a) in keys.iter().enumerate() {
+        assert!(a.starts_with(&format!("v{SEMANTICS_VERSION}-")), "{a}");
+        for b in &keys[i + 1..] {
+            assert_ne!(a, b);
+        }
+    }
+    let streams: Vec<String> = variants.iter().map(|v| v.stream().fingerprint()).collect();
+    assert_ne!(streams[0], streams[1]);
+    assert_ne!(streams[0], streams[2]);
+    assert_eq!(
+        streams[0], streams[3],
+        "allowed lateness is the projection's"
+    );
+    assert_ne!(streams[0], streams[4]);
+    assert_eq!(streams[0], streams[5], "bucket width is the projection's");
+}
+
+/// The names every derived object is stored under: pinned, since changing them
+/// orphans every checkpoint, replay state and commit already written.
+#[test]
+fn rule9_stream_fingerprint_and_version_key_are_pinned() {
+    let s = Settings::default();
+    assert_eq!(
+        s.stream().canonical(),
+        "partitions=16;dedup_horizon_us=3024000000000;max_clock_skew_us=300000000"
+    );
+    assert_eq!(s.stream().fingerprint(), "72dbc598e2d2e484");
+    assert_eq!(
+        s.version_canonical(),
+        format!(
+            "semantics_version={SEMANTICS_VERSION};state_format={STATE_FORMAT};\
+             allowed_lateness_us=3600000000;bucket_width_us=900000000;stream=72dbc598e2d2e484"
+        )
+    );
+    assert_eq!(s.version_key(), "v1-9f6ed528d0f35551");
+    assert_eq!(
+        StreamSettings::parse(&s.stream().canonical()),
+        Ok(s.stream())
+    );
+    assert_eq!(
+        Settings::of(s.stream(), s.projection()),
+        s,
+        "a stream's and a projection's settings make the whole"
+    );
+    for bad in [
+        "",
+        "partitions=16",
+        "partitions=x;dedup_horizon_us=1;max_clock_skew_us=1",
+        "partitions=0;dedup_horizon_us=1;max_clock_skew_us=1",
+    ] {
+        assert!(StreamSettings::parse(bad).is_err(), "{bad}");
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use payledger_semantics::Settings;
+use payledger_semantics::{ProjectionSettings, Settings, StreamSettings};
 
 /// Parses durations such as `90s`, `5m`, `35d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -79,55 +79,85 @@ impl NatsArgs {
     }
 }
 
-/// The semantics settings ingest creates the stream with (DESIGN.md section 4.9).
+/// The settings ingest creates the stream with and enforces (docs/semantics.md R9).
 #[derive(clap::Args, Clone, Debug)]
-pub struct SemanticsArgs {
+pub struct StreamArgs {
     /// Partitions of the stream; fixed when the stream is created.
     #[arg(long, env = "PAYLEDGER_PARTITIONS", default_value_t = 16)]
     pub partitions: u32,
     /// Dedup horizon H: how long identities are remembered, and the oldest event accepted.
     #[arg(long, env = "PAYLEDGER_DEDUP_HORIZON", default_value = "35d", value_parser = parse_duration)]
     pub dedup_horizon: Duration,
-    /// Events older than this at ingest are counted late; days close this long after they end.
-    #[arg(long, env = "PAYLEDGER_ALLOWED_LATENESS", default_value = "1h", value_parser = parse_duration)]
-    pub allowed_lateness: Duration,
     /// How far ahead of ingest's clock an event_time may lie.
     #[arg(long, env = "PAYLEDGER_MAX_CLOCK_SKEW", default_value = "5m", value_parser = parse_duration)]
     pub max_clock_skew: Duration,
+}
+
+impl Default for StreamArgs {
+    fn default() -> Self {
+        Self::from_settings(&StreamSettings::default())
+    }
+}
+
+impl StreamArgs {
+    pub fn from_settings(s: &StreamSettings) -> Self {
+        Self {
+            partitions: s.partitions,
+            dedup_horizon: duration_of(s.dedup_horizon_us),
+            max_clock_skew: duration_of(s.max_clock_skew_us),
+        }
+    }
+
+    pub fn settings(&self) -> anyhow::Result<StreamSettings> {
+        let settings = StreamSettings {
+            partitions: self.partitions,
+            dedup_horizon_us: micros(self.dedup_horizon),
+            max_clock_skew_us: micros(self.max_clock_skew),
+        };
+        Settings::of(settings, ProjectionSettings::default()).validate()?;
+        Ok(settings)
+    }
+}
+
+/// The settings only the fold reads: each projector, replay worker, coordinator
+/// and query service takes them from its own flags, and they are part of its
+/// version key (docs/semantics.md R9).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ProjectionArgs {
+    /// Events older than this at ingest are counted late; days close this long after they end.
+    #[arg(long, env = "PAYLEDGER_ALLOWED_LATENESS", default_value = "1h", value_parser = parse_duration)]
+    pub allowed_lateness: Duration,
     /// Width of the event-time buckets of the daily peak; must divide a day.
     #[arg(long, env = "PAYLEDGER_BUCKET_WIDTH", default_value = "15m", value_parser = parse_duration)]
     pub bucket_width: Duration,
 }
 
-impl Default for SemanticsArgs {
+impl Default for ProjectionArgs {
     fn default() -> Self {
-        Self::from_settings(&Settings::default())
+        Self::from_settings(&ProjectionSettings::default())
     }
 }
 
-impl SemanticsArgs {
-    pub fn from_settings(s: &Settings) -> Self {
-        let d = |us: i64| Duration::from_micros(us as u64);
+impl ProjectionArgs {
+    pub fn from_settings(s: &ProjectionSettings) -> Self {
         Self {
-            partitions: s.partitions,
-            dedup_horizon: d(s.dedup_horizon_us),
-            allowed_lateness: d(s.allowed_lateness_us),
-            max_clock_skew: d(s.max_clock_skew_us),
-            bucket_width: d(s.bucket_width_us),
+            allowed_lateness: duration_of(s.allowed_lateness_us),
+            bucket_width: duration_of(s.bucket_width_us),
         }
     }
 
-    pub fn settings(&self) -> anyhow::Result<Settings> {
-        let settings = Settings {
-            partitions: self.partitions,
-            dedup_horizon_us: micros(self.dedup_horizon),
+    pub fn settings(&self) -> anyhow::Result<ProjectionSettings> {
+        let settings = ProjectionSettings {
             allowed_lateness_us: micros(self.allowed_lateness),
-            max_clock_skew_us: micros(self.max_clock_skew),
             bucket_width_us: micros(self.bucket_width),
         };
-        settings.validate()?;
+        Settings::of(StreamSettings::default(), settings).validate()?;
         Ok(settings)
     }
+}
+
+fn duration_of(us: i64) -> Duration {
+    Duration::from_micros(us as u64)
 }
 
 /// Who may call a server: bearer tokens per role (see [`crate::auth`]).

@@ -1,15 +1,18 @@
 //! The NATS side of the contract: one stream of facts, dimension records and
 //! heartbeats; KV buckets of derived rows; and how ids become KV keys.
 //!
-//! The semantics settings are recorded in the stream's metadata when ingest creates
-//! it. Projector and query read them from there, so every process agrees on the
-//! partitions and horizons of the log they read.
+//! The stream settings (partitions, horizon, skew bound) are recorded in the
+//! stream's metadata when ingest creates it. Projector, replay and query read them
+//! from there, so every process agrees on the partitions and horizons of the log
+//! they read; the projection's own settings come from each process's flags.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use base64::Engine;
-use payledger_semantics::{Currency, Day, Settings};
+use payledger_semantics::{
+    Currency, Day, ProjectionSettings, RecordedStream, Settings, StreamSettings,
+};
 
 pub const STREAM: &str = "PAYLEDGER_EVENTS";
 pub const EVENT_SUBJECT_PREFIX: &str = "payledger.events.p";
@@ -23,8 +26,10 @@ pub const PROGRESS_BUCKET: &str = "projector_progress";
 /// Partition ownership leases (DESIGN §7), one key `p{N}` per partition.
 pub const LEASE_BUCKET: &str = "projector_leases";
 
-const META_SETTINGS: &str = "payledger.settings";
-const META_FINGERPRINT: &str = "payledger.settings_fingerprint";
+const META_STREAM_SETTINGS: &str = "payledger.stream_settings";
+const META_STREAM_FINGERPRINT: &str = "payledger.stream_fingerprint";
+/// Where the first streams recorded all five settings at once (see [`recorded_stream`]).
+const META_LEGACY_SETTINGS: &str = "payledger.settings";
 
 pub fn event_subject(partition: u32) -> String {
     format!("{EVENT_SUBJECT_PREFIX}{partition}")
@@ -62,16 +67,18 @@ pub struct StreamOptions {
     pub max_message_bytes: i32,
 }
 
-/// Creates the stream if missing, with the settings in its metadata; if it exists,
-/// checks that it was created under the same settings.
+/// Creates the stream if missing, with its settings in its metadata; if it exists,
+/// checks that it was created under the same stream settings. The projection's
+/// settings are no concern of the stream: every projector names its own in its
+/// version key.
 pub async fn ensure_stream(
     js: &jetstream::Context,
-    settings: &Settings,
+    settings: &StreamSettings,
     options: &StreamOptions,
-) -> anyhow::Result<stream::Stream> {
+) -> anyhow::Result<RecordedStream> {
     let mut metadata = std::collections::HashMap::new();
-    metadata.insert(META_SETTINGS.to_string(), settings.canonical());
-    metadata.insert(META_FINGERPRINT.to_string(), settings.fingerprint());
+    metadata.insert(META_STREAM_SETTINGS.to_string(), settings.canonical());
+    metadata.insert(META_STREAM_FINGERPRINT.to_string(), settings.fingerprint());
     let config = stream::Config {
         name: STREAM.to_string(),
         // A wildcard is a whole token: `payledger.events.*`, not `…p*`.
@@ -86,48 +93,63 @@ pub async fn ensure_stream(
         metadata,
         ..Default::default()
     };
-    let stream = js.get_or_create_stream(config).await?;
-    let recorded = read_settings(js).await?;
-    if recorded != *settings {
+    js.get_or_create_stream(config).await?;
+    let recorded = read_stream(js).await?;
+    if recorded.settings != *settings {
         anyhow::bail!(
             "stream {STREAM} was created with settings [{}], but this process is configured with [{}]; \
              use the stream's settings or create a new stream",
-            recorded.canonical(),
+            recorded.settings.canonical(),
             settings.canonical()
         );
     }
-    Ok(stream)
+    Ok(recorded)
 }
 
-/// The semantics settings the stream was created with.
-pub async fn read_settings(js: &jetstream::Context) -> anyhow::Result<Settings> {
+/// The settings the stream was created with.
+pub async fn read_stream(js: &jetstream::Context) -> anyhow::Result<RecordedStream> {
     let mut stream = js.get_stream(STREAM).await.map_err(|e| {
         anyhow::anyhow!(
             "stream {STREAM} not found ({e}); start ingest first, it creates the stream"
         )
     })?;
     let info = stream.info().await?;
-    let canonical = info.config.metadata.get(META_SETTINGS).ok_or_else(|| {
-        anyhow::anyhow!("stream {STREAM} has no '{META_SETTINGS}' metadata; it was not created by payledger ingest")
-    })?;
-    parse_canonical(canonical)
+    recorded_stream(&info.config.metadata)
 }
 
-fn parse_canonical(text: &str) -> anyhow::Result<Settings> {
+/// Reads the stream's metadata: the stream settings of today's streams, or the
+/// five settings the first streams recorded under semantics 1, whose stream part
+/// is taken and whose whole is kept to recognise the archive segments of that time.
+fn recorded_stream(
+    metadata: &std::collections::HashMap<String, String>,
+) -> anyhow::Result<RecordedStream> {
+    if let Some(canonical) = metadata.get(META_STREAM_SETTINGS) {
+        return Ok(RecordedStream::new(StreamSettings::parse(canonical)?));
+    }
+    let canonical = metadata.get(META_LEGACY_SETTINGS).ok_or_else(|| {
+        anyhow::anyhow!(
+            "stream {STREAM} has neither '{META_STREAM_SETTINGS}' nor '{META_LEGACY_SETTINGS}' metadata; it was not created by payledger ingest"
+        )
+    })?;
+    let legacy = parse_legacy(canonical)?;
+    Ok(RecordedStream {
+        settings: legacy.stream(),
+        legacy: Some(legacy),
+    })
+}
+
+fn parse_legacy(text: &str) -> anyhow::Result<Settings> {
     let mut settings = Settings::default();
     for pair in text.split(';') {
         let (key, value) = pair
             .split_once('=')
             .ok_or_else(|| anyhow::anyhow!("malformed settings metadata '{text}'"))?;
         match key {
-            "semantics_version" => {
-                let v: u32 = value.parse()?;
-                anyhow::ensure!(
-                    v == payledger_semantics::SEMANTICS_VERSION,
-                    "the stream was written under semantics version {v}, this binary implements {}",
-                    payledger_semantics::SEMANTICS_VERSION
-                );
-            }
+            // Every stream that recorded settings this way was written under 1.
+            "semantics_version" => anyhow::ensure!(
+                value == "1",
+                "stream metadata '{text}' names semantics version {value}; only 1 was ever recorded this way"
+            ),
             "partitions" => settings.partitions = value.parse()?,
             "dedup_horizon_us" => settings.dedup_horizon_us = value.parse()?,
             "allowed_lateness_us" => settings.allowed_lateness_us = value.parse()?,
@@ -140,18 +162,31 @@ fn parse_canonical(text: &str) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
-/// The semantics settings of the stream, waiting (and saying so) until ingest has
-/// created it: services start in any order.
-pub async fn wait_for_settings(js: &jetstream::Context) -> Settings {
+/// The stream's settings, waiting (and saying so) until ingest has created it:
+/// services start in any order.
+pub async fn wait_for_stream(js: &jetstream::Context) -> RecordedStream {
     loop {
-        match read_settings(js).await {
-            Ok(settings) => return settings,
+        match read_stream(js).await {
+            Ok(recorded) => return recorded,
             Err(e) => {
                 tracing::info!(error = %e, "waiting for the stream");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         }
     }
+}
+
+/// The settings a projection folds under: the stream's, read from the stream,
+/// with its own projection settings. Refuses a combination the semantics cannot
+/// fold (a bucket width that does not divide a day, say).
+pub async fn wait_for_settings(
+    js: &jetstream::Context,
+    projection: ProjectionSettings,
+) -> anyhow::Result<(RecordedStream, Settings)> {
+    let recorded = wait_for_stream(js).await;
+    let settings = Settings::of(recorded.settings, projection);
+    settings.validate()?;
+    Ok((recorded, settings))
 }
 
 /// The bucket `config` names, created if missing. Services start together, so
@@ -208,12 +243,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn settings_survive_the_metadata_round_trip() {
-        let s = Settings {
+    fn stream_settings_survive_the_metadata_round_trip() {
+        let s = StreamSettings {
             partitions: 7,
-            ..Settings::default()
+            ..StreamSettings::default()
         };
-        assert_eq!(parse_canonical(&s.canonical()).unwrap(), s);
+        let metadata = [(META_STREAM_SETTINGS.to_string(), s.canonical())].into();
+        assert_eq!(recorded_stream(&metadata).unwrap(), RecordedStream::new(s));
+    }
+
+    /// What a stream created by the first release holds, byte for byte.
+    #[test]
+    fn a_legacy_stream_gives_its_stream_settings_and_keeps_the_whole() {
+        let metadata = [
+            (
+                META_LEGACY_SETTINGS.to_string(),
+                "semantics_version=1;partitions=8;dedup_horizon_us=3024000000000;\
+                 allowed_lateness_us=7200000000;max_clock_skew_us=300000000;bucket_width_us=900000000"
+                    .to_string(),
+            ),
+            (
+                "payledger.settings_fingerprint".to_string(),
+                "ignored".to_string(),
+            ),
+        ]
+        .into();
+        let recorded = recorded_stream(&metadata).unwrap();
+        assert_eq!(
+            recorded.settings,
+            StreamSettings {
+                partitions: 8,
+                ..StreamSettings::default()
+            }
+        );
+        let legacy = recorded.legacy.unwrap();
+        assert_eq!(legacy.allowed_lateness_us, 7_200_000_000);
+        assert!(recorded.accepts(None, Some(&legacy.legacy_fingerprint())));
+        assert!(!recorded.accepts(None, Some("24d5f4baa8093b62")));
+        assert!(recorded.accepts(Some(&recorded.settings.fingerprint()), None));
+    }
+
+    #[test]
+    fn unknown_or_missing_metadata_is_refused_with_the_reason() {
+        let none = std::collections::HashMap::new();
+        let err = recorded_stream(&none).unwrap_err().to_string();
+        assert!(err.contains("not created by payledger ingest"), "{err}");
+        let metadata = [(META_STREAM_SETTINGS.to_string(), "partitions=8".to_string())].into();
+        let err = recorded_stream(&metadata).unwrap_err().to_string();
+        assert!(err.contains("malformed stream settings"), "{err}");
     }
 
     #[test]

@@ -29,16 +29,19 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use payledger_semantics::{
-    Currency, Day, EventKind, Fact, FxRecord, Rate, Record, RecordBody, RiskRecord,
+    Currency, Day, EventKind, Fact, FxRecord, Rate, Record, RecordBody, RecordedStream, RiskRecord,
 };
 
 use crate::StorageError;
 
 const ROWS_KEY: &str = "payledger.row_count";
 const HASH_KEY: &str = "payledger.content_hash";
-/// The semantics settings the log was written under (rule 9): a replay refuses an
-/// archive of other settings instead of mixing them.
-const SETTINGS_KEY: &str = "payledger.settings_fingerprint";
+/// The stream settings the log was written under (docs/semantics.md R9): a replay
+/// refuses an archive of another stream instead of mixing them.
+const STREAM_KEY: &str = "payledger.stream_fingerprint";
+/// What the first archivers wrote instead: the fingerprint of all five settings
+/// under semantics 1, recognised through [`RecordedStream::accepts`].
+const LEGACY_SETTINGS_KEY: &str = "payledger.settings_fingerprint";
 
 /// The sequence range of one cut, both ends included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -86,7 +89,7 @@ pub struct SegmentInfo {
 #[derive(Clone)]
 pub struct ArchiveStore {
     store: Arc<dyn ObjectStore>,
-    settings_fingerprint: String,
+    stream: RecordedStream,
 }
 
 fn event_schema() -> SchemaRef {
@@ -298,15 +301,15 @@ fn corrupt<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> StorageErr
 pub(crate) fn encode_batch(
     batch: &RecordBatch,
     hash: &str,
-    settings_fingerprint: Option<&str>,
+    stream_fingerprint: Option<&str>,
 ) -> Result<Bytes, StorageError> {
     let mut metadata = vec![
         KeyValue::new(ROWS_KEY.to_string(), batch.num_rows().to_string()),
         KeyValue::new(HASH_KEY.to_string(), hash.to_string()),
     ];
-    if let Some(fingerprint) = settings_fingerprint {
+    if let Some(fingerprint) = stream_fingerprint {
         metadata.push(KeyValue::new(
-            SETTINGS_KEY.to_string(),
+            STREAM_KEY.to_string(),
             fingerprint.to_string(),
         ));
     }
@@ -350,7 +353,8 @@ pub(crate) struct ParquetObject {
     pub batches: Vec<RecordBatch>,
     pub rows: u64,
     pub hash: String,
-    pub settings: Option<String>,
+    pub stream_fingerprint: Option<String>,
+    pub legacy_fingerprint: Option<String>,
 }
 
 /// Parses an object's footer once, then its batches.
@@ -378,7 +382,8 @@ pub(crate) fn decode_object(path: &str, bytes: Bytes) -> Result<ParquetObject, S
         .parse()
         .map_err(|_| missing(ROWS_KEY))?;
     let hash = get(HASH_KEY).ok_or_else(|| missing(HASH_KEY))?;
-    let settings = get(SETTINGS_KEY);
+    let stream_fingerprint = get(STREAM_KEY);
+    let legacy_fingerprint = get(LEGACY_SETTINGS_KEY);
     let batches = builder
         .build()
         .and_then(|reader| reader.collect::<Result<Vec<_>, _>>().map_err(Into::into))
@@ -387,7 +392,8 @@ pub(crate) fn decode_object(path: &str, bytes: Bytes) -> Result<ParquetObject, S
         batches,
         rows,
         hash,
-        settings,
+        stream_fingerprint,
+        legacy_fingerprint,
     })
 }
 
@@ -455,12 +461,13 @@ pub(crate) fn column<'a, T: 'static>(
 }
 
 impl ArchiveStore {
-    /// An archive of a log written under the settings with this fingerprint.
-    pub fn new(store: Arc<dyn ObjectStore>, settings_fingerprint: impl Into<String>) -> Self {
-        Self {
-            store,
-            settings_fingerprint: settings_fingerprint.into(),
-        }
+    /// The archive of `stream`'s log.
+    pub fn new(store: Arc<dyn ObjectStore>, stream: RecordedStream) -> Self {
+        Self { store, stream }
+    }
+
+    pub fn stream(&self) -> &RecordedStream {
+        &self.stream
     }
 
     fn events_dir(partition: u32) -> Path {
@@ -479,7 +486,7 @@ impl ArchiveStore {
         put_verified(
             &self.store,
             path,
-            encode_batch(&batch, &hash, Some(&self.settings_fingerprint))?,
+            encode_batch(&batch, &hash, Some(&self.stream.fingerprint()))?,
             records.len() as u64,
             hash,
         )
@@ -496,7 +503,7 @@ impl ArchiveStore {
         put_verified(
             &self.store,
             path,
-            encode_batch(&batch, &hash, Some(&self.settings_fingerprint))?,
+            encode_batch(&batch, &hash, Some(&self.stream.fingerprint()))?,
             records.len() as u64,
             hash,
         )
@@ -562,13 +569,21 @@ impl ArchiveStore {
     async fn read(&self, path: &Path) -> Result<(Vec<RecordBatch>, u64, String), StorageError> {
         let bytes = self.store.get(path).await?.bytes().await?;
         let object = decode_object(path.as_ref(), bytes)?;
-        if object.settings.as_deref() != Some(self.settings_fingerprint.as_str()) {
+        let (stream, legacy) = (
+            object.stream_fingerprint.as_deref(),
+            object.legacy_fingerprint.as_deref(),
+        );
+        if !self.stream.accepts(stream, legacy) {
             return Err(StorageError::Corrupt {
                 path: path.to_string(),
                 message: format!(
-                    "written under semantics settings {}, this reader uses {}; replay it with the settings it was written under",
-                    object.settings.as_deref().unwrap_or("(none recorded)"),
-                    self.settings_fingerprint
+                    "written for stream settings {}, this reader's stream is {} ({}); read it against the stream it was archived from",
+                    stream
+                        .map(str::to_string)
+                        .or(legacy.map(|l| format!("{l} (a legacy fingerprint)")))
+                        .unwrap_or_else(|| "(none recorded)".to_string()),
+                    self.stream.fingerprint(),
+                    self.stream.settings.canonical()
                 ),
             });
         }

@@ -1,6 +1,9 @@
-//! `checkpoints/projector/p{N}/{seq:020}.bin`: the newest complete checkpoint of a
-//! partition is the highest name. Objects are put atomically, so a crash leaves
+//! `checkpoints/{version_key}/p{N}/{seq:020}.bin`: the newest complete checkpoint of
+//! a partition is the highest name. Objects are put atomically, so a crash leaves
 //! either the whole checkpoint or none; older ones are pruned after a new one lands.
+//! Checkpoints of the first releases lie under `checkpoints/projector/p{N}/`, named
+//! by no version key: they are read when a partition has none of its own key yet,
+//! and whether they are usable is the reader's decision (their content says).
 
 use std::sync::Arc;
 
@@ -14,34 +17,54 @@ use crate::StorageError;
 pub struct StoredCheckpoint {
     pub seq: u64,
     pub bytes: Bytes,
+    /// Where it was read from.
+    pub path: String,
 }
+
+/// The directory of the first releases' checkpoints.
+const LEGACY_DIR: &str = "projector";
 
 #[derive(Clone)]
 pub struct CheckpointStore {
     store: Arc<dyn ObjectStore>,
     /// How many of the newest checkpoints to keep per partition.
     keep: usize,
+    version_key: String,
 }
 
 impl CheckpointStore {
-    pub fn new(store: Arc<dyn ObjectStore>, keep: usize) -> Self {
+    /// The checkpoints of projections under `version_key`.
+    pub fn new(store: Arc<dyn ObjectStore>, keep: usize, version_key: impl Into<String>) -> Self {
         Self {
             store,
             keep: keep.max(1),
+            version_key: version_key.into(),
         }
     }
 
-    fn dir(partition: u32) -> Path {
-        Path::from(format!("checkpoints/projector/p{partition}"))
+    fn dir(&self, partition: u32) -> Path {
+        Path::from(format!("checkpoints/{}/p{partition}", self.version_key))
     }
 
-    fn path(partition: u32, seq: u64) -> Path {
-        Path::from(format!("checkpoints/projector/p{partition}/{seq:020}.bin"))
+    fn path(&self, partition: u32, seq: u64) -> Path {
+        Path::from(format!(
+            "checkpoints/{}/p{partition}/{seq:020}.bin",
+            self.version_key
+        ))
+    }
+
+    fn legacy_path(partition: u32, seq: u64) -> Path {
+        Path::from(format!(
+            "checkpoints/{LEGACY_DIR}/p{partition}/{seq:020}.bin"
+        ))
     }
 
     async fn list(&self, partition: u32) -> Result<Vec<u64>, StorageError> {
-        let dir = Self::dir(partition);
-        let objects: Vec<_> = self.store.list(Some(&dir)).try_collect().await?;
+        self.list_dir(&self.dir(partition)).await
+    }
+
+    async fn list_dir(&self, dir: &Path) -> Result<Vec<u64>, StorageError> {
+        let objects: Vec<_> = self.store.list(Some(dir)).try_collect().await?;
         let mut seqs: Vec<u64> = objects
             .iter()
             .filter_map(|o| o.location.filename()?.strip_suffix(".bin")?.parse().ok())
@@ -59,11 +82,7 @@ impl CheckpointStore {
         };
         match self
             .store
-            .put_opts(
-                &Self::path(partition, seq),
-                PutPayload::from(bytes),
-                options,
-            )
+            .put_opts(&self.path(partition, seq), PutPayload::from(bytes), options)
             .await
         {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
@@ -72,7 +91,7 @@ impl CheckpointStore {
         let seqs = self.list(partition).await?;
         if seqs.len() > self.keep {
             for old in &seqs[..seqs.len() - self.keep] {
-                match self.store.delete(&Self::path(partition, *old)).await {
+                match self.store.delete(&self.path(partition, *old)).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => {
                         tracing::warn!(partition, seq = old, error = %e, "old checkpoint not deleted")
@@ -83,18 +102,26 @@ impl CheckpointStore {
         Ok(())
     }
 
-    /// The newest checkpoint of `partition`, if any.
+    /// The newest checkpoint of `partition` under this version key, else the newest
+    /// of the first releases' (see the module's comment), if any.
     pub async fn latest(&self, partition: u32) -> Result<Option<StoredCheckpoint>, StorageError> {
-        let Some(&seq) = self.list(partition).await?.last() else {
-            return Ok(None);
+        let path = match self.list(partition).await?.last() {
+            Some(&seq) => (seq, self.path(partition, seq)),
+            None => {
+                let legacy = Path::from(format!("checkpoints/{LEGACY_DIR}/p{partition}"));
+                match self.list_dir(&legacy).await?.last() {
+                    Some(&seq) => (seq, Self::legacy_path(partition, seq)),
+                    None => return Ok(None),
+                }
+            }
         };
-        let bytes = self
-            .store
-            .get(&Self::path(partition, seq))
-            .await?
-            .bytes()
-            .await?;
-        Ok(Some(StoredCheckpoint { seq, bytes }))
+        let (seq, path) = path;
+        let bytes = self.store.get(&path).await?.bytes().await?;
+        Ok(Some(StoredCheckpoint {
+            seq,
+            bytes,
+            path: path.to_string(),
+        }))
     }
 }
 
@@ -105,8 +132,11 @@ mod tests {
     #[tokio::test]
     async fn newest_checkpoint_wins_and_old_ones_are_pruned() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            CheckpointStore::new(crate::open_store(dir.path().to_str().unwrap()).unwrap(), 2);
+        let store = CheckpointStore::new(
+            crate::open_store(dir.path().to_str().unwrap()).unwrap(),
+            2,
+            "v1-test",
+        );
         assert!(store.latest(3).await.unwrap().is_none());
         for seq in [5, 17, 120] {
             store
@@ -123,5 +153,31 @@ mod tests {
         );
         assert_eq!(store.list(3).await.unwrap(), vec![17, 120]);
         assert!(store.latest(4).await.unwrap().is_none());
+        // Another version key's checkpoints are its own.
+        let other = CheckpointStore::new(store.store.clone(), 2, "v2-test");
+        assert!(other.latest(3).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_first_release_checkpoint_is_found_until_the_version_key_has_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = crate::open_store(dir.path().to_str().unwrap()).unwrap();
+        objects
+            .put(
+                &Path::from("checkpoints/projector/p1/00000000000000000009.bin"),
+                PutPayload::from_static(b"old"),
+            )
+            .await
+            .unwrap();
+        let store = CheckpointStore::new(objects, 2, "v1-test");
+        let found = store.latest(1).await.unwrap().unwrap();
+        assert_eq!((found.seq, found.bytes.as_ref()), (9, b"old".as_ref()));
+        assert_eq!(
+            found.path,
+            "checkpoints/projector/p1/00000000000000000009.bin"
+        );
+        store.put(1, 5, Bytes::from_static(b"new")).await.unwrap();
+        let found = store.latest(1).await.unwrap().unwrap();
+        assert_eq!((found.seq, found.bytes.as_ref()), (5, b"new".as_ref()));
     }
 }

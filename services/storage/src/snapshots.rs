@@ -61,7 +61,10 @@ pub struct CommitDraft {
     pub to_day: Day,
     pub log_cutoff: u64,
     pub semantics_version: u32,
-    pub settings_fingerprint: String,
+    /// The version key the rows were folded under; a commit of the first releases
+    /// holds the fingerprint of all its settings here instead.
+    #[serde(alias = "settings_fingerprint")]
+    pub version_key: String,
     pub partitions: u32,
     pub parts: Vec<ObjectRef>,
     pub segments_read: Vec<ObjectRef>,

@@ -1,7 +1,8 @@
 //! The archive against a real object store (the local filesystem backend).
 
 use payledger_semantics::{
-    Currency, Day, EventKind, Fact, FxRecord, Rate, Record, RecordBody, RiskRecord,
+    Currency, Day, EventKind, Fact, FxRecord, Rate, Record, RecordBody, RecordedStream, RiskRecord,
+    StreamSettings,
 };
 use payledger_storage::{
     ArchiveStore, ArchivedDim, CutRange, DimRecord, StorageError, TilingError, open_store,
@@ -12,7 +13,7 @@ fn store() -> (tempfile::TempDir, ArchiveStore) {
     let dir = tempfile::tempdir().unwrap();
     let store = ArchiveStore::new(
         open_store(dir.path().to_str().unwrap()).unwrap(),
-        "settings-a",
+        RecordedStream::new(StreamSettings::default()),
     );
     (dir, store)
 }
@@ -151,24 +152,68 @@ fn tiling_accepts_whole_cuts_and_names_each_defect() {
 }
 
 #[tokio::test]
-async fn an_archive_written_under_other_settings_is_refused() {
+async fn an_archive_of_another_stream_is_refused() {
     let (dir, archive) = store();
     let cut = CutRange { first: 1, last: 1 };
     archive
         .put_events(0, cut, &[fact(1, "a", 100, None)])
         .await
         .unwrap();
+    let settings = StreamSettings {
+        dedup_horizon_us: 1_000_000,
+        ..StreamSettings::default()
+    };
     let other = ArchiveStore::new(
         open_store(dir.path().to_str().unwrap()).unwrap(),
-        "settings-b",
+        RecordedStream::new(settings),
     );
     match other.read_events(0, cut).await {
         Err(StorageError::Corrupt { message, .. }) => {
             assert!(
-                message.contains("settings-a") && message.contains("settings-b"),
+                message.contains(&StreamSettings::default().fingerprint())
+                    && message.contains(&settings.fingerprint()),
                 "{message}"
             )
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+/// Segments the first archivers wrote (`payledger.settings_fingerprint` in the
+/// footer, here one of the v1 fixture's) are read when the stream recorded the
+/// settings they name, and refused for any other stream.
+#[tokio::test]
+async fn a_first_release_segment_is_read_for_the_stream_that_recorded_its_settings() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../e2e/fixtures/v1-stack/store"
+    );
+    let legacy = payledger_semantics::Settings::default();
+    let archive = ArchiveStore::new(
+        open_store(fixture).unwrap(),
+        RecordedStream {
+            settings: legacy.stream(),
+            legacy: Some(legacy),
+        },
+    );
+    let watermarks = archive.watermarks().await.unwrap();
+    let segments = archive.event_segments(1).await.unwrap();
+    verify_tiling(&segments, &watermarks, *watermarks.last().unwrap()).unwrap();
+    let mut records = 0;
+    for cut in &segments {
+        records += archive.read_events(1, *cut).await.unwrap().len();
+    }
+    assert!(records > 0);
+    let dims = archive.dim_segments().await.unwrap();
+    assert!(!archive.read_dims(dims[0]).await.unwrap().is_empty());
+
+    // A stream created by today's ingest recorded no legacy settings.
+    let today = ArchiveStore::new(
+        open_store(fixture).unwrap(),
+        RecordedStream::new(legacy.stream()),
+    );
+    assert!(matches!(
+        today.read_events(1, segments[0]).await,
+        Err(StorageError::Corrupt { .. })
+    ));
 }

@@ -37,7 +37,7 @@ fn draft(snapshot: &str, from: i32, to: i32, cutoff: u64) -> CommitDraft {
         to_day: Day(to),
         log_cutoff: cutoff,
         semantics_version: 1,
-        settings_fingerprint: "f".into(),
+        version_key: "f".into(),
         partitions: 16,
         parts: Vec::new(),
         segments_read: Vec::new(),

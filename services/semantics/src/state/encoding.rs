@@ -1,0 +1,375 @@
+//! The one encoding of a partition's state, shared by projector checkpoints and
+//! replay states (docs/storage.md, "State files").
+//!
+//! Canonical: merchants sorted by id, identities by key, currency books by
+//! currency, and identities that can no longer match (expired, R2) left out, so the
+//! same fold gives the same bytes however it was restored and continued. Nothing
+//! that only schedules work (when to prune next) is written. The version key
+//! comes first after the format, so a reader refuses state of another projection
+//! before trusting anything else in it.
+//!
+//! Format 1, written by the first releases as the projector's checkpoint, stays
+//! readable: it is decoded through frozen copies of its structs below.
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use super::{CurrencyBook, DayState, MerchantState, PartitionState, Remembered};
+use crate::currency::Currency;
+use crate::settings::Settings;
+use crate::time::Day;
+use crate::{SEMANTICS_VERSION, STATE_FORMAT};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StateFileError {
+    #[error("the state is unreadable: {0}")]
+    Unreadable(String),
+    #[error("the state has format {0}; this build reads formats 1 and {STATE_FORMAT}")]
+    Format(u32),
+    #[error(
+        "the state was folded under version key {found}, this projection's is {expected}; \
+         it cannot be continued under other settings or semantics"
+    )]
+    VersionKey { found: String, expected: String },
+    #[error(
+        "the state was written under semantics {semantics_version} with settings [{found}], \
+         this projection folds semantics {SEMANTICS_VERSION} with [{expected}]"
+    )]
+    Legacy {
+        semantics_version: u32,
+        found: String,
+        expected: String,
+    },
+    #[error("the state holds partition {found}, not partition {expected}")]
+    Partition { found: u32, expected: u32 },
+}
+
+#[derive(Serialize, Deserialize)]
+struct File {
+    state_format: u32,
+    version_key: String,
+    partition: u32,
+    last_seq: u64,
+    max_ingest_time_us: i64,
+    merchants: Vec<MerchantFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MerchantFile {
+    merchant_id: String,
+    max_ingest_time_us: i64,
+    /// (key, content, event_time_us), sorted by key.
+    identities: Vec<(u128, u64, i64)>,
+    books: Vec<BookFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BookFile {
+    currency: Currency,
+    balance: i128,
+    gross: i128,
+    last_event_time_us: i64,
+    applied: u64,
+    duplicates: u64,
+    conflicts: u64,
+    late: u64,
+    too_old: u64,
+    log_position: u64,
+    carried: i128,
+    days: Vec<(Day, DayFile)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DayFile {
+    total: i128,
+    buckets: Vec<(u64, i128)>,
+    applied: u64,
+    duplicates: u64,
+    conflicts: u64,
+    late: u64,
+    restated: bool,
+    log_position: u64,
+}
+
+impl PartitionState {
+    /// The canonical bytes of this state (see the module's comment).
+    pub fn encode(&self) -> Vec<u8> {
+        let horizon = self.settings.dedup_horizon_us;
+        let mut merchants: Vec<MerchantFile> = self
+            .merchants
+            .iter()
+            .map(|(id, m)| {
+                let mut identities: Vec<(u128, u64, i64)> = m
+                    .identities
+                    .iter()
+                    .filter(|(_, r)| {
+                        m.max_ingest_time_us <= r.event_time_us.saturating_add(horizon)
+                    })
+                    .map(|(k, r)| (*k, r.content, r.event_time_us))
+                    .collect();
+                identities.sort_unstable_by_key(|(k, _, _)| *k);
+                let mut books: Vec<BookFile> = m.books.iter().map(book_file).collect();
+                books.sort_unstable_by_key(|b| b.currency);
+                MerchantFile {
+                    merchant_id: id.clone(),
+                    max_ingest_time_us: m.max_ingest_time_us,
+                    identities,
+                    books,
+                }
+            })
+            .collect();
+        merchants.sort_unstable_by(|a, b| a.merchant_id.cmp(&b.merchant_id));
+        let file = File {
+            state_format: STATE_FORMAT,
+            version_key: self.settings.version_key(),
+            partition: self.partition,
+            last_seq: self.last_seq,
+            max_ingest_time_us: self.max_ingest_time_us,
+            merchants,
+        };
+        postcard::to_stdvec(&file).expect("a state always serialises")
+    }
+
+    /// Reads state of `partition` to be continued under `settings`: this format
+    /// with the same version key, or format 1 folded under the same semantics and
+    /// all the same settings.
+    pub fn decode(
+        bytes: &[u8],
+        settings: &Settings,
+        partition: u32,
+    ) -> Result<PartitionState, StateFileError> {
+        let unreadable = |e: postcard::Error| StateFileError::Unreadable(e.to_string());
+        // The format comes first, so it can be read whatever follows it.
+        let (format, _): (u32, _) = postcard::take_from_bytes(bytes).map_err(unreadable)?;
+        let state = match format {
+            STATE_FORMAT => {
+                let file: File = postcard::from_bytes(bytes).map_err(unreadable)?;
+                let expected = settings.version_key();
+                if file.version_key != expected {
+                    return Err(StateFileError::VersionKey {
+                        found: file.version_key,
+                        expected,
+                    });
+                }
+                from_file(file, *settings)
+            }
+            1 => legacy::decode(bytes, settings)?,
+            other => return Err(StateFileError::Format(other)),
+        };
+        if state.partition != partition {
+            return Err(StateFileError::Partition {
+                found: state.partition,
+                expected: partition,
+            });
+        }
+        Ok(state)
+    }
+}
+
+fn book_file(b: &CurrencyBook) -> BookFile {
+    BookFile {
+        currency: b.currency,
+        balance: b.balance,
+        gross: b.gross,
+        last_event_time_us: b.last_event_time_us,
+        applied: b.applied,
+        duplicates: b.duplicates,
+        conflicts: b.conflicts,
+        late: b.late,
+        too_old: b.too_old,
+        log_position: b.log_position,
+        carried: b.carried,
+        days: b
+            .days
+            .iter()
+            .map(|(day, d)| {
+                (
+                    *day,
+                    DayFile {
+                        total: d.total,
+                        buckets: d.buckets.clone(),
+                        applied: d.applied,
+                        duplicates: d.duplicates,
+                        conflicts: d.conflicts,
+                        late: d.late,
+                        restated: d.restated,
+                        log_position: d.log_position,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+fn from_file(file: File, settings: Settings) -> PartitionState {
+    let merchants = file
+        .merchants
+        .into_iter()
+        .map(|m| {
+            let identities: FxHashMap<u128, Remembered> = m
+                .identities
+                .into_iter()
+                .map(|(k, content, event_time_us)| {
+                    (
+                        k,
+                        Remembered {
+                            content,
+                            event_time_us,
+                        },
+                    )
+                })
+                .collect();
+            let books = m
+                .books
+                .into_iter()
+                .map(|b| CurrencyBook {
+                    currency: b.currency,
+                    balance: b.balance,
+                    gross: b.gross,
+                    last_event_time_us: b.last_event_time_us,
+                    applied: b.applied,
+                    duplicates: b.duplicates,
+                    conflicts: b.conflicts,
+                    late: b.late,
+                    too_old: b.too_old,
+                    log_position: b.log_position,
+                    carried: b.carried,
+                    days: b
+                        .days
+                        .into_iter()
+                        .map(|(day, d)| {
+                            (
+                                day,
+                                DayState {
+                                    total: d.total,
+                                    buckets: d.buckets,
+                                    applied: d.applied,
+                                    duplicates: d.duplicates,
+                                    conflicts: d.conflicts,
+                                    late: d.late,
+                                    restated: d.restated,
+                                    log_position: d.log_position,
+                                },
+                            )
+                        })
+                        .collect(),
+                })
+                .collect();
+            let merchant = MerchantState {
+                max_ingest_time_us: m.max_ingest_time_us,
+                prune_at: MerchantState::next_prune(identities.len()),
+                identities,
+                books,
+            };
+            (m.merchant_id, merchant)
+        })
+        .collect();
+    PartitionState {
+        partition: file.partition,
+        settings,
+        last_seq: file.last_seq,
+        max_ingest_time_us: file.max_ingest_time_us,
+        merchants,
+    }
+}
+
+/// Format 1 as the first releases wrote it: postcard of these structs, field for
+/// field. Frozen: changing them would make those checkpoints unreadable.
+mod legacy {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct Checkpoint {
+        _state_format: u32,
+        semantics_version: u32,
+        _settings_fingerprint: String,
+        settings: Settings,
+        state: State,
+    }
+
+    #[derive(Deserialize)]
+    struct State {
+        partition: u32,
+        _settings: Settings,
+        last_seq: u64,
+        max_ingest_time_us: i64,
+        merchants: Vec<(String, Merchant)>,
+    }
+
+    #[derive(Deserialize)]
+    struct Merchant {
+        max_ingest_time_us: i64,
+        identities: Vec<(u128, (u64, i64))>,
+        _prune_at: usize,
+        books: Vec<Book>,
+    }
+
+    #[derive(Deserialize)]
+    struct Book {
+        currency: Currency,
+        balance: i128,
+        gross: i128,
+        last_event_time_us: i64,
+        applied: u64,
+        duplicates: u64,
+        conflicts: u64,
+        late: u64,
+        log_position: u64,
+        days: Vec<(Day, DayFile)>,
+    }
+
+    pub(super) fn decode(
+        bytes: &[u8],
+        settings: &Settings,
+    ) -> Result<PartitionState, StateFileError> {
+        let old: Checkpoint = postcard::from_bytes(bytes)
+            .map_err(|e| StateFileError::Unreadable(format!("format 1: {e}")))?;
+        if old.semantics_version != SEMANTICS_VERSION || old.settings != *settings {
+            return Err(StateFileError::Legacy {
+                semantics_version: old.semantics_version,
+                found: old.settings.legacy_canonical(),
+                expected: settings.legacy_canonical(),
+            });
+        }
+        let s = old.state;
+        let file = File {
+            state_format: STATE_FORMAT,
+            version_key: settings.version_key(),
+            partition: s.partition,
+            last_seq: s.last_seq,
+            max_ingest_time_us: s.max_ingest_time_us,
+            merchants: s
+                .merchants
+                .into_iter()
+                .map(|(merchant_id, m)| MerchantFile {
+                    merchant_id,
+                    max_ingest_time_us: m.max_ingest_time_us,
+                    identities: m
+                        .identities
+                        .into_iter()
+                        .map(|(k, (content, event_time_us))| (k, content, event_time_us))
+                        .collect(),
+                    books: m
+                        .books
+                        .into_iter()
+                        .map(|b| BookFile {
+                            currency: b.currency,
+                            balance: b.balance,
+                            gross: b.gross,
+                            last_event_time_us: b.last_event_time_us,
+                            applied: b.applied,
+                            duplicates: b.duplicates,
+                            conflicts: b.conflicts,
+                            late: b.late,
+                            too_old: 0,
+                            log_position: b.log_position,
+                            carried: 0,
+                            days: b.days,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        Ok(from_file(file, *settings))
+    }
+}
