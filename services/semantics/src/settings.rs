@@ -7,7 +7,7 @@ use crate::time::MICROS_PER_DAY;
 
 const MICROS_PER_MINUTE: i64 = 60_000_000;
 
-/// Every setting here is part of the semantics (rule 9): state, archives and
+/// Every setting here is part of the semantics (docs/semantics.md R9): state, archives and
 /// snapshots written under one fingerprint are never mixed with another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settings {

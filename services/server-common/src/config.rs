@@ -79,7 +79,7 @@ impl NatsArgs {
     }
 }
 
-/// The semantics settings ingest creates the stream with (DESIGN.md section 4.9).
+/// The semantics settings ingest creates the stream with (docs/semantics.md R9).
 #[derive(clap::Args, Clone, Debug)]
 pub struct SemanticsArgs {
     /// Partitions of the stream; fixed when the stream is created.

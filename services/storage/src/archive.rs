@@ -1,5 +1,5 @@
 //! The archive: the log written to object storage as Parquet, the long-term
-//! history that replay reads (DESIGN.md section 5).
+//! history that replay reads (docs/storage.md).
 //!
 //! `archive/events/p{N}/{first:020}-{last:020}.parquet` and
 //! `archive/dims/{first:020}-{last:020}.parquet` hold the records of one *cut*
@@ -36,7 +36,7 @@ use crate::StorageError;
 
 const ROWS_KEY: &str = "payledger.row_count";
 const HASH_KEY: &str = "payledger.content_hash";
-/// The semantics settings the log was written under (rule 9): a replay refuses an
+/// The semantics settings the log was written under (docs/semantics.md R9): a replay refuses an
 /// archive of other settings instead of mixing them.
 const SETTINGS_KEY: &str = "payledger.settings_fingerprint";
 
