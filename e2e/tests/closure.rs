@@ -1,5 +1,5 @@
 //! Day closure, lateness and restatement across three days, with ingest's clock
-//! injected (DESIGN.md 4.2, 4.3, 4.5, 4.6 and section 7).
+//! injected (docs/semantics.md R2, R3, R5, R6 and docs/failure-contract.md).
 //!
 //! Ingest runs in this process on a `ManualClock`, heartbeats on (every partition
 //! quiet for 60 s of the injected clock gets one); projector and query are the real

@@ -1,4 +1,4 @@
-//! Ingest's side of the failure contract (DESIGN.md section 7), against the real
+//! Ingest's side of the failure contract (docs/failure-contract.md), against the real
 //! binary: a retry after the client gave up changes nothing, and bad input gets a
 //! precise status, per event or for the whole call, and is never half applied.
 

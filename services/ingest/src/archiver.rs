@@ -1,5 +1,5 @@
 //! The archiver: writes the log to object storage as Parquet, cut by cut
-//! (DESIGN.md section 5).
+//! (docs/storage.md).
 //!
 //! A cut covers the sequence range `(w, c]` of the whole stream, where `w` is the
 //! previous watermark: one segment per partition with records in it, one for the

@@ -1,5 +1,5 @@
 //! Heartbeats keep quiet partitions' clocks moving so that their days close
-//! (DESIGN.md 4.5). They are log records like any other: archived and replayed.
+//! (docs/semantics.md R5). They are log records like any other: archived and replayed.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -7,7 +7,7 @@
 //! requires, fsynced it). Retrying a call is safe: each event carries a
 //! `Nats-Msg-Id` hashed from its identity and content, so an exact resend inside
 //! the duplicate window is absorbed and answered with the original sequence.
-//! Quiet partitions get heartbeats so that their days close (DESIGN.md 4.5).
+//! Quiet partitions get heartbeats so that their days close (docs/semantics.md R5).
 
 mod archiver;
 mod clock;

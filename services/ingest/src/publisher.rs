@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::IngestConfig;
 
-/// `Nats-Msg-Id`: a 128-bit hash of identity *and* content (DESIGN.md section 7),
+/// `Nats-Msg-Id`: a 128-bit hash of identity *and* content (docs/failure-contract.md),
 /// so an exact resend is absorbed while a conflicting event still reaches the log.
 pub fn message_id(fact: &Fact) -> String {
     let mut buf = Vec::with_capacity(160);

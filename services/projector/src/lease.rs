@@ -1,4 +1,4 @@
-//! Partition ownership leases in the NATS KV bucket `projector_leases` (DESIGN §7).
+//! Partition ownership leases in the NATS KV bucket `projector_leases` (docs/failure-contract.md).
 //!
 //! A partition has one writer. The StatefulSet ordinal says which projector
 //! *should* own a partition, but during a rolling update or a scale-out an old

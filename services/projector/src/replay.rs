@@ -3,7 +3,7 @@
 //! A replay reads a partition's segments up to a cutoff — which must be a watermark,
 //! so that only complete cuts are read — checks that they tile the sequence space,
 //! and folds them in sequence order from the beginning of history. For the same log
-//! prefix it yields exactly the stream projector's rows (DESIGN.md section 4).
+//! prefix it yields exactly the stream projector's rows (docs/semantics.md).
 
 use payledger_semantics::{Day, DimensionBook, Exposure, SemanticsError, Settings};
 use payledger_storage::{

@@ -144,7 +144,7 @@ impl QueryApi {
             .collect()
     }
 
-    /// One merchant-day from one source (DESIGN.md section 6). AUTO answers from the
+    /// One merchant-day from one source (docs/query-routing.md). AUTO answers from the
     /// committed snapshot covering the day unless the stream has moved past its
     /// cutoff there or knows a currency the snapshot lacks.
     async fn route(

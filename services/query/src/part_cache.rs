@@ -1,7 +1,7 @@
 //! Committed snapshot parts, decoded, in a foyer hybrid cache (memory + local disk).
 //!
 //! A part (`tables/merchant_exposure_daily/snapshots/{snapshot_id}/p{N}.parquet`) is
-//! immutable under a unique name (DESIGN.md section 5), so a cached part is never
+//! immutable under a unique name (docs/storage.md), so a cached part is never
 //! invalidated: its key names the same rows forever.
 //!
 //! * The memory tier holds the decoded rows behind an `Arc`, shared with the requests

@@ -1,4 +1,4 @@
-//! The replay coordinator (DESIGN.md sections 2 and 5).
+//! The replay coordinator (docs/architecture.md, docs/storage.md).
 //!
 //! A replay folds the archive from the beginning of history through a cutoff (a
 //! watermark) and publishes the rows of a day range as a new commit of the

@@ -1,4 +1,4 @@
-//! Dimensions (rule 8): versioned FX and risk records, applied at read time by
+//! Dimensions (docs/semantics.md R8): versioned FX and risk records, applied at read time by
 //! one pure function, [`to_reporting`].
 
 use std::collections::BTreeMap;

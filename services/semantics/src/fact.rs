@@ -16,7 +16,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    /// The signed delta this kind applies to open exposure (DESIGN.md section 3).
+    /// The signed delta this kind applies to open exposure (docs/semantics.md, facts; R4).
     pub fn signed_delta(self, amount_minor: i64) -> i128 {
         let amount = i128::from(amount_minor);
         match self {
@@ -78,7 +78,7 @@ pub struct Record {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RecordBody {
     Fact(Fact),
-    /// Moves the partition's clock so that its days close (rule 5).
+    /// Moves the partition's clock so that its days close (docs/semantics.md R5).
     Heartbeat,
 }
 
@@ -158,7 +158,7 @@ pub const MAX_EVENT_ID_BYTES: usize = 128;
 pub const MAX_MERCHANT_ID_BYTES: usize = 64;
 
 impl Fact {
-    /// The structural rules of DESIGN.md section 3 (the currency is valid by type).
+    /// The structural rules of docs/semantics.md, facts (the currency is valid by type).
     pub fn validate(&self) -> Result<(), FactError> {
         check_id("event_id", &self.event_id, MAX_EVENT_ID_BYTES)?;
         check_id("merchant_id", &self.merchant_id, MAX_MERCHANT_ID_BYTES)?;
@@ -188,7 +188,7 @@ impl Fact {
     }
 
     /// Fingerprint of everything but the identity: equal content means a duplicate,
-    /// other content a conflict (rule 1).
+    /// other content a conflict (docs/semantics.md R1).
     pub(crate) fn content_hash(&self) -> u64 {
         // Fixed-width fields on the stack; the optional target id hashed on its own.
         let mut fixed = [0u8; 32];
@@ -208,7 +208,7 @@ impl Fact {
     }
 }
 
-/// Ingest's time rules (rule 2): not beyond the skew bound in the future, not
+/// Ingest's time rules (docs/semantics.md R2): not beyond the skew bound in the future, not
 /// older than the dedup horizon.
 pub fn check_event_time(
     event_time_us: i64,

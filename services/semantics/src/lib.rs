@@ -1,4 +1,4 @@
-//! The one definition of derived state (DESIGN.md section 4).
+//! The one definition of derived state (docs/semantics.md, rules R1-R10).
 //!
 //! Pure functions from log records to exposure rows: no I/O, no async, no wall
 //! clock. The streaming projector and the replay both call exactly these, so the

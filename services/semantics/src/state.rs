@@ -68,7 +68,8 @@ pub struct Touched {
     pub balances_changed: bool,
 }
 
-/// `(merchant_id, day, currency)`: the columns of `merchant_exposure_daily`.
+/// `(merchant_id, day, currency)`: the columns of `merchant_exposure_daily`
+/// (docs/semantics.md R6).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DailyRow {
     pub merchant_id: String,
@@ -88,7 +89,7 @@ pub struct DailyRow {
     pub semantics_version: u32,
 }
 
-/// `(merchant_id, currency)`: the open exposure right now.
+/// `(merchant_id, currency)`: the open exposure right now (docs/semantics.md R7).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CurrentRow {
     pub merchant_id: String,
@@ -121,8 +122,8 @@ pub struct PartitionState {
 struct MerchantState {
     /// Highest ingest_time of the merchant's facts read so far; drives identity expiry.
     max_ingest_time_us: i64,
-    /// Keyed by the 128-bit xxh3 of event_id (rule 10): for a billion identities of
-    /// one merchant the chance of any collision is below 2^-68.
+    /// Keyed by the 128-bit xxh3 of event_id (docs/semantics.md R10): for a billion
+    /// identities of one merchant the chance of any collision is below 2^-68.
     identities: FxHashMap<u128, Remembered>,
     prune_at: usize,
     books: Vec<CurrencyBook>,
@@ -289,7 +290,8 @@ impl PartitionState {
 
     fn apply_fact(&mut self, record: &Record, fact: &Fact) -> Result<Outcome, SemanticsError> {
         let settings = self.settings;
-        // The partition's clock from *before* this record decides closure.
+        // The partition's clock from *before* this record decides closure
+        // (docs/semantics.md R5).
         let partition_max_ingest = self.max_ingest_time_us;
         let is_closed = |d: Day| {
             partition_max_ingest >= d.end_us().saturating_add(settings.allowed_lateness_us)
@@ -327,13 +329,14 @@ impl PartitionState {
                     Status::Conflict
                 }
             }
-            // Never seen, or expired (rule 2): new.
+            // Never seen, or expired (docs/semantics.md R2): new.
             _ => Status::Applied,
         };
 
         let book = book_mut(&mut merchant.books, fact.currency);
         match status {
             Status::Applied => {
+                // Exact balances; passing the gross bound is an error (docs/semantics.md R4).
                 let delta = fact.kind.signed_delta(fact.amount_minor);
                 let gross = book
                     .gross
@@ -344,6 +347,7 @@ impl PartitionState {
                         currency: fact.currency,
                         seq,
                     })?;
+                // Late: older than the allowed lateness at ingest (docs/semantics.md R3).
                 let late = u64::from(
                     record.ingest_time_us.saturating_sub(fact.event_time_us)
                         > settings.allowed_lateness_us,
@@ -368,7 +372,7 @@ impl PartitionState {
                 today.applied += 1;
                 today.late += late;
                 // This day and every later one of the merchant and currency moved;
-                // those already closed are restated.
+                // those already closed are restated (docs/semantics.md R6).
                 for (d, state) in &mut book.days[at..] {
                     state.log_position = seq;
                     state.restated |= is_closed(*d);

@@ -1,4 +1,4 @@
-//! Properties of the fold over generated logs (DESIGN.md section 4, last paragraph):
+//! Properties of the fold over generated logs (docs/semantics.md, properties):
 //! the same rows whatever the interleaving of partitions, the sharding, the
 //! redeliveries, the path (incremental or rebuilt) or a checkpoint in between,
 //! and the same rows as a naive model of the rules written here independently.
@@ -284,7 +284,7 @@ fn fact_of(r: &Record) -> Option<&Fact> {
 }
 
 // ---------------------------------------------------------------------------
-// A naive model of the rules, written from DESIGN.md without the crate's code:
+// A naive model of the rules, written from docs/semantics.md without the crate's code:
 // rows are recomputed from the list of applied events, bucket end by bucket end.
 
 #[derive(Clone, Debug, Default)]

@@ -1,4 +1,4 @@
-//! Hand-written checks of DESIGN.md section 4, one or more per rule.
+//! Hand-written checks of the rules R1-R10 of docs/semantics.md, one or more per rule.
 //!
 //! Every expected row below is a literal worked out by hand from the rules, never
 //! produced by the crate: the crate cannot be its own oracle. Times are built from

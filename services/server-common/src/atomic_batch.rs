@@ -1,6 +1,6 @@
 //! ADR-50 atomic batch publishing: up to 1000 messages stored all-or-nothing and
 //! contiguously, acknowledged once. With `sync_interval: always` this is what makes
-//! durable writes fast (DESIGN.md section 7): one fsync covers the whole batch.
+//! durable writes fast (docs/failure-contract.md): one fsync covers the whole batch.
 //!
 //! Every message but the last is sent without a reply subject; the last carries
 //! `Nats-Batch-Commit: 1` and is a request. NATS keeps the order of one

@@ -1,4 +1,4 @@
-//! Access control (DESIGN.md section 7): a bearer token per role, checked in one
+//! Access control (docs/failure-contract.md): a bearer token per role, checked in one
 //! tower layer that every gRPC server shares. Health and reflection stay open for
 //! probes. Tokens are compared in constant time and never logged.
 

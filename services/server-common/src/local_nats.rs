@@ -1,6 +1,6 @@
 //! A private nats-server for `payledger dev` and the tests: free loopback port,
 //! its own store directory, JetStream fsyncing every write (`sync_interval:
-//! always`, as DESIGN.md section 7 requires for "acked means on disk").
+//! always`, as docs/failure-contract.md requires for "acked means on disk").
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -23,7 +23,7 @@ pub const DIMS_SUBJECTS: &str = "payledger.dims.>";
 pub const CURRENT_BUCKET: &str = "exposure_current";
 pub const DAILY_BUCKET: &str = "exposure_daily";
 pub const PROGRESS_BUCKET: &str = "projector_progress";
-/// Partition ownership leases (DESIGN §7), one key `p{N}` per partition.
+/// Partition ownership leases (docs/failure-contract.md), one key `p{N}` per partition.
 pub const LEASE_BUCKET: &str = "projector_leases";
 
 const META_STREAM_SETTINGS: &str = "payledger.stream_settings";

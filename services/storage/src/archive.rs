@@ -1,5 +1,5 @@
 //! The archive: the log written to object storage as Parquet, the long-term
-//! history that replay reads (DESIGN.md section 5).
+//! history that replay reads (docs/storage.md).
 //!
 //! `archive/events/p{N}/{first:020}-{last:020}.parquet` and
 //! `archive/dims/{first:020}-{last:020}.parquet` hold the records of one *cut*

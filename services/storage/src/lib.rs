@@ -1,4 +1,4 @@
-//! The platform's object-storage layout (DESIGN.md section 5) over any
+//! The platform's object-storage layout (docs/storage.md) over any
 //! `object_store` backend: projector checkpoints, the Parquet archive of the log, and the
 //! authoritative table's snapshots and commit log: the local filesystem by default, S3 and friends by URL.
 //!

@@ -1,5 +1,5 @@
 //! The authoritative table `merchant_exposure_daily`: immutable snapshot parts and a
-//! commit log (DESIGN.md section 5).
+//! commit log (docs/storage.md).
 //!
 //! `tables/merchant_exposure_daily/snapshots/{snapshot_id}/p{N}.parquet` are
 //! written once under unique names; `…/_commits/{N:020}.json` publishes a snapshot
