@@ -563,7 +563,7 @@ async fn run_query(command: QueryCommand, json: bool) -> anyhow::Result<()> {
             endpoints,
         } => {
             let mut client = query_client(&endpoints.query_url).await?;
-            let e = client
+            let response = client
                 .get_daily_exposure(v1::GetDailyExposureRequest {
                     merchant_id: merchant,
                     day,
@@ -571,8 +571,9 @@ async fn run_query(command: QueryCommand, json: bool) -> anyhow::Result<()> {
                     snapshot_id: String::new(),
                 })
                 .await
-                .map_err(status_error)?
-                .into_inner();
+                .map_err(status_error)?;
+            warn_reporting_incomplete(response.metadata());
+            let e = response.into_inner();
             if json {
                 print_json(&json_daily(&e))?
             } else {
@@ -599,8 +600,9 @@ async fn run_query(command: QueryCommand, json: bool) -> anyhow::Result<()> {
                         page_token: page_token.clone(),
                     })
                     .await
-                    .map_err(status_error)?
-                    .into_inner();
+                    .map_err(status_error)?;
+                warn_reporting_incomplete(page.metadata());
+                let page = page.into_inner();
                 for e in &page.items {
                     if json {
                         print_json(&json_daily(e))?
@@ -636,6 +638,17 @@ async fn run_query(command: QueryCommand, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Says on stderr (stdout stays the answer, JSON or not) why stream answers carry
+/// no reporting values, when the query service says so.
+fn warn_reporting_incomplete(metadata: &tonic::metadata::MetadataMap) {
+    if let Some(reason) = metadata
+        .get(payledger_query::REPORTING_INCOMPLETE)
+        .and_then(|v| v.to_str().ok())
+    {
+        eprintln!("warning: reporting values withheld from stream answers: {reason}");
+    }
 }
 
 fn json_rows<T>(rows: &[T], f: impl Fn(&T) -> serde_json::Value) -> serde_json::Value {

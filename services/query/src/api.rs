@@ -10,7 +10,7 @@ use payledger_proto::v1::query_service_server::{QueryService, QueryServiceServer
 use payledger_proto::{daily_row_from_proto, v1};
 use payledger_semantics::{
     Day, MAX_MERCHANT_ID_BYTES, REPORTING_CURRENCY, SEMANTICS_VERSION, Settings, check_id,
-    partition_of, to_reporting,
+    partition_of,
 };
 use tokio::sync::broadcast;
 use tonic::service::Routes;
@@ -26,6 +26,37 @@ pub(crate) struct QueryApi {
     pub changes: broadcast::Sender<v1::CurrentRow>,
     pub max_watch_merchants: usize,
     pub metrics: Arc<crate::metrics::QueryMetrics>,
+}
+
+/// Response metadata present when stream answers withhold reporting values that
+/// depend on FX and risk records the service may lack; its value says why. The
+/// `Reporting` message has no field for a reason, so the values themselves are left
+/// absent (with `missing_rates` naming the currencies they would need).
+pub const REPORTING_INCOMPLETE: &str = "payledger-reporting-incomplete";
+
+/// One merchant-day's answer, and why its reporting values are withheld, if they are.
+struct Answer {
+    exposure: v1::DailyExposure,
+    reporting_incomplete: Option<String>,
+}
+
+/// Marks `response` with the reason reporting values are withheld.
+fn mark_incomplete<T>(response: &mut Response<T>, reason: Option<String>) {
+    let Some(reason) = reason else { return };
+    // Metadata values are visible ASCII only.
+    let text: String = reason
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if let Ok(value) = tonic::metadata::MetadataValue::try_from(text) {
+        response.metadata_mut().insert(REPORTING_INCOMPLETE, value);
+    }
 }
 
 const DEFAULT_PAGE: usize = 100;
@@ -103,24 +134,29 @@ impl QueryApi {
         merchant_id: &str,
         day: Day,
         rows: Vec<v1::DailyRow>,
-    ) -> Result<v1::DailyExposure, Status> {
+    ) -> Result<Answer, Status> {
         let parsed = rows
             .iter()
             .map(daily_row_from_proto)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::internal(format!("stored row unreadable: {e}")))?;
-        let reporting = {
-            let book = self.tables.dimensions.read().expect("dimension lock");
-            to_reporting(&parsed, &book, u64::MAX)
-        };
+        let (reporting, reporting_incomplete) = self
+            .tables
+            .dimensions
+            .read()
+            .expect("dimension lock")
+            .reporting(&parsed);
         let position = rows.iter().map(|r| r.log_position).max().unwrap_or(0);
         let restated = rows.iter().any(|r| r.restated);
-        Ok(v1::DailyExposure {
-            merchant_id: merchant_id.to_string(),
-            day: day.to_string(),
-            rows,
-            reporting: Some(reporting_to_proto(&reporting)),
-            provenance: Some(self.stream_provenance(merchant_id, position, restated)),
+        Ok(Answer {
+            exposure: v1::DailyExposure {
+                merchant_id: merchant_id.to_string(),
+                day: day.to_string(),
+                rows,
+                reporting: Some(reporting_to_proto(&reporting)),
+                provenance: Some(self.stream_provenance(merchant_id, position, restated)),
+            },
+            reporting_incomplete,
         })
     }
 
@@ -153,9 +189,9 @@ impl QueryApi {
         day: Day,
         consistency: v1::Consistency,
         snapshot_id: Option<&str>,
-    ) -> Result<Option<v1::DailyExposure>, Status> {
+    ) -> Result<Option<Answer>, Status> {
         let stream = self.stream_rows(merchant_id, day);
-        let stream_answer = |rows: Vec<v1::DailyRow>| -> Result<Option<v1::DailyExposure>, Status> {
+        let stream_answer = |rows: Vec<v1::DailyRow>| -> Result<Option<Answer>, Status> {
             if rows.is_empty() {
                 Ok(None)
             } else {
@@ -176,7 +212,8 @@ impl QueryApi {
                 if rows.is_empty() {
                     Ok(None)
                 } else {
-                    self.replay_exposure(merchant_id, day, &commit, rows)
+                    self.replay_exposure(auth, merchant_id, day, &commit, rows)
+                        .await
                         .map(Some)
                 }
             }
@@ -193,7 +230,8 @@ impl QueryApi {
                         .any(|s| !rows.iter().any(|r| r.currency.as_str() == s.currency));
                     if !rows.is_empty() && !stream_moved_on && !stream_only {
                         return self
-                            .replay_exposure(merchant_id, day, &commit, rows)
+                            .replay_exposure(auth, merchant_id, day, &commit, rows)
+                            .await
                             .map(Some);
                     }
                 }
@@ -202,19 +240,16 @@ impl QueryApi {
         }
     }
 
-    fn replay_exposure(
+    async fn replay_exposure(
         &self,
+        auth: &Authoritative,
         merchant_id: &str,
         day: Day,
         commit: &payledger_storage::Commit,
         rows: Vec<payledger_semantics::DailyRow>,
-    ) -> Result<v1::DailyExposure, Status> {
-        // Authoritative answers use the dimension records up to the snapshot's cutoff.
-        let reporting = {
-            let book = self.tables.dimensions.read().expect("dimension lock");
-            to_reporting(&rows, &book, commit.draft.log_cutoff)
-        };
-        Ok(v1::DailyExposure {
+    ) -> Result<Answer, Status> {
+        let reporting = auth.reporting(commit, &rows).await?;
+        let exposure = v1::DailyExposure {
             merchant_id: merchant_id.to_string(),
             day: day.to_string(),
             rows: rows
@@ -232,6 +267,10 @@ impl QueryApi {
                 version_key: commit.draft.version_key.clone(),
                 stream_lag: Some(self.stream_lag(merchant_id)),
             }),
+        };
+        Ok(Answer {
+            exposure,
+            reporting_incomplete: None,
         })
     }
 }
@@ -372,14 +411,18 @@ impl QueryService for QueryApi {
         let answer = self
             .route(&request.merchant_id, day, consistency, snapshot_id)
             .await?;
-        let source = match answer.as_ref().and_then(|a| a.provenance.as_ref()) {
+        let source = match answer.as_ref().and_then(|a| a.exposure.provenance.as_ref()) {
             Some(p) if p.source == v1::Source::Replay as i32 => "replay",
             Some(_) => "stream",
             None => "none",
         };
         self.metrics.observe("GetDailyExposure", source, started);
         match answer {
-            Some(answer) => Ok(Response::new(answer)),
+            Some(answer) => {
+                let mut response = Response::new(answer.exposure);
+                mark_incomplete(&mut response, answer.reporting_incomplete);
+                Ok(response)
+            }
             None => Err(Status::not_found(format!(
                 "merchant '{}' has no rows on {day} ({})",
                 request.merchant_id,
@@ -444,15 +487,19 @@ impl QueryService for QueryApi {
         };
         // The page is the merchant-days the stream knows; each answers from its own source.
         let mut items = Vec::with_capacity(groups.len());
+        let mut reporting_incomplete = None;
         for (m, d) in groups.into_keys() {
             if let Some(item) = self.route(&m, d, consistency, None).await? {
-                items.push(item);
+                reporting_incomplete = reporting_incomplete.or(item.reporting_incomplete);
+                items.push(item.exposure);
             }
         }
-        Ok(Response::new(v1::ListDailyExposureResponse {
+        let mut response = Response::new(v1::ListDailyExposureResponse {
             items,
             next_page_token,
-        }))
+        });
+        mark_incomplete(&mut response, reporting_incomplete);
+        Ok(response)
     }
 
     async fn reconcile(

@@ -11,20 +11,23 @@ use payledger_semantics::{DailyRow, Day};
 use payledger_storage::{Commit, SnapshotStore, commit_for_day};
 use tonic::Status;
 
+use crate::dims::ArchivedDims;
 use crate::part_cache::{PartCache, PartCacheStats, merchant_day};
 
 pub(crate) struct Authoritative {
     snapshots: SnapshotStore,
     commits: RwLock<Vec<Commit>>,
     parts: PartCache,
+    dims: Arc<ArchivedDims>,
 }
 
 impl Authoritative {
-    pub fn new(snapshots: SnapshotStore, parts: PartCache) -> Self {
+    pub fn new(snapshots: SnapshotStore, parts: PartCache, dims: Arc<ArchivedDims>) -> Self {
         Self {
             snapshots,
             commits: RwLock::default(),
             parts,
+            dims,
         }
     }
 
@@ -85,6 +88,24 @@ impl Authoritative {
     ) -> Result<Vec<DailyRow>, Status> {
         let part = self.part(commit, partition).await?;
         Ok(merchant_day(&part, merchant_id, day).to_vec())
+    }
+
+    /// The reporting values of a commit's rows: the archived dimension records up to
+    /// its cutoff, never the log's, so they do not change once committed.
+    pub async fn reporting(
+        &self,
+        commit: &Commit,
+        rows: &[DailyRow],
+    ) -> Result<payledger_semantics::Reporting, Status> {
+        self.dims
+            .reporting(rows, commit.draft.log_cutoff)
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "the FX and risk records of snapshot '{}' (through sequence {}) are not readable from the archive: {e}",
+                    commit.draft.snapshot_id, commit.draft.log_cutoff
+                ))
+            })
     }
 
     pub fn cache_stats(&self) -> PartCacheStats {

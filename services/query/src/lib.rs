@@ -1,11 +1,13 @@
 //! The query service: point and range reads of merchant exposure over gRPC.
 //!
 //! Current rows and provisional daily rows live in memory, kept by watches of the
-//! KV buckets the stream projector writes; dimension records are read from the log
-//! itself. Every answer names its source and how far the stream has read.
+//! KV buckets the stream projector writes; dimension records are read from the
+//! archive through its highest watermark and from the log after it (`dims`). Every
+//! answer names its source and how far the stream has read.
 
 mod api;
 mod authoritative;
+mod dims;
 mod metrics;
 pub mod part_cache;
 mod tables;
@@ -21,6 +23,7 @@ use payledger_server_common::topology::{
 };
 use tokio::net::TcpListener;
 
+pub use api::REPORTING_INCOMPLETE;
 pub use part_cache::{DiskTier, PartCache, PartCacheConfig, PartCacheCounters, PartCacheStats};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -41,7 +44,13 @@ pub struct QueryConfig {
     /// without it every answer comes from the stream.
     #[arg(long, env = "PAYLEDGER_STORE")]
     pub store: Option<String>,
-    /// How often the commit log is read for new commits.
+    /// Object storage holding the archive ingest's archiver writes, where the FX and
+    /// risk records come from once the log's retention (max_age) has dropped them;
+    /// default: --store. Without either, they come from the log alone.
+    #[arg(long, env = "PAYLEDGER_ARCHIVE_STORE")]
+    pub archive_store: Option<String>,
+    /// How often the commit log is read for new commits (and the archive's watermarks
+    /// while the log lacks FX or risk records the archive does not reach yet).
     #[arg(long, env = "PAYLEDGER_COMMIT_POLL_INTERVAL", default_value = "2s", value_parser = payledger_server_common::config::parse_duration)]
     pub commit_poll_interval: std::time::Duration,
     /// Memory for decoded snapshot parts (bytes, or with KiB, MiB, GiB; at least 1MiB).
@@ -90,6 +99,7 @@ impl QueryConfig {
             max_watch_merchants: 1000,
             max_concurrent_requests: 256,
             store: None,
+            archive_store: None,
             commit_poll_interval: std::time::Duration::from_secs(2),
             cache_memory_bytes: 256 << 20,
             cache_disk_dir: None,
@@ -124,21 +134,34 @@ pub async fn run_with_counters(
         .await?;
     let client = config.server.nats.connect("payledger-query").await?;
     let js = async_nats::jetstream::new(client);
-    let (_, settings) = wait_for_settings(&js, config.projection.settings()?).await?;
+    let (recorded, settings) = wait_for_settings(&js, config.projection.settings()?).await?;
     ensure_buckets(&js, config.kv_replicas).await?;
     let tables = Arc::new(tables::Tables::default());
     let (changes, _) = tokio::sync::broadcast::channel(4096);
 
-    let authoritative = match &config.store {
-        Some(location) => {
+    let archived = match config.archive_store.as_ref().or(config.store.as_ref()) {
+        Some(location) => Some(Arc::new(dims::ArchivedDims::new(
+            payledger_storage::ArchiveStore::new(
+                payledger_storage::open_store(location)?,
+                recorded,
+            ),
+        ))),
+        None => None,
+    };
+    let authoritative = match (&config.store, &archived) {
+        (Some(location), Some(archived)) => {
             let snapshots =
                 payledger_storage::SnapshotStore::new(payledger_storage::open_store(location)?);
             let parts = PartCache::open(&config.part_cache(), snapshots.clone(), counters).await?;
-            let auth = Arc::new(authoritative::Authoritative::new(snapshots, parts));
+            let auth = Arc::new(authoritative::Authoritative::new(
+                snapshots,
+                parts,
+                archived.clone(),
+            ));
             auth.refresh().await?;
             Some(auth)
         }
-        None => None,
+        _ => None,
     };
     let mut followers = vec![
         tokio::spawn(tables::follow_bucket(
@@ -153,7 +176,12 @@ pub async fn run_with_counters(
             js.get_key_value(PROGRESS_BUCKET).await?,
             tables::progress_applier(tables.clone()),
         )),
-        tokio::spawn(tables::follow_dimensions(js.clone(), tables.clone())),
+        tokio::spawn(dims::follow_dimensions(
+            js.clone(),
+            tables.clone(),
+            archived,
+            config.commit_poll_interval,
+        )),
     ];
     if let Some(auth) = &authoritative {
         followers.push(tokio::spawn(authoritative::follow_commits(

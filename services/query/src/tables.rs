@@ -1,17 +1,18 @@
 //! The query service's in-memory view of the stream tables, kept by KV watches,
-//! and of the dimension records, kept by an ordered consumer of the log.
+//! and of the dimension records (`dims`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use async_nats::jetstream::{self, consumer::pull, kv};
+use async_nats::jetstream::kv;
 use futures::StreamExt;
-use payledger_proto::{fx_from_proto, risk_from_proto, v1};
-use payledger_semantics::{Day, DimensionBook};
-use payledger_server_common::topology::{DIMS_SUBJECTS, STREAM};
+use payledger_proto::v1;
+use payledger_semantics::Day;
 use prost::Message;
 use tokio::sync::broadcast;
+
+use crate::dims::ProvisionalDims;
 
 /// (merchant_id, day, currency) -> row, ordered for range scans.
 pub(crate) type DailyKey = (String, Day, String);
@@ -21,7 +22,7 @@ pub(crate) struct Tables {
     pub current: RwLock<BTreeMap<String, BTreeMap<String, v1::CurrentRow>>>,
     pub daily: RwLock<BTreeMap<DailyKey, v1::DailyRow>>,
     pub progress: RwLock<HashMap<u32, (v1::PartitionProgress, Instant)>>,
-    pub dimensions: RwLock<DimensionBook>,
+    pub dimensions: RwLock<ProvisionalDims>,
 }
 
 impl Tables {
@@ -100,47 +101,4 @@ pub(crate) fn progress_applier(tables: Arc<Tables>) -> impl Fn(&[u8]) + Send + '
                 .insert(p.partition, (p, Instant::now()));
         }
     }
-}
-
-/// Reads every dimension record of the log, in order, into the dimension book.
-pub(crate) async fn follow_dimensions(
-    js: jetstream::Context,
-    tables: Arc<Tables>,
-) -> anyhow::Result<()> {
-    let stream = js.get_stream(STREAM).await?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: DIMS_SUBJECTS.to_string(),
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
-    while let Some(message) = messages.next().await {
-        let message = message?;
-        let seq = message
-            .info()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .stream_sequence;
-        let Ok(record) = v1::LogRecord::decode(message.payload.as_ref()) else {
-            tracing::warn!(seq, "unreadable dimension record skipped");
-            continue;
-        };
-        let mut book = tables.dimensions.write().expect("dimension lock");
-        match record.body {
-            Some(v1::log_record::Body::Fx(fx)) => match fx_from_proto(&fx) {
-                Ok(fx) => {
-                    book.apply_fx(seq, &fx);
-                }
-                Err(e) => tracing::warn!(seq, error = %e, "invalid fx record skipped"),
-            },
-            Some(v1::log_record::Body::Risk(risk)) => match risk_from_proto(&risk) {
-                Ok(risk) => {
-                    book.apply_risk(seq, &risk);
-                }
-                Err(e) => tracing::warn!(seq, error = %e, "invalid risk record skipped"),
-            },
-            _ => tracing::warn!(seq, "non-dimension record on a dimension subject skipped"),
-        }
-    }
-    anyhow::bail!("the dimension consumer ended")
 }
