@@ -11,7 +11,7 @@ use payledger_cli::generate::{GenConfig, Generator};
 use payledger_projector::replay::{fold_dimensions, fold_partitions, latest_cutoff};
 use payledger_proto::v1;
 use payledger_semantics::{Day, Settings, to_reporting};
-use payledger_storage::{ArchiveStore, Commit, SnapshotStore, open_store_with_env};
+use payledger_storage::{ArchiveStore, Commit, open_store_with_env};
 
 use crate::{
     AcceptedLog, Harness, assert_converges, daily_answer_from, ingest_client, now_us, query_client,
@@ -213,18 +213,17 @@ pub async fn replay_of_the_archive_equals_the_stream_rows(
 
     // Commit the replay as the authoritative table; AUTO now answers from it, with
     // the same rows, while PROVISIONAL still answers from the stream.
-    let snapshots = SnapshotStore::new(stores.open(store)?);
     let today = Day::of_micros(now_us());
     let request = payledger_projector::replay::ReplayRequest {
         replay_id: "convergence".into(),
         from_day: rows.iter().map(|r| r.day).min().expect("rows"),
         to_day: today,
         cutoff: Some(cutoff),
+        from_genesis: false,
     };
     let mut replayed = Vec::new();
     let commit = payledger_projector::replay::replay_and_commit(
-        &archive,
-        &snapshots,
+        &payledger_projector::replay::ReplayStores::beside(archive.clone()),
         Settings::default(),
         &request,
         |p| replayed.push(p),

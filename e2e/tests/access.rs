@@ -217,6 +217,7 @@ async fn each_role_reaches_only_its_methods_and_refused_calls_change_nothing() -
         to_day: today.clone(),
         reason: "access test".into(),
         cutoff: 0,
+        from_genesis: false,
     };
     assert_eq!(
         replays
@@ -560,6 +561,7 @@ async fn replay_today(coordinator: &str) -> anyhow::Result<v1::Replay> {
         to_day: today.clone(),
         reason: "worker TLS test".into(),
         cutoff: 0,
+        from_genesis: false,
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     let started = loop {

@@ -61,9 +61,16 @@ async fn duckdb_closing_balances_from_the_archive_match_the_snapshot() -> anyhow
         from_day: Day(0),
         to_day: Day(100_000),
         cutoff: None,
+        from_genesis: false,
     };
     let settings = Settings::default();
-    let commit = replay_and_commit(&archive, &snapshots, settings, &request, |_| {}).await?;
+    let commit = replay_and_commit(
+        &payledger_projector::replay::ReplayStores::beside(archive.clone()),
+        settings,
+        &request,
+        |_| {},
+    )
+    .await?;
     let mut ours = Vec::new();
     for p in 0..settings.partitions {
         for r in snapshots.read_part(&commit.draft.snapshot_id, p).await? {

@@ -21,7 +21,7 @@ use payledger_proto::v1::{
 };
 use payledger_semantics::{Day, RecordedStream, Settings, StreamSettings, to_reporting};
 use payledger_server_common::topology::{DIMS_SUBJECTS, FX_SUBJECT, RISK_SUBJECT, STREAM};
-use payledger_storage::{ArchiveStore, Commit, SnapshotStore, open_store};
+use payledger_storage::{ArchiveStore, Commit, open_store};
 use tonic::transport::Channel;
 
 /// The response metadata a stream answer carries while it withholds reporting values.
@@ -359,16 +359,15 @@ async fn committed_stack() -> anyhow::Result<Stack> {
     assert_converges(&mut query_api, &oracle, WITHIN).await?;
 
     let rows = oracle.daily_rows();
-    let snapshots = SnapshotStore::new(open_store(&store)?);
     let commit = replay_and_commit(
-        &archive,
-        &snapshots,
+        &payledger_projector::replay::ReplayStores::beside(archive.clone()),
         Settings::default(),
         &ReplayRequest {
             replay_id: "dims".into(),
             from_day: rows.iter().map(|r| r.day).min().expect("rows"),
             to_day: today,
             cutoff: Some(cutoff),
+            from_genesis: false,
         },
         |_| {},
     )

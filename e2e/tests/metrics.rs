@@ -234,6 +234,7 @@ async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
         to_day: today.clone(),
         reason: "metrics".into(),
         cutoff: 0,
+        from_genesis: false,
     };
     let started = replays.start_replay(request).await?.into_inner();
     assert_eq!(started.cutoff, messages);

@@ -36,6 +36,7 @@ fn draft(snapshot: &str) -> CommitDraft {
         partitions: 16,
         parts: Vec::new(),
         segments_read: Vec::new(),
+        states: Vec::new(),
     }
 }
 

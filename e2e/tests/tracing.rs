@@ -359,6 +359,7 @@ async fn a_replay_is_one_trace_with_a_span_per_shard() -> anyhow::Result<()> {
                 to_day: day,
                 reason: "tracing test".into(),
                 cutoff: 0,
+                from_genesis: false,
             },
             &traceparent,
         )?)

@@ -122,14 +122,14 @@ async fn a_first_release_stack_keeps_working_and_converges() -> anyhow::Result<(
     // A replay under this release over both kinds of segment equals the stream.
     let today = Day::of_micros(now_us());
     let commit = replay_and_commit(
-        &archive,
-        &snapshots,
+        &payledger_projector::replay::ReplayStores::beside(archive.clone()),
         Settings::default(),
         &ReplayRequest {
             replay_id: "after-upgrade".into(),
             from_day: Day(today.0 - 2),
             to_day: today,
             cutoff: None,
+            from_genesis: false,
         },
         |_| {},
     )

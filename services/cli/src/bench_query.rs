@@ -93,6 +93,7 @@ async fn write_snapshot(
             partitions: settings.partitions,
             parts: refs,
             segments_read: Vec::new(),
+            states: Vec::new(),
         })
         .await?;
     Ok((from, to))

@@ -139,6 +139,8 @@ async fn replay_on(
             to_day: history.last_day.to_string(),
             reason: "bench".into(),
             cutoff: history.last_seq,
+            // The whole fold, as DuckDB's side does: never from an earlier run's state.
+            from_genesis: true,
         })
         .await?
         .into_inner();
@@ -230,7 +232,10 @@ async fn profile(store: &str, cutoff: u64, history: &History) -> anyhow::Result<
         }
     }
     let decode = started.elapsed().as_secs_f64();
-    let snapshots = payledger_storage::SnapshotStore::new(objects);
+    let stores = payledger_projector::replay::ReplayStores::at(
+        objects,
+        RecordedStream::new(settings.stream()),
+    );
     let started = Instant::now();
     for p in 0..settings.partitions {
         let shard = payledger_projector::replay::Shard {
@@ -239,16 +244,9 @@ async fn profile(store: &str, cutoff: u64, history: &History) -> anyhow::Result<
             cutoff,
             from_day: history.first_day,
             to_day: history.last_day,
+            from_genesis: true,
         };
-        payledger_projector::replay::run_shard(
-            &archive,
-            &snapshots,
-            settings,
-            &shard,
-            None,
-            |_| {},
-        )
-        .await?;
+        payledger_projector::replay::run_shard(&stores, settings, &shard, None, |_| {}).await?;
     }
     Ok((decode, started.elapsed().as_secs_f64()))
 }

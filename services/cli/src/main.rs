@@ -225,6 +225,11 @@ enum ReplayCommand {
         /// Log cutoff: an archive watermark; the highest by default.
         #[arg(long, default_value_t = 0)]
         cutoff: u64,
+        /// Fold every partition from the beginning of history (an audit of the
+        /// stored replay states), not from the newest committed state at or below
+        /// the cutoff.
+        #[arg(long)]
+        from_genesis: bool,
         /// Wait until the replay ends, showing progress per shard.
         #[arg(long)]
         wait: bool,
@@ -266,6 +271,9 @@ enum ReplayCommand {
         /// Names the replay in the commit log.
         #[arg(long, default_value = "manual")]
         replay_id: String,
+        /// Fold from the beginning of history, not from committed replay states.
+        #[arg(long)]
+        from_genesis: bool,
         /// Object storage holding the archive and the tables.
         #[arg(long, env = "PAYLEDGER_STORE", default_value = "./data/store")]
         store: String,
@@ -831,6 +839,7 @@ async fn demo(dev: DevArgs, events: usize) -> anyhow::Result<()> {
             to_day: today.to_string(),
             reason: "demo".into(),
             cutoff: 0,
+            from_genesis: false,
         })
         .await
         .map_err(status_error)?
@@ -1008,6 +1017,7 @@ async fn main() -> anyhow::Result<()> {
             days,
             reason,
             cutoff,
+            from_genesis,
             wait,
             coordinator,
             retry,
@@ -1018,6 +1028,7 @@ async fn main() -> anyhow::Result<()> {
                 to_day: to_day.to_string(),
                 reason,
                 cutoff,
+                from_genesis,
             };
             // Sent again only after a refusal made before anything was done (or no
             // connection at all), never after one that may have started a replay:
@@ -1127,6 +1138,7 @@ async fn main() -> anyhow::Result<()> {
             days,
             cutoff,
             replay_id,
+            from_genesis,
             store,
             nats,
             projection,
@@ -1141,14 +1153,16 @@ async fn main() -> anyhow::Result<()> {
             let settings =
                 payledger_semantics::Settings::of(recorded.settings, projection.settings()?);
             settings.validate()?;
-            let objects = payledger_storage::open_store(&store)?;
-            let archive = payledger_storage::ArchiveStore::new(objects.clone(), recorded);
-            let snapshots = payledger_storage::SnapshotStore::new(objects);
+            let stores = payledger_projector::replay::ReplayStores::at(
+                payledger_storage::open_store(&store)?,
+                recorded,
+            );
             let request = payledger_projector::replay::ReplayRequest {
                 replay_id,
                 from_day,
                 to_day,
                 cutoff,
+                from_genesis,
             };
             let bar = ProgressBar::new(u64::from(settings.partitions));
             bar.set_style(
@@ -1158,14 +1172,11 @@ async fn main() -> anyhow::Result<()> {
                 .expect("template")
                 .progress_chars("=> "),
             );
-            let commit = payledger_projector::replay::replay_and_commit(
-                &archive,
-                &snapshots,
-                settings,
-                &request,
-                |_| bar.inc(1),
-            )
-            .await?;
+            let commit =
+                payledger_projector::replay::replay_and_commit(&stores, settings, &request, |_| {
+                    bar.inc(1)
+                })
+                .await?;
             bar.finish_and_clear();
             if cli.json {
                 print_json(&commit)?;

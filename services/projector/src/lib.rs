@@ -291,8 +291,7 @@ pub async fn run(
     let (routes, served_names) = if config.mode.replays() {
         let store = open_store(config.archive_store.as_deref().unwrap_or(&config.store))?;
         let worker = worker::Worker {
-            archive: payledger_storage::ArchiveStore::new(store.clone(), stream),
-            snapshots: payledger_storage::SnapshotStore::new(store),
+            stores: replay::ReplayStores::at(store, stream),
             settings,
             running: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_shards.into(),

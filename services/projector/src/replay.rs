@@ -5,10 +5,12 @@
 //! and folds them in sequence order from the beginning of history. For the same log
 //! prefix it yields exactly the stream projector's rows (docs/semantics.md).
 
-use payledger_semantics::{Day, DimensionBook, Exposure, SemanticsError, Settings};
+use payledger_semantics::{
+    Day, DimensionBook, Exposure, PartitionState, RecordedStream, SemanticsError, Settings,
+};
 use payledger_storage::{
-    ArchiveStore, CutRange, DimRecord, ObjectRef, SnapshotStore, StorageError, TilingError,
-    verify_tiling,
+    ArchiveStore, CutRange, DimRecord, ObjectRef, PartitionLineage, SnapshotStore, StateRef,
+    StateStore, StorageError, TilingError, verify_tiling,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +43,8 @@ async fn checked_watermarks(archive: &ArchiveStore, cutoff: u64) -> Result<Vec<u
     Ok(watermarks)
 }
 
-/// Folds `partitions` of the archive through `cutoff` into one [`Exposure`].
+/// Folds `partitions` of the archive through `cutoff` into one [`Exposure`], from
+/// the beginning of history.
 pub async fn fold_partitions(
     archive: &ArchiveStore,
     settings: Settings,
@@ -52,9 +55,9 @@ pub async fn fold_partitions(
     let mut exposure = Exposure::new(settings);
     for &partition in partitions {
         let segments = partition_segments(archive, partition, cutoff, &watermarks).await?;
-        exposure = fold_segments(archive, exposure, partition, &segments, |_| {})
-            .await?
-            .0;
+        let state = PartitionState::new(partition, settings);
+        let (state, _) = fold_segments(archive, state, &segments, |_| {}).await?;
+        exposure.insert(state)?;
     }
     Ok(exposure)
 }
@@ -73,32 +76,61 @@ async fn partition_segments(
     Ok(segments.into_iter().filter(|s| s.last <= cutoff).collect())
 }
 
-/// Applies `segments` of `partition` in order, calling `on_segment` with each
-/// segment's record count. The fold runs on the blocking pool so that a long
-/// replay never starves the server's other tasks (health checks, progress).
-async fn fold_segments(
+/// Applies `segments` of the state's partition in order, calling `on_segment`
+/// with each segment's record count. The fold runs on the blocking pool so that a
+/// long replay never starves the server's other tasks (health checks, progress).
+pub(crate) async fn fold_segments(
     archive: &ArchiveStore,
-    mut exposure: Exposure,
-    partition: u32,
+    mut state: PartitionState,
     segments: &[CutRange],
     mut on_segment: impl FnMut(u64),
-) -> Result<(Exposure, Vec<ObjectRef>), ReplayError> {
+) -> Result<(PartitionState, Vec<ObjectRef>), ReplayError> {
+    let partition = state.partition();
     let mut read = Vec::with_capacity(segments.len());
     for &cut in segments {
         let (records, info) = archive.read_events_with_info(partition, cut).await?;
         let count = records.len() as u64;
-        exposure = tokio::task::spawn_blocking(move || {
+        state = tokio::task::spawn_blocking(move || {
             for record in &records {
-                exposure.apply(partition, record)?;
+                state.apply(record)?;
             }
-            Ok::<_, SemanticsError>(exposure)
+            Ok::<_, SemanticsError>(state)
         })
         .await
         .expect("the fold does not panic")?;
         read.push(info.into());
         on_segment(count);
     }
-    Ok((exposure, read))
+    Ok((state, read))
+}
+
+/// Where a replay reads and writes: the archive, the table's snapshots and commit
+/// log, and the replay states.
+#[derive(Clone)]
+pub struct ReplayStores {
+    pub archive: ArchiveStore,
+    pub snapshots: SnapshotStore,
+    pub states: StateStore,
+}
+
+impl ReplayStores {
+    /// All three in one object store, as deployed.
+    pub fn at(
+        store: std::sync::Arc<dyn object_store::ObjectStore>,
+        stream: RecordedStream,
+    ) -> Self {
+        Self::beside(ArchiveStore::new(store, stream))
+    }
+
+    /// The tables and states in the archive's object store.
+    pub fn beside(archive: ArchiveStore) -> Self {
+        let store = archive.object_store();
+        Self {
+            snapshots: SnapshotStore::new(store.clone()),
+            states: StateStore::new(store),
+            archive,
+        }
+    }
 }
 
 /// One shard of a replay: the partitions it folds and where their rows go.
@@ -110,6 +142,8 @@ pub struct Shard {
     pub cutoff: u64,
     pub from_day: Day,
     pub to_day: Day,
+    /// Fold from the beginning of history even where a committed state could serve.
+    pub from_genesis: bool,
 }
 
 /// Where a shard stands, reported after every segment.
@@ -120,50 +154,109 @@ pub struct ShardProgress {
     pub records_done: u64,
 }
 
-/// What a shard wrote (one part per partition) and read.
+/// What a shard wrote (one part and one state per partition) and read.
 #[derive(Clone, Debug, Default)]
 pub struct ShardOutput {
     pub parts: Vec<(u32, ObjectRef)>,
     pub segments_read: Vec<(u32, ObjectRef)>,
+    pub states: Vec<PartitionLineage>,
 }
 
-/// Runs one shard: folds each partition from the beginning of history through the
-/// cutoff (closing balances are cumulative), keeps the rows of the day range and
-/// writes them as the partition's part of the staging snapshot. With
-/// `max_records_per_sec`, reading is paced so that a backfill leaves the object
-/// store and the cores to the live path.
+/// The newest committed state of `partition` under the settings' version key at
+/// or below `cutoff` that reads back as recorded; a state that does not (its
+/// hash, its decoding) is skipped with a warning for the next older one. None:
+/// start from the beginning of history.
+pub async fn starting_state(
+    stores: &ReplayStores,
+    settings: &Settings,
+    partition: u32,
+    cutoff: u64,
+) -> Result<Option<(StateRef, PartitionState)>, ReplayError> {
+    let version_key = settings.version_key();
+    let mut candidates: Vec<StateRef> = stores
+        .snapshots
+        .commits()
+        .await?
+        .into_iter()
+        .filter(|c| c.draft.version_key == version_key)
+        .flat_map(|c| c.draft.states)
+        .filter(|l| l.partition == partition && l.written.cutoff <= cutoff)
+        .map(|l| l.written)
+        .collect();
+    candidates.sort_by_key(|s| std::cmp::Reverse(s.cutoff));
+    candidates.dedup_by(|a, b| a.path == b.path);
+    for candidate in candidates {
+        let decoded = match stores.states.read(&candidate).await {
+            Ok(bytes) => {
+                PartitionState::decode(&bytes, settings, partition).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match decoded {
+            Ok(state) => return Ok(Some((candidate, state))),
+            Err(error) => tracing::warn!(
+                partition,
+                state = %candidate.path,
+                %error,
+                "committed replay state skipped; trying an older one"
+            ),
+        }
+    }
+    Ok(None)
+}
+
+/// Runs one shard: folds each partition through the cutoff — from the newest
+/// committed state at or below it, reading only the archive after that state, or
+/// from the beginning of history (closing balances are cumulative) — keeps the
+/// rows of the day range and writes them as the partition's part of the staging
+/// snapshot, and writes the partition's state at the cutoff for later replays.
+/// With `max_records_per_sec`, reading is paced so that a backfill leaves the
+/// object store and the cores to the live path.
 pub async fn run_shard(
-    archive: &ArchiveStore,
-    snapshots: &SnapshotStore,
+    stores: &ReplayStores,
     settings: Settings,
     shard: &Shard,
     max_records_per_sec: Option<u64>,
     mut on_progress: impl FnMut(ShardProgress),
 ) -> Result<ShardOutput, ReplayError> {
+    let archive = &stores.archive;
     let watermarks = checked_watermarks(archive, shard.cutoff).await?;
     let mut plan = Vec::with_capacity(shard.partitions.len());
     for &partition in &shard.partitions {
-        plan.push((
-            partition,
-            partition_segments(archive, partition, shard.cutoff, &watermarks).await?,
-        ));
+        let start = if shard.from_genesis {
+            None
+        } else {
+            starting_state(stores, &settings, partition, shard.cutoff).await?
+        };
+        let after = start.as_ref().map_or(0, |(s, _)| s.cutoff);
+        let segments: Vec<CutRange> =
+            partition_segments(archive, partition, shard.cutoff, &watermarks)
+                .await?
+                .into_iter()
+                .filter(|s| s.first > after)
+                .collect();
+        plan.push((partition, start, segments));
     }
     let mut progress = ShardProgress {
-        segments_total: plan.iter().map(|(_, s)| s.len() as u64).sum(),
+        segments_total: plan.iter().map(|(_, _, s)| s.len() as u64).sum(),
         ..ShardProgress::default()
     };
     on_progress(progress);
     let started = std::time::Instant::now();
     let mut output = ShardOutput::default();
-    for (partition, segments) in plan {
-        let mut exposure = Exposure::new(settings);
+    let version_key = settings.version_key();
+    for (partition, start, segments) in plan {
+        let (started_from, mut state) = match start {
+            Some((from, state)) => (Some(from), state),
+            None => (None, PartitionState::new(partition, settings)),
+        };
         for cut in segments {
-            let (folded, read) = fold_segments(archive, exposure, partition, &[cut], |records| {
+            let (folded, read) = fold_segments(archive, state, &[cut], |records| {
                 progress.segments_done += 1;
                 progress.records_done += records;
             })
             .await?;
-            exposure = folded;
+            state = folded;
             output
                 .segments_read
                 .extend(read.into_iter().map(|r| (partition, r)));
@@ -174,15 +267,25 @@ pub async fn run_shard(
                 tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
             }
         }
-        let rows: Vec<_> = exposure
+        let rows: Vec<_> = state
             .daily_rows()
             .into_iter()
             .filter(|r| shard.from_day <= r.day && r.day <= shard.to_day)
             .collect();
-        let part = snapshots
+        let part = stores
+            .snapshots
             .put_part(&shard.snapshot_id, partition, &rows)
             .await?;
         output.parts.push((partition, part.into()));
+        let written = stores
+            .states
+            .put(&version_key, partition, shard.cutoff, state.encode().into())
+            .await?;
+        output.states.push(PartitionLineage {
+            partition,
+            started_from,
+            written,
+        });
     }
     Ok(output)
 }
@@ -215,25 +318,27 @@ pub struct ReplayRequest {
     pub to_day: Day,
     /// A watermark of the archive; None: the highest.
     pub cutoff: Option<u64>,
+    /// Fold from the beginning of history even where a committed state could serve.
+    pub from_genesis: bool,
 }
 
-/// Replays every partition in this process and commits the snapshot: fold the
-/// archive from its beginning through the cutoff (closing balances are cumulative),
-/// keep the rows of the day range, write one part per partition, then commit.
+/// Replays every partition in this process and commits the snapshot: fold each
+/// partition through the cutoff as [`run_shard`] does, keep the rows of the day
+/// range, write one part and one state per partition, then commit.
 pub async fn replay_and_commit(
-    archive: &ArchiveStore,
-    snapshots: &SnapshotStore,
+    stores: &ReplayStores,
     settings: Settings,
     request: &ReplayRequest,
     mut on_partition: impl FnMut(u32),
 ) -> Result<payledger_storage::Commit, ReplayError> {
     let cutoff = match request.cutoff {
         Some(c) => c,
-        None => latest_cutoff(archive).await?,
+        None => latest_cutoff(&stores.archive).await?,
     };
     let snapshot_id = format!("{}-{cutoff:020}", request.replay_id);
     let mut parts = Vec::new();
     let mut segments_read = Vec::new();
+    let mut states = Vec::new();
     for partition in 0..settings.partitions {
         let shard = Shard {
             snapshot_id: snapshot_id.clone(),
@@ -241,10 +346,12 @@ pub async fn replay_and_commit(
             cutoff,
             from_day: request.from_day,
             to_day: request.to_day,
+            from_genesis: request.from_genesis,
         };
-        let output = run_shard(archive, snapshots, settings, &shard, None, |_| {}).await?;
+        let output = run_shard(stores, settings, &shard, None, |_| {}).await?;
         parts.extend(output.parts.into_iter().map(|(_, p)| p));
         segments_read.extend(output.segments_read.into_iter().map(|(_, s)| s));
+        states.extend(output.states);
         on_partition(partition);
     }
     let draft = payledger_storage::CommitDraft {
@@ -258,6 +365,7 @@ pub async fn replay_and_commit(
         partitions: settings.partitions,
         parts,
         segments_read,
+        states,
     };
-    Ok(snapshots.commit(draft).await?)
+    Ok(stores.snapshots.commit(draft).await?)
 }

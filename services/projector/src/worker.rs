@@ -10,16 +10,15 @@ use futures::Stream;
 use payledger_proto::v1;
 use payledger_proto::v1::projector_service_server::{ProjectorService, ProjectorServiceServer};
 use payledger_semantics::{Day, Settings};
-use payledger_storage::{ArchiveStore, ObjectRef, SnapshotStore};
+use payledger_storage::{ObjectRef, StateRef};
 use tokio::sync::{Semaphore, mpsc};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::replay::{ReplayError, Shard, ShardProgress, run_shard};
+use crate::replay::{ReplayError, ReplayStores, Shard, ShardProgress, run_shard};
 
 pub(crate) struct Worker {
-    pub archive: ArchiveStore,
-    pub snapshots: SnapshotStore,
+    pub stores: ReplayStores,
     pub settings: Settings,
     /// Shards run at once; one more is refused rather than queued, so the
     /// coordinator can place it elsewhere.
@@ -51,6 +50,16 @@ fn written(partition: u32, object: ObjectRef) -> v1::ObjectWritten {
         rows: object.rows,
         content_hash: object.content_hash,
         partition,
+    }
+}
+
+fn state_object(s: StateRef) -> v1::StateObject {
+    v1::StateObject {
+        path: s.path,
+        partition: s.partition,
+        cutoff: s.cutoff,
+        bytes: s.bytes,
+        content_hash: s.content_hash,
     }
 }
 
@@ -124,6 +133,7 @@ impl Worker {
             cutoff: request.cutoff,
             from_day,
             to_day,
+            from_genesis: request.from_genesis,
         })
     }
 }
@@ -145,9 +155,8 @@ impl ProjectorService for Worker {
             ))
         })?;
         let (tx, rx) = mpsc::channel(64);
-        let (archive, snapshots, settings, rate, metrics) = (
-            self.archive.clone(),
-            self.snapshots.clone(),
+        let (stores, settings, rate, metrics) = (
+            self.stores.clone(),
             self.settings,
             self.max_records_per_sec,
             self.metrics.clone(),
@@ -168,7 +177,7 @@ impl ProjectorService for Worker {
                     let _ = progress_tx.try_send(Ok(update));
                 };
                 let outcome = tokio::select! {
-                    outcome = run_shard(&archive, &snapshots, settings, &shard, rate, on_progress) => outcome,
+                    outcome = run_shard(&stores, settings, &shard, rate, on_progress) => outcome,
                     _ = tx.closed() => {
                         metrics.shard("cancelled");
                         tracing::info!("caller went away; shard cancelled");
@@ -178,14 +187,37 @@ impl ProjectorService for Worker {
                 let message = match outcome {
                     Ok(output) => {
                         metrics.shard("done");
-                        tracing::info!(parts = output.parts.len(), segments = output.segments_read.len(), "shard done");
+                        let from_states = output
+                            .states
+                            .iter()
+                            .filter(|l| l.started_from.is_some())
+                            .count();
+                        tracing::info!(
+                            parts = output.parts.len(),
+                            segments = output.segments_read.len(),
+                            from_states,
+                            "shard done"
+                        );
                         Ok(v1::RunShardUpdate {
                             update: Some(v1::run_shard_update::Update::Result(v1::ShardResult {
-                                parts: output.parts.into_iter().map(|(p, o)| written(p, o)).collect(),
+                                parts: output
+                                    .parts
+                                    .into_iter()
+                                    .map(|(p, o)| written(p, o))
+                                    .collect(),
                                 segments_read: output
                                     .segments_read
                                     .into_iter()
                                     .map(|(p, o)| written(p, o))
+                                    .collect(),
+                                states: output
+                                    .states
+                                    .into_iter()
+                                    .map(|l| v1::PartitionLineage {
+                                        partition: l.partition,
+                                        started_from: l.started_from.map(state_object),
+                                        written: Some(state_object(l.written)),
+                                    })
                                     .collect(),
                             })),
                         })

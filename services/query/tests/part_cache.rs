@@ -73,6 +73,7 @@ impl Fixture {
                 partitions: parts,
                 parts: refs,
                 segments_read: Vec::new(),
+                states: Vec::new(),
             })
             .await?;
         Ok(Fixture {

@@ -38,7 +38,7 @@ use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     DAILY_BUCKET, PROGRESS_BUCKET, STREAM, ensure_buckets, wait_for_settings,
 };
-use payledger_storage::{ArchiveStore, SnapshotStore, open_store};
+use payledger_storage::{ArchiveStore, SnapshotStore, StateStore, open_store};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -327,7 +327,8 @@ pub async fn run(
         metrics,
         workers: workers.clone(),
         archive: ArchiveStore::new(store.clone(), recorded),
-        snapshots: SnapshotStore::new(store),
+        snapshots: SnapshotStore::new(store.clone()),
+        states: StateStore::new(store),
         settings,
         stream: js.get_stream(STREAM).await?,
         daily: js.get_key_value(DAILY_BUCKET).await?,

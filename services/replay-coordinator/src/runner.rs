@@ -12,7 +12,9 @@ use payledger_proto::v1::projector_service_client::ProjectorServiceClient;
 use payledger_semantics::{DailyRow, Day, SEMANTICS_VERSION, Settings};
 use payledger_server_common::auth::{Role, TokenSource, Tokens};
 use payledger_server_common::trace_context::{TraceHeaders, exported_span};
-use payledger_storage::{ArchiveStore, CommitDraft, ObjectRef, SnapshotStore};
+use payledger_storage::{
+    ArchiveStore, CommitDraft, ObjectRef, PartitionLineage, SnapshotStore, StateRef, StateStore,
+};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
@@ -34,6 +36,7 @@ pub(crate) struct Context {
     pub workers: Arc<Workers>,
     pub archive: ArchiveStore,
     pub snapshots: SnapshotStore,
+    pub states: StateStore,
     pub settings: Settings,
     pub stream: JsStream,
     pub daily: kv::Store,
@@ -369,6 +372,7 @@ async fn attempt(ctx: Arc<Context>, replay: v1::Replay, index: usize, lease: Lea
         from_day: replay.from_day.clone(),
         to_day: replay.to_day.clone(),
         version_key: replay.version_key.clone(),
+        from_genesis: replay.from_genesis,
     };
     let outcome = async {
         let result = call_worker(&ctx, &replay.replay_id, index, lease, request).await?;
@@ -379,6 +383,7 @@ async fn attempt(ctx: Arc<Context>, replay: v1::Replay, index: usize, lease: Lea
             &result,
         )
         .await?;
+        verify_states(&ctx.states, &shard.partitions, replay.cutoff, &result).await?;
         ctx.verified.keep(&replay.replay_id, parts);
         Ok(result)
     }
@@ -496,6 +501,53 @@ async fn verify(
     Ok(verified)
 }
 
+/// A shard counts only when it wrote one state per partition at the cutoff, each
+/// in storage with the size and hash it reported: a later replay starts from it.
+async fn verify_states(
+    states: &StateStore,
+    partitions: &[u32],
+    cutoff: u64,
+    result: &v1::ShardResult,
+) -> Result<(), String> {
+    let mut reported: Vec<u32> = result.states.iter().map(|s| s.partition).collect();
+    reported.sort_unstable();
+    if reported != partitions {
+        return Err(format!(
+            "the worker reported states for partitions {reported:?}, the shard has {partitions:?}"
+        ));
+    }
+    for lineage in &result.states {
+        let written = lineage
+            .written
+            .as_ref()
+            .map(state_ref)
+            .ok_or_else(|| format!("no state written for partition {}", lineage.partition))?;
+        if (written.partition, written.cutoff) != (lineage.partition, cutoff) {
+            return Err(format!(
+                "the state {} is of partition {} at {}, the shard's is partition {} at {cutoff}",
+                written.path, written.partition, written.cutoff, lineage.partition
+            ));
+        }
+        states.read(&written).await.map_err(|e| {
+            format!(
+                "state of partition {} does not verify: {e}",
+                lineage.partition
+            )
+        })?;
+    }
+    Ok(())
+}
+
+pub(crate) fn state_ref(o: &v1::StateObject) -> StateRef {
+    StateRef {
+        path: o.path.clone(),
+        partition: o.partition,
+        cutoff: o.cutoff,
+        bytes: o.bytes,
+        content_hash: o.content_hash.clone(),
+    }
+}
+
 fn object_ref(o: &v1::ObjectWritten) -> ObjectRef {
     ObjectRef {
         path: o.path.clone(),
@@ -510,12 +562,26 @@ async fn commit(ctx: &Context, replay: &v1::Replay) -> Result<payledger_storage:
     let day = |d: &str| Day::parse(d).map_err(|e| Stop::Failed(format!("day '{d}': {e}")));
     let mut parts: Vec<(u32, ObjectRef)> = Vec::new();
     let mut segments: Vec<(u32, ObjectRef)> = Vec::new();
+    let mut states: Vec<PartitionLineage> = Vec::new();
     for shard in &replay.shards {
         let result = shard
             .result
             .as_ref()
             .ok_or_else(|| Stop::Failed(format!("shard {} has no result", shard.index)))?;
         parts.extend(result.parts.iter().map(|p| (p.partition, object_ref(p))));
+        for lineage in &result.states {
+            let written = lineage.written.as_ref().ok_or_else(|| {
+                Stop::Failed(format!(
+                    "no state written for partition {}",
+                    lineage.partition
+                ))
+            })?;
+            states.push(PartitionLineage {
+                partition: lineage.partition,
+                started_from: lineage.started_from.as_ref().map(state_ref),
+                written: state_ref(written),
+            });
+        }
         segments.extend(
             result
                 .segments_read
@@ -524,6 +590,7 @@ async fn commit(ctx: &Context, replay: &v1::Replay) -> Result<payledger_storage:
         );
     }
     parts.sort_by_key(|(p, _)| *p);
+    states.sort_by_key(|l| l.partition);
     segments.sort_by(|a, b| (a.0, &a.1.path).cmp(&(b.0, &b.1.path)));
     let draft = CommitDraft {
         snapshot_id: replay.snapshot_id.clone(),
@@ -536,12 +603,55 @@ async fn commit(ctx: &Context, replay: &v1::Replay) -> Result<payledger_storage:
         partitions: ctx.settings.partitions,
         parts: parts.into_iter().map(|(_, p)| p).collect(),
         segments_read: segments.into_iter().map(|(_, s)| s).collect(),
+        states,
     };
-    Ok(ctx
+    let committed = ctx
         .snapshots
         .commit(draft)
         .await
-        .map_err(anyhow::Error::from)?)
+        .map_err(anyhow::Error::from)?;
+    // States of replays still running may be unlisted yet: keep everything at or
+    // above the lowest cutoff among them.
+    let below = ctx
+        .registry
+        .list()
+        .iter()
+        .filter(|r| {
+            r.state == i32::from(v1::ReplayState::Running) && r.replay_id != replay.replay_id
+        })
+        .map(|r| r.cutoff)
+        .fold(replay.cutoff, u64::min);
+    if let Err(e) = prune_states(ctx, below).await {
+        tracing::warn!(error = %e, "replay states left by failed replays were not pruned");
+    }
+    Ok(committed)
+}
+
+/// Deletes the replay states below `cutoff` that no commit lists (what failed or
+/// cancelled replays left); every state a commit lists, as written or as started
+/// from, is kept (docs/storage.md, "Replay states").
+async fn prune_states(ctx: &Context, cutoff: u64) -> anyhow::Result<()> {
+    let version_key = ctx.settings.version_key();
+    let commits = ctx.snapshots.commits().await?;
+    for partition in 0..ctx.settings.partitions {
+        let listed: Vec<u64> = commits
+            .iter()
+            .filter(|c| c.draft.version_key == version_key)
+            .flat_map(|c| &c.draft.states)
+            .filter(|l| l.partition == partition)
+            .flat_map(|l| {
+                std::iter::once(l.written.cutoff).chain(l.started_from.as_ref().map(|s| s.cutoff))
+            })
+            .collect();
+        let deleted = ctx
+            .states
+            .prune_unlisted(&version_key, partition, &listed, cutoff)
+            .await?;
+        if deleted > 0 {
+            tracing::info!(partition, deleted, "pruned replay states no commit lists");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -168,13 +168,14 @@ impl ReplayCoordinator for CoordinatorApi {
             created_at_us: created,
             updated_at_us: created,
             version_key: ctx.settings.version_key(),
+            from_genesis: request.from_genesis,
             ..Default::default()
         };
         ctx.registry
             .insert(replay.clone())
             .await
             .map_err(internal)?;
-        tracing::info!(replay = %replay_id, %from_day, %to_day, cutoff, reason, shards = replay.shards.len(), "replay started");
+        tracing::info!(replay = %replay_id, %from_day, %to_day, cutoff, reason, shards = replay.shards.len(), from_genesis = request.from_genesis, "replay started");
         if !ctx.drivers.start(ctx, replay_id.clone()) {
             // The Lease was lost since the check above: the replay is in the KV
             // bucket as RUNNING, and the next leader resumes it.

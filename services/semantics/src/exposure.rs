@@ -45,6 +45,23 @@ impl Exposure {
         self.apply(partition, record)
     }
 
+    /// Adds a partition folded on its own (restored from a state, say).
+    pub fn insert(&mut self, state: PartitionState) -> Result<(), SemanticsError> {
+        if *state.settings() != self.settings {
+            return Err(SemanticsError::Merge(
+                "the partition was folded under other settings".into(),
+            ));
+        }
+        if self.partitions.contains_key(&state.partition()) {
+            return Err(SemanticsError::Merge(format!(
+                "partition {} is there already",
+                state.partition()
+            )));
+        }
+        self.partitions.insert(state.partition(), state);
+        Ok(())
+    }
+
     pub fn partition(&self, partition: u32) -> Option<&PartitionState> {
         self.partitions.get(&partition)
     }

@@ -470,6 +470,11 @@ impl ArchiveStore {
         &self.stream
     }
 
+    /// The object store the archive lies in (the tables and states lie there too).
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
     fn events_dir(partition: u32) -> Path {
         Path::from(format!("archive/events/p{partition}"))
     }

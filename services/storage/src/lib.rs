@@ -9,6 +9,7 @@
 mod archive;
 mod checkpoints;
 mod snapshots;
+mod states;
 
 use std::sync::Arc;
 
@@ -21,7 +22,10 @@ pub use archive::{
     ArchiveStore, ArchivedDim, CutRange, DimRecord, SegmentInfo, TilingError, verify_tiling,
 };
 pub use checkpoints::{CheckpointStore, StoredCheckpoint};
-pub use snapshots::{Commit, CommitDraft, ObjectRef, SnapshotStore, commit_for_day};
+pub use snapshots::{
+    Commit, CommitDraft, ObjectRef, PartitionLineage, SnapshotStore, commit_for_day,
+};
+pub use states::{StateRef, StateStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

@@ -68,6 +68,19 @@ pub struct CommitDraft {
     pub partitions: u32,
     pub parts: Vec<ObjectRef>,
     pub segments_read: Vec<ObjectRef>,
+    /// Per partition: the state it started from (none: genesis) and the state it
+    /// wrote at the cutoff. Absent in the first releases' commits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub states: Vec<PartitionLineage>,
+}
+
+/// Where a partition's fold in a replay began and what it left for the next one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionLineage {
+    pub partition: u32,
+    /// None: folded from the beginning of history.
+    pub started_from: Option<crate::StateRef>,
+    pub written: crate::StateRef,
 }
 
 /// A published commit.

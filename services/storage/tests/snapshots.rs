@@ -41,6 +41,7 @@ fn draft(snapshot: &str, from: i32, to: i32, cutoff: u64) -> CommitDraft {
         partitions: 16,
         parts: Vec::new(),
         segments_read: Vec::new(),
+        states: Vec::new(),
     }
 }
 
