@@ -13,28 +13,6 @@ use payledger_server_common::local_nats::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
-async fn scrape(address: &str) -> anyhow::Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(address).await?;
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    anyhow::ensure!(response.starts_with("HTTP/1.1 200"), "{response}");
-    Ok(response)
-}
-
-/// The value of the sample whose name and labels start with `prefix`.
-fn value(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 struct Scraped {
     address: String,
 }
@@ -129,9 +107,9 @@ async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
     let again = events[..5].iter().cloned().chain([event(99, 0)]).collect();
     log.publish(&mut client, again).await?;
 
-    let ingest_text = scrape(&ingest_m.address).await?;
+    let ingest_text = payledger_e2e::scrape_metrics(&ingest_m.address).await?;
     assert_eq!(
-        value(
+        payledger_e2e::metric_value(
             &ingest_text,
             "payledger_ingest_events_total{outcome=\"accepted\"}"
         ),
@@ -139,28 +117,28 @@ async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
         "{ingest_text}"
     );
     assert_eq!(
-        value(
+        payledger_e2e::metric_value(
             &ingest_text,
             "payledger_ingest_events_total{outcome=\"duplicate\"}"
         ),
         Some(5.0)
     );
     assert_eq!(
-        value(
+        payledger_e2e::metric_value(
             &ingest_text,
             "payledger_ingest_events_total{outcome=\"rejected\"}"
         ),
         Some(1.0)
     );
     assert_eq!(
-        value(&ingest_text, "payledger_ingest_publish_seconds_count"),
+        payledger_e2e::metric_value(&ingest_text, "payledger_ingest_publish_seconds_count"),
         Some(2.0)
     );
 
     // The projector catches up: no lag, a checkpoint, freshness observed.
     let deadline = Instant::now() + Duration::from_secs(20);
     let projector_text = loop {
-        let text = scrape(&projector_m.address).await?;
+        let text = payledger_e2e::scrape_metrics(&projector_m.address).await?;
         let applied: f64 = text
             .lines()
             .filter(|l| l.starts_with("payledger_projector_applied_sequence{"))
@@ -192,7 +170,7 @@ async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
         "{projector_text}"
     );
     assert!(owned.iter().all(|l| l.ends_with(" 1")), "{owned:?}");
-    let checkpoint = value(
+    let checkpoint = payledger_e2e::metric_value(
         &projector_text,
         "payledger_projector_checkpoint_timestamp_seconds{",
     )
@@ -201,13 +179,14 @@ async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
         (checkpoint - now_us() as f64 / 1e6).abs() < 60.0,
         "checkpoint time is now: {checkpoint}"
     );
-    let fresh_count = value(
+    let fresh_count = payledger_e2e::metric_value(
         &projector_text,
         "payledger_projector_freshness_seconds_count",
     )
     .expect("freshness");
     let fresh_sum =
-        value(&projector_text, "payledger_projector_freshness_seconds_sum").expect("freshness");
+        payledger_e2e::metric_value(&projector_text, "payledger_projector_freshness_seconds_sum")
+            .expect("freshness");
     assert!(
         fresh_count >= 1.0 && fresh_sum / fresh_count < 10.0,
         "{fresh_sum} / {fresh_count}"
@@ -260,9 +239,9 @@ async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
     // Seven merchant-days, equal on both sides (the coordinator started before any
     // row existed, so this also checks that it reads the stream rows afresh).
     assert_eq!(done.reconciliation.map(|r| r.rows_equal), Some(7));
-    let coordinator_text = scrape(&coordinator_m.address).await?;
+    let coordinator_text = payledger_e2e::scrape_metrics(&coordinator_m.address).await?;
     assert!(
-        value(
+        payledger_e2e::metric_value(
             &coordinator_text,
             "payledger_replays{state=\"REPLAY_STATE_SUCCEEDED\"}"
         )
@@ -271,30 +250,30 @@ async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
         "{coordinator_text}"
     );
     assert_eq!(
-        value(
+        payledger_e2e::metric_value(
             &coordinator_text,
             "payledger_reconciliation_differences{kind=\"divergent\"}"
         ),
         Some(0.0)
     );
     assert_eq!(
-        value(
+        payledger_e2e::metric_value(
             &coordinator_text,
             "payledger_reconciliation_differences{kind=\"missing\"}"
         ),
         Some(0.0)
     );
     assert!(
-        value(
+        payledger_e2e::metric_value(
             &coordinator_text,
             "payledger_replay_last_commit_timestamp_seconds"
         )
         .unwrap_or(0.0)
             > 1.7e9
     );
-    let projector_text = scrape(&projector_m.address).await?;
+    let projector_text = payledger_e2e::scrape_metrics(&projector_m.address).await?;
     assert!(
-        value(
+        payledger_e2e::metric_value(
             &projector_text,
             "payledger_replay_shards_total{outcome=\"done\"}"
         )
@@ -317,9 +296,9 @@ async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
             ..Default::default()
         })
         .await?;
-    let query_text = scrape(&query_m.address).await?;
+    let query_text = payledger_e2e::scrape_metrics(&query_m.address).await?;
     assert!(
-        value(
+        payledger_e2e::metric_value(
             &query_text,
             "payledger_query_seconds_count{method=\"GetDailyExposure\",source=\"replay\"}"
         )
@@ -327,12 +306,12 @@ async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
             >= 2.0,
         "{query_text}"
     );
-    let memory = value(
+    let memory = payledger_e2e::metric_value(
         &query_text,
         "payledger_query_part_cache_reads_total{tier=\"memory\"}",
     )
     .unwrap_or(0.0);
-    let object_store = value(
+    let object_store = payledger_e2e::metric_value(
         &query_text,
         "payledger_query_part_cache_reads_total{tier=\"object_store\"}",
     )

@@ -449,7 +449,9 @@ fn print_provenance(p: Option<&v1::Provenance>) {
         .map(|s| s.as_str_name())
         .unwrap_or("?");
     let lag = p.stream_lag.as_ref().map_or("unknown".to_string(), |l| {
-        if l.known {
+        if !l.refused.is_empty() {
+            format!("p{} NOT CURRENT: {}", l.partition, l.refused)
+        } else if l.known {
             format!(
                 "p{} applied through seq {}, {} pending, reported {} ms ago",
                 l.partition,
@@ -667,14 +669,15 @@ fn json_provenance(p: Option<&v1::Provenance>) -> serde_json::Value {
     let Some(p) = p else {
         return serde_json::Value::Null;
     };
-    let lag = p.stream_lag.unwrap_or_default();
+    let lag = p.stream_lag.clone().unwrap_or_default();
     serde_json::json!({
         "source": v1::Source::try_from(p.source).map(|s| s.as_str_name()).unwrap_or("?"),
         "provisional": p.provisional, "restated": p.restated, "snapshot_id": p.snapshot_id,
         "log_position": p.log_position, "semantics_version": p.semantics_version,
         "version_key": p.version_key,
         "stream_lag": {"partition": lag.partition, "known": lag.known, "applied_sequence": lag.applied_sequence,
-                        "pending_records": lag.pending_records, "report_age_us": lag.report_age_us},
+                        "pending_records": lag.pending_records, "report_age_us": lag.report_age_us,
+                        "refused": lag.refused},
     })
 }
 

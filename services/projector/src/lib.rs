@@ -11,6 +11,7 @@
 //! Replay mode serves `ProjectorService.RunShard`: the same fold over the archive,
 //! one shard of a replay at a time, written as snapshot parts (see `replay`).
 
+mod bootstrap;
 mod lease;
 mod metrics;
 mod partition;
@@ -66,8 +67,9 @@ pub struct ProjectorConfig {
     /// Object storage for checkpoints: a directory, file:///path or s3://bucket/prefix.
     #[arg(long, env = "PAYLEDGER_STORE", default_value = "./data")]
     pub store: String,
-    /// Object storage holding the archive and the authoritative table, which
-    /// RunShard reads and writes; default: --store.
+    /// Object storage holding the archive, the authoritative table and the replay
+    /// states, which RunShard reads and writes and a partition without a usable
+    /// checkpoint starts from; default: --store.
     #[arg(long, env = "PAYLEDGER_ARCHIVE_STORE")]
     pub archive_store: Option<String>,
     /// Shards this worker runs at once; more are refused with RESOURCE_EXHAUSTED.
@@ -263,6 +265,12 @@ pub async fn run(
             config.ack_timeout,
         ),
     );
+    // The archive and the committed replay states: where a partition starts when
+    // it has no usable checkpoint, and what fills in what the log lost.
+    let stores = replay::ReplayStores::at(
+        open_store(config.archive_store.as_deref().unwrap_or(&config.store))?,
+        stream,
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let leases = lease::PartitionLeases::new(
         js.get_key_value(LEASE_BUCKET).await?,
@@ -277,6 +285,7 @@ pub async fn run(
             settings,
             js: js.clone(),
             checkpoints: checkpoints.clone(),
+            stores: stores.clone(),
             rows: rows.clone(),
             progress: js.get_key_value(PROGRESS_BUCKET).await?,
             tuning: tuning.clone(),
@@ -289,9 +298,8 @@ pub async fn run(
         )));
     }
     let (routes, served_names) = if config.mode.replays() {
-        let store = open_store(config.archive_store.as_deref().unwrap_or(&config.store))?;
         let worker = worker::Worker {
-            stores: replay::ReplayStores::at(store, stream),
+            stores,
             settings,
             running: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_shards.into(),

@@ -16,6 +16,8 @@ pub(crate) struct ProjectorMetrics {
     owned: Family<Labels, Gauge>,
     leases_lost: Family<Labels, Counter>,
     leases_taken_over: Family<Labels, Counter>,
+    refused: Family<Labels, Gauge>,
+    bootstrap_segments: Family<Labels, Counter>,
     pub shards: Family<Labels, Counter>,
 }
 
@@ -33,6 +35,8 @@ impl ProjectorMetrics {
             owned: Family::default(),
             leases_lost: Family::default(),
             leases_taken_over: Family::default(),
+            refused: Family::default(),
+            bootstrap_segments: Family::default(),
             shards: Family::default(),
         };
         registry.register(
@@ -71,6 +75,16 @@ impl ProjectorMetrics {
             m.leases_taken_over.clone(),
         );
         registry.register(
+            "payledger_projector_partition_refused",
+            "1 while the partition is refused: records after its starting point are in neither the log nor the archive",
+            m.refused.clone(),
+        );
+        registry.register(
+            "payledger_projector_bootstrap_segments_read",
+            "Archive segments read to fill in what the log no longer held, when a partition started",
+            m.bootstrap_segments.clone(),
+        );
+        registry.register(
             "payledger_replay_shards",
             "Replay shards this worker ran, by outcome (done, failed, cancelled)",
             m.shards.clone(),
@@ -106,6 +120,16 @@ impl ProjectorMetrics {
 
     pub fn lease_taken_over(&self, p: u32) {
         self.leases_taken_over.get_or_create(&partition(p)).inc();
+    }
+
+    pub fn refused(&self, p: u32, refused: bool) {
+        self.refused
+            .get_or_create(&partition(p))
+            .set(refused.into());
+    }
+
+    pub fn bootstrap_segment_read(&self, p: u32) {
+        self.bootstrap_segments.get_or_create(&partition(p)).inc();
     }
 
     pub fn shard(&self, outcome: &'static str) {

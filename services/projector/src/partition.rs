@@ -16,13 +16,15 @@ use futures::StreamExt;
 use payledger_proto::{current_row_to_proto, daily_row_to_proto, record_from_log, v1};
 use payledger_semantics::{Currency, Day, PartitionState, RecordBody, Settings, Status, Touched};
 use payledger_server_common::topology::{
-    STREAM, current_key, daily_key, event_subject, progress_key,
+    DAILY_BUCKET, STREAM, current_key, daily_key, event_subject, progress_key,
 };
 use payledger_server_common::trace_context::{self, SpanLink};
 use payledger_storage::CheckpointStore;
 use prost::Message;
 use tokio::sync::watch;
 
+use crate::bootstrap::{self, Refused, Source};
+use crate::replay::ReplayStores;
 use crate::rows::{RowSink, RowWrite, StoreTicket};
 
 #[derive(Clone, Debug)]
@@ -42,6 +44,8 @@ pub(crate) struct PartitionContext {
     pub settings: Settings,
     pub js: jetstream::Context,
     pub checkpoints: CheckpointStore,
+    /// The archive, and the committed replay states a partition may start from.
+    pub stores: ReplayStores,
     pub rows: RowSink,
     pub progress: kv::Store,
     pub tuning: Arc<Tuning>,
@@ -236,6 +240,7 @@ impl Projection {
             pending_records: self.pending_records,
             written_at_us: now_us(),
             version_key: self.ctx.settings.version_key(),
+            refused: String::new(),
         };
         self.ctx
             .progress
@@ -272,41 +277,123 @@ impl Projection {
     }
 }
 
+/// Fails when the log no longer holds the record right after `covered`: then the
+/// partition starts again, reading the archive further.
+async fn hand_over_holds(
+    stream: &mut jetstream::stream::Stream,
+    partition: u32,
+    covered: u64,
+) -> anyhow::Result<()> {
+    let log_first = stream.info().await?.state.first_sequence;
+    anyhow::ensure!(
+        log_first <= covered + 1,
+        "the log's head moved to {log_first} while partition {partition} was handed over after {covered}; starting it again"
+    );
+    Ok(())
+}
+
+async fn rows_are_empty(ctx: &PartitionContext) -> anyhow::Result<bool> {
+    let mut daily = ctx.js.get_stream(format!("KV_{DAILY_BUCKET}")).await?;
+    Ok(daily.info().await?.state.messages == 0)
+}
+
+/// Writes every row of the state (fenced: a stored row with a higher log
+/// position stays) and waits until they are stored.
+async fn write_every_row(ctx: &PartitionContext, state: &PartitionState) -> anyhow::Result<()> {
+    let daily: Vec<RowWrite> = state
+        .daily_rows()
+        .iter()
+        .map(|r| RowWrite {
+            key: daily_key(&r.merchant_id, r.day, r.currency),
+            log_position: r.log_position,
+            value: daily_row_to_proto(r).encode_to_vec().into(),
+        })
+        .collect();
+    let current: Vec<RowWrite> = state
+        .current_rows()
+        .iter()
+        .map(|r| RowWrite {
+            key: current_key(&r.merchant_id, r.currency),
+            log_position: r.log_position,
+            value: current_row_to_proto(r).encode_to_vec().into(),
+        })
+        .collect();
+    let (daily_rows, current_rows) = (daily.len(), current.len());
+    if let Some(ticket) = ctx.rows.submit(daily, current, Vec::new()).await? {
+        ticket.stored().await?;
+    }
+    tracing::info!(
+        partition = ctx.partition,
+        daily_rows,
+        current_rows,
+        "wrote every row the state holds"
+    );
+    Ok(())
+}
+
+/// Tells the query service (through the progress bucket) that the partition is
+/// refused and why; best effort, the log line and the metric say it anyway.
+async fn report_refused(ctx: &PartitionContext, refused: &Refused) {
+    let progress = v1::PartitionProgress {
+        partition: ctx.partition,
+        written_at_us: now_us(),
+        version_key: ctx.settings.version_key(),
+        refused: refused.to_string(),
+        ..Default::default()
+    };
+    if let Err(e) = ctx
+        .progress
+        .put(progress_key(ctx.partition), progress.encode_to_vec().into())
+        .await
+    {
+        tracing::warn!(partition = ctx.partition, error = %e, "could not report the refusal to the progress bucket");
+    }
+}
+
 /// Runs until `stop` turns true (then flushes and checkpoints) or an error occurs.
 pub(crate) async fn run(
     ctx: PartitionContext,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let partition = ctx.partition;
-    let state = match ctx.checkpoints.latest(partition).await? {
-        Some(stored) => {
-            let state = PartitionState::decode(&stored.bytes, &ctx.settings, partition)
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "checkpoint {} of partition {partition}: {e}; move it away to rebuild the partition from the log",
-                        stored.path
-                    )
-                })?;
-            tracing::info!(
-                partition,
-                checkpoint_seq = stored.seq,
-                checkpoint = %stored.path,
-                identities = state.identities_remembered(),
-                "restored checkpoint"
-            );
-            state
-        }
-        None => PartitionState::new(partition, ctx.settings),
-    };
+    let (state, source) =
+        bootstrap::restore(partition, &ctx.settings, &ctx.checkpoints, &ctx.stores).await?;
     let restored_seq = state.last_seq();
-    let deliver_policy = if restored_seq == 0 {
+    tracing::info!(
+        partition,
+        from = %source,
+        seq = restored_seq,
+        identities = state.identities_remembered(),
+        "restored partition"
+    );
+    let mut stream = ctx.js.get_stream(STREAM).await?;
+    let (state, covered) =
+        match bootstrap::catch_up(state, &source, &mut stream, &ctx.stores, &ctx.metrics).await {
+            Ok(caught_up) => caught_up,
+            Err(e) => {
+                if let Some(refused) = e.downcast_ref::<Refused>() {
+                    tracing::error!(partition, error = %refused, "partition refused");
+                    ctx.metrics.refused(partition, true);
+                    report_refused(&ctx, refused).await;
+                }
+                return Err(e);
+            }
+        };
+    ctx.metrics.refused(partition, false);
+    // Rows the state holds that the tables may lack: every row after a start from
+    // anything but its own checkpoint, after reading the archive, or into empty
+    // row buckets (checkpoints only claim rows that were stored).
+    let own_checkpoint = matches!(source, Source::Checkpoint(_));
+    if !own_checkpoint || covered > restored_seq || rows_are_empty(&ctx).await? {
+        write_every_row(&ctx, &state).await?;
+    }
+    let deliver_policy = if covered == 0 {
         DeliverPolicy::All
     } else {
         DeliverPolicy::ByStartSequence {
-            start_sequence: restored_seq + 1,
+            start_sequence: covered + 1,
         }
     };
-    let stream = ctx.js.get_stream(STREAM).await?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: event_subject(partition),
@@ -314,6 +401,7 @@ pub(crate) async fn run(
             ..Default::default()
         })
         .await?;
+    hand_over_holds(&mut stream, partition, covered).await?;
     let mut messages = consumer.messages().await?;
 
     let mut p = Projection {
@@ -327,7 +415,7 @@ pub(crate) async fn run(
         reported_seq: 0,
         in_flight: None,
         last_ingest_time_us: 0,
-        durable_seq: restored_seq,
+        durable_seq: covered,
         traced: Vec::new(),
     };
     let mut first_applied: Option<u64> = None;
@@ -354,6 +442,10 @@ pub(crate) async fn run(
             .info()
             .map_err(|e| anyhow::anyhow!("message without metadata: {e}"))?;
         let seq = info.stream_sequence;
+        if first_applied.is_none() && seq > covered + 1 {
+            // The head may have moved past the hand-over point since it was checked.
+            hand_over_holds(&mut stream, partition, covered).await?;
+        }
         p.pending_records = info.pending;
         {
             // A record that ingest published inside a trace is applied in a span of that

@@ -85,11 +85,26 @@ impl QueryApi {
                 applied_sequence: p.applied_sequence,
                 pending_records: p.pending_records,
                 report_age_us: seen.elapsed().as_micros() as i64,
+                refused: p.refused.clone(),
             },
             None => v1::StreamLag {
                 partition,
                 ..Default::default()
             },
+        }
+    }
+
+    /// Refuses a stream answer for a merchant whose partition the projector
+    /// refused: whatever rows the tables hold for it may miss records.
+    fn unless_refused(&self, merchant_id: &str) -> Result<(), Status> {
+        let partition = partition_of(merchant_id, self.settings.partitions);
+        let progress = self.tables.progress.read().expect("progress lock");
+        match progress.get(&partition) {
+            Some((p, _)) if !p.refused.is_empty() => Err(Status::failed_precondition(format!(
+                "the stream tables of partition {partition} are not current: {}",
+                p.refused
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -135,6 +150,7 @@ impl QueryApi {
         day: Day,
         rows: Vec<v1::DailyRow>,
     ) -> Result<Answer, Status> {
+        self.unless_refused(merchant_id)?;
         let parsed = rows
             .iter()
             .map(daily_row_from_proto)
@@ -321,6 +337,7 @@ impl QueryService for QueryApi {
         let started = std::time::Instant::now();
         let merchant_id = request.into_inner().merchant_id;
         merchant("merchant_id", &merchant_id)?;
+        self.unless_refused(&merchant_id)?;
         let exposure = self.current_exposure(&merchant_id);
         let source = if exposure.rows.is_empty() {
             "none"

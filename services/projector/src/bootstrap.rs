@@ -1,0 +1,141 @@
+//! Where a partition starts, and how the archive fills in what the log no longer
+//! holds (docs/operations.md, "History longer than the log").
+//!
+//! A partition starts from its newest usable checkpoint, else from the newest
+//! committed replay state of its version key, else from nothing. If the log's
+//! head has moved past that point (`max_age`, a purge), the records in between are
+//! read from the archive, cut by cut, until the archive reaches what the log
+//! still holds; the same sequence numbers on both sides, so there is nothing to
+//! align. The head is looked at again after every cut, since it may move
+//! meanwhile. When the archive does not reach the log's head either, the records
+//! in between are gone: the partition is refused, never folded from a partial
+//! history.
+
+use async_nats::jetstream;
+use payledger_semantics::{PartitionState, Settings};
+use payledger_storage::{CheckpointStore, verify_tiling};
+
+use crate::metrics::ProjectorMetrics;
+use crate::replay::{ReplayStores, fold_segments, starting_state};
+
+/// What a partition started from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Its own checkpoint (its path).
+    Checkpoint(String),
+    /// A committed replay state (its path).
+    ReplayState(String),
+    /// Nothing: the beginning of history.
+    Genesis,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Checkpoint(path) => write!(f, "checkpoint {path}"),
+            Source::ReplayState(path) => write!(f, "replay state {path}"),
+            Source::Genesis => write!(f, "the beginning of history"),
+        }
+    }
+}
+
+/// Records the partition needs that neither the log nor the archive holds.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "partition {partition} cannot be projected: it needs records {from} to {to}, which the log no longer holds \
+     (its first sequence is {log_first}) and the archive does not reach (its highest watermark is {watermark}); \
+     started from {started_from}. Nothing of it is served as current. Restore the archive's segments through {to}, \
+     or start from a checkpoint or committed replay state at or after {to} (see docs/operations.md)"
+)]
+pub(crate) struct Refused {
+    pub partition: u32,
+    pub from: u64,
+    pub to: u64,
+    pub log_first: u64,
+    pub watermark: u64,
+    pub started_from: Source,
+}
+
+/// The newest checkpoint of the partition that decodes under `settings`, else
+/// the newest committed replay state that does, else an empty state.
+pub(crate) async fn restore(
+    partition: u32,
+    settings: &Settings,
+    checkpoints: &CheckpointStore,
+    stores: &ReplayStores,
+) -> anyhow::Result<(PartitionState, Source)> {
+    if let Some(stored) = checkpoints.latest(partition).await? {
+        match PartitionState::decode(&stored.bytes, settings, partition) {
+            Ok(state) => return Ok((state, Source::Checkpoint(stored.path))),
+            Err(e) => tracing::warn!(
+                partition,
+                checkpoint = %stored.path,
+                error = %e,
+                "checkpoint not usable; starting from a committed replay state or the archive instead"
+            ),
+        }
+    }
+    match starting_state(stores, settings, partition, u64::MAX).await? {
+        Some((from, state)) => Ok((state, Source::ReplayState(from.path))),
+        None => Ok((PartitionState::new(partition, *settings), Source::Genesis)),
+    }
+}
+
+/// Reads from the archive what the log lost after the state, until the log's
+/// head is within reach. Returns the state and the sequence the log takes over
+/// after (records of the partition through it are in the state).
+pub(crate) async fn catch_up(
+    mut state: PartitionState,
+    source: &Source,
+    stream: &mut jetstream::stream::Stream,
+    stores: &ReplayStores,
+    metrics: &ProjectorMetrics,
+) -> Result<(PartitionState, u64), anyhow::Error> {
+    let partition = state.partition();
+    // Records of the partition through `covered` are in the state.
+    let mut covered = state.last_seq();
+    let mut segments_read = 0u64;
+    loop {
+        let log_first = stream.info().await?.state.first_sequence;
+        if log_first <= covered + 1 {
+            if segments_read > 0 {
+                tracing::info!(
+                    partition,
+                    segments_read,
+                    hand_over_after = covered,
+                    log_first,
+                    "filled in from the archive what the log no longer holds"
+                );
+            }
+            return Ok((state, covered));
+        }
+        let watermarks = stores.archive.watermarks().await?;
+        let watermark = watermarks.last().copied().unwrap_or(0);
+        if watermark <= covered {
+            return Err(Refused {
+                partition,
+                from: covered + 1,
+                to: log_first - 1,
+                log_first,
+                watermark,
+                started_from: source.clone(),
+            }
+            .into());
+        }
+        let segments = stores.archive.event_segments(partition).await?;
+        verify_tiling(&segments, &watermarks, watermark).map_err(|e| {
+            anyhow::anyhow!("the archive of partition {partition} is not whole: {e}")
+        })?;
+        let due: Vec<_> = segments
+            .into_iter()
+            .filter(|s| s.last > covered && s.last <= watermark)
+            .collect();
+        let (folded, read) = fold_segments(&stores.archive, state, &due, |_| {
+            metrics.bootstrap_segment_read(partition)
+        })
+        .await?;
+        state = folded;
+        segments_read += read.len() as u64;
+        covered = watermark;
+    }
+}
