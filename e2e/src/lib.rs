@@ -98,6 +98,11 @@ impl Service {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The exit status if the process has ended, None while it runs.
+    pub fn exited(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
 }
 
 impl Drop for Service {
@@ -125,6 +130,29 @@ impl Harness {
 
     pub fn store(&self) -> String {
         self.dir.path().join("store").display().to_string()
+    }
+
+    /// SIGKILLs nats-server and starts it again on the same port and JetStream
+    /// store, as a crashed node comes back: clients reconnect to the same address.
+    pub fn restart_nats_hard(&mut self) -> anyhow::Result<()> {
+        self.restart_nats(false)
+    }
+
+    /// [`Harness::restart_nats_hard`] with the JetStream store deleted in between:
+    /// a node replaced by an empty one at the same address.
+    pub fn restart_nats_wiped(&mut self) -> anyhow::Result<()> {
+        self.restart_nats(true)
+    }
+
+    fn restart_nats(&mut self, wipe: bool) -> anyhow::Result<()> {
+        let port = self.nats.port();
+        let dir = self.dir.path().join("nats");
+        self.nats.stop();
+        if wipe {
+            std::fs::remove_dir_all(dir.join("jetstream"))?;
+        }
+        self.nats = LocalNats::start_on(&dir, port)?;
+        Ok(())
     }
 
     /// Starts `binary` with `args` plus `--listen` and `--nats-url`, and waits for
