@@ -169,6 +169,20 @@ impl Harness {
         args: &[&str],
         env: &[(String, String)],
     ) -> anyhow::Result<Service> {
+        let nats_url = self.nats.url();
+        self.spawn_with_nats_url(binary_name, &nats_url, args, env)
+            .await
+    }
+
+    /// [`Harness::spawn_with_env`] with `--nats-url nats_url` instead of this
+    /// harness's nats-server (a list of servers, say).
+    pub async fn spawn_with_nats_url(
+        &mut self,
+        binary_name: &str,
+        nats_url: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Service> {
         self.services += 1;
         let addr = format!("127.0.0.1:{}", free_port()?);
         let log = self
@@ -176,7 +190,7 @@ impl Harness {
             .path()
             .join(format!("{binary_name}-{}.log", self.services));
         let child = Command::new(binary(binary_name)?)
-            .args(["--listen", &addr, "--nats-url", &self.nats.url()])
+            .args(["--listen", &addr, "--nats-url", nats_url])
             .args(args)
             .env("RUST_LOG", "info")
             .envs(env.iter().map(|(k, v)| (k, v)))

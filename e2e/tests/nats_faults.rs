@@ -1,11 +1,13 @@
 //! NATS going away under the services, against the real binaries: a nats-server
-//! that crashes and comes back on the same port and store.
+//! that crashes and comes back on the same port and store, and a server list whose
+//! first node is down.
 
 use std::time::{Duration, Instant};
 
 use payledger_e2e::{Harness, assert_converges, ingest_client, now_us, query_client, read_log};
 use payledger_proto::v1::{self, EventKind, ingest_service_client::IngestServiceClient};
 use payledger_semantics::{Exposure, Settings};
+use payledger_server_common::local_nats::free_port;
 use tonic::transport::Channel;
 
 const MINUTE_US: i64 = 60_000_000;
@@ -197,5 +199,27 @@ async fn query_stops_cleanly_when_its_buckets_come_back_empty() -> anyhow::Resul
     for line in log.lines().skip_while(|l| !l.contains("ERROR")).take(8) {
         eprintln!("  {line}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_list_whose_first_node_is_down_connects_to_the_next() -> anyhow::Result<()> {
+    let mut h = Harness::start()?;
+    // Nothing listens on `down`: bound once to find it free, then released.
+    let down = format!("nats://127.0.0.1:{}", free_port()?);
+    let servers = format!("{down},{}", h.nats.url());
+    let ingest = h
+        .spawn_with_nats_url("payledger-ingest", &servers, &INGEST_ARGS, &[])
+        .await?;
+    let mut client = ingest_client(&ingest.url()).await?;
+    // Accepted means stored by JetStream, so the list reached the live node.
+    publish_round(&mut client, 0).await?;
+    let stored = read_log(&h.nats.url()).await?;
+    anyhow::ensure!(
+        stored.len() == round_events(0).len(),
+        "{} messages in the stream of the live node, expected {}",
+        stored.len(),
+        round_events(0).len()
+    );
     Ok(())
 }
