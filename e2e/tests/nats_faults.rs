@@ -1,10 +1,13 @@
 //! NATS going away under the services, against the real binaries: a nats-server
-//! that crashes and comes back on the same port and store, and a server list whose
-//! first node is down.
+//! that crashes and comes back on the same port and store, a server list whose
+//! first node is down, and `payledger dev` stopped with SIGTERM.
 
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use payledger_e2e::{Harness, assert_converges, ingest_client, now_us, query_client, read_log};
+use payledger_e2e::{
+    Harness, assert_converges, binary, ingest_client, now_us, query_client, read_log, wait_healthy,
+};
 use payledger_proto::v1::{self, EventKind, ingest_service_client::IngestServiceClient};
 use payledger_semantics::{Exposure, Settings};
 use payledger_server_common::local_nats::free_port;
@@ -220,6 +223,148 @@ async fn a_server_list_whose_first_node_is_down_connects_to_the_next() -> anyhow
         "{} messages in the stream of the live node, expected {}",
         stored.len(),
         round_events(0).len()
+    );
+    Ok(())
+}
+
+/// Kills a process left behind, so a failing test does not leak it.
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0
+            && alive(pid)
+        {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// A child process killed when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Running and not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// The pids of the children of `parent` whose command is `name`.
+fn children_named(parent: u32, name: &str) -> anyhow::Result<Vec<u32>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let comm = head.split_once(" (").map(|(_, c)| c).unwrap_or_default();
+        let ppid = rest.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if comm == name && ppid == Some(parent) {
+            found.push(pid);
+        }
+    }
+    Ok(found)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payledger_dev_stopped_with_sigterm_stops_its_nats_server() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("dev");
+    let address = || -> anyhow::Result<String> { Ok(format!("127.0.0.1:{}", free_port()?)) };
+    let (ingest, query, projector, coordinator) = (address()?, address()?, address()?, address()?);
+    let workers = format!("{},{}", address()?, address()?);
+    let log = dir.path().join("dev.log");
+    let mut dev = Running(
+        Command::new(binary("payledger")?)
+            .arg("dev")
+            .arg("--data")
+            .arg(&data)
+            .args([
+                "--ingest",
+                &ingest,
+                "--query",
+                &query,
+                "--projector",
+                &projector,
+            ])
+            .args(["--coordinator", &coordinator, "--workers", &workers])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
+    );
+    let dev_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let pid = dev.0.id();
+    for url in [&ingest, &query] {
+        if let Err(e) = wait_healthy(&format!("http://{url}"), Duration::from_secs(60)).await {
+            anyhow::bail!("payledger dev never served: {e}\n{}", dev_log());
+        }
+    }
+    let nats = children_named(pid, "nats-server")?;
+    anyhow::ensure!(
+        nats.len() == 1,
+        "payledger dev runs one nats-server, found {nats:?}"
+    );
+    let nats_pid = nats[0];
+    let _leak_guard = KillOnDrop(Some(nats_pid));
+    let config = std::fs::read_to_string(data.join("nats/nats.conf"))?;
+    let nats_port: u16 = config
+        .lines()
+        .find_map(|l| l.strip_prefix("listen: 127.0.0.1:"))
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no listen port in nats.conf:\n{config}"))?;
+
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = dev.0.try_wait()? {
+            break exit;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "payledger dev did not exit within 30 s of SIGTERM:\n{}",
+            dev_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    anyhow::ensure!(
+        !alive(nats_pid),
+        "payledger dev exited ({exit}) and left its nats-server (pid {nats_pid}) running"
+    );
+    anyhow::ensure!(
+        std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err(),
+        "something still listens on the nats-server's port {nats_port}"
+    );
+    anyhow::ensure!(
+        exit.success(),
+        "payledger dev exited with {exit} on SIGTERM:\n{}",
+        dev_log()
     );
     Ok(())
 }
