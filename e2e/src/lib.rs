@@ -99,6 +99,11 @@ impl Service {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The exit status if the process has ended, None while it runs.
+    pub fn exited(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
 }
 
 impl Drop for Service {
@@ -142,6 +147,29 @@ impl Harness {
         self.dir.path().join("store").display().to_string()
     }
 
+    /// SIGKILLs nats-server and starts it again on the same port and JetStream
+    /// store, as a crashed node comes back: clients reconnect to the same address.
+    pub fn restart_nats_hard(&mut self) -> anyhow::Result<()> {
+        self.restart_nats(false)
+    }
+
+    /// [`Harness::restart_nats_hard`] with the JetStream store deleted in between:
+    /// a node replaced by an empty one at the same address.
+    pub fn restart_nats_wiped(&mut self) -> anyhow::Result<()> {
+        self.restart_nats(true)
+    }
+
+    fn restart_nats(&mut self, wipe: bool) -> anyhow::Result<()> {
+        let port = self.nats.port();
+        let dir = self.dir.path().join("nats");
+        self.nats.stop();
+        if wipe {
+            std::fs::remove_dir_all(dir.join("jetstream"))?;
+        }
+        self.nats = LocalNats::start_on(&dir, port)?;
+        Ok(())
+    }
+
     /// Starts `binary` with `args` plus `--listen` and `--nats-url`, and waits for
     /// its gRPC health service to answer SERVING.
     pub async fn spawn(&mut self, binary_name: &str, args: &[&str]) -> anyhow::Result<Service> {
@@ -156,6 +184,20 @@ impl Harness {
         args: &[&str],
         env: &[(String, String)],
     ) -> anyhow::Result<Service> {
+        let nats_url = self.nats.url();
+        self.spawn_with_nats_url(binary_name, &nats_url, args, env)
+            .await
+    }
+
+    /// [`Harness::spawn_with_env`] with `--nats-url nats_url` instead of this
+    /// harness's nats-server (a list of servers, say).
+    pub async fn spawn_with_nats_url(
+        &mut self,
+        binary_name: &str,
+        nats_url: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Service> {
         self.services += 1;
         let addr = format!("127.0.0.1:{}", free_port()?);
         let log = self
@@ -163,7 +205,7 @@ impl Harness {
             .path()
             .join(format!("{binary_name}-{}.log", self.services));
         let child = Command::new(binary(binary_name)?)
-            .args(["--listen", &addr, "--nats-url", &self.nats.url()])
+            .args(["--listen", &addr, "--nats-url", nats_url])
             .args(args)
             .env("RUST_LOG", "info")
             .envs(env.iter().map(|(k, v)| (k, v)))

@@ -390,6 +390,11 @@ fn check_rejected(what: &str, result: &v1::PublishResult, code: Code, field: &st
             );
             assert_eq!(r.field, field, "{what}: field; message: {}", r.message);
             assert!(
+                r.message.starts_with(&format!("{field}:")),
+                "{what}: the message {:?} does not start with the field {field}",
+                r.message
+            );
+            assert!(
                 r.message.contains(says),
                 "{what}: the message {:?} does not say {says:?}",
                 r.message
@@ -482,12 +487,13 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() -> anyhow::Result
         .publish(request)
         .await
         .expect_err("a request over --max-request-bytes is refused whole");
-    // tonic refuses an oversized message with OUT_OF_RANGE (gRPC's own
-    // implementations use RESOURCE_EXHAUSTED) and names the limit.
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // INVALID_ARGUMENT, as ingest.proto promises for a call over a limit, naming
+    // the limit and the setting that raises it.
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(
-        status.message().contains(&MAX_REQUEST_BYTES.to_string()),
-        "the message names the limit: {status:?}"
+        status.message().contains(&MAX_REQUEST_BYTES.to_string())
+            && status.message().contains("--max-request-bytes"),
+        "the message names the limit and the setting: {status:?}"
     );
 
     // Bodies that are no PublishRequest, through a raw bytes codec. First, the
@@ -512,9 +518,14 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() -> anyhow::Result
     ] {
         match raw_publish(&ingest.url(), Bytes::from_static(garbage)).await? {
             Ok(body) => panic!("{what}: garbage was answered OK: {body:?}"),
-            // tonic maps a request that does not decode to INTERNAL, as gRPC's
-            // status code table prescribes.
-            Err(s) => assert_eq!(s.code(), Code::Internal, "{what}: {s:?}"),
+            // The client sent it wrong: INVALID_ARGUMENT, not the server's fault.
+            Err(s) => {
+                assert_eq!(s.code(), Code::InvalidArgument, "{what}: {s:?}");
+                assert!(
+                    s.message().contains("payledger.v1.IngestService/Publish"),
+                    "{what}: the message names the method: {s:?}"
+                );
+            }
         }
     }
 

@@ -58,7 +58,7 @@ struct Endpoints {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run nats-server, ingest, projector and query on this machine until Ctrl-C.
+    /// Run nats-server, ingest, projector and query on this machine until Ctrl-C or SIGTERM.
     Dev(DevArgs),
     /// Run the stack, send a short generated workload, print a few merchants' exposure, stop.
     Demo {
@@ -901,7 +901,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => {
             let stack = DevStack::start(&args).await?;
-            println!("payledger dev is up (Ctrl-C to stop)");
+            println!("payledger dev is up (Ctrl-C or SIGTERM to stop)");
             println!("  nats      {}", stack.nats.url());
             println!("  ingest    http://{}", stack.ingest);
             println!("  query     http://{}", stack.query);
@@ -915,10 +915,39 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "then: payledger replay start --from $(date -u +%F) --to $(date -u +%F) --wait"
             );
-            tokio::signal::ctrl_c().await?;
-            stack.stop().await?;
+            // SIGTERM as well as Ctrl-C: a supervisor, a terminal closing or `kill`
+            // must not leave the private nats-server running.
+            payledger_server_common::shutdown::next_signal().await;
+            tracing::info!("shutdown requested; draining (signal again to exit at once)");
+            // A second signal cuts the drain short, but only once the drain, and
+            // with it `stack`, is dropped, since that stops nats-server.
+            let drained = tokio::select! {
+                stopped = stack.stop() => Some(stopped),
+                _ = payledger_server_common::shutdown::next_signal() => None,
+            };
+            match drained {
+                Some(stopped) => stopped?,
+                None => {
+                    tracing::warn!("second signal; exiting without draining");
+                    std::process::exit(130);
+                }
+            }
         }
-        Command::Demo { dev, events } => demo(dev, events).await?,
+        Command::Demo { dev, events } => {
+            // Interrupted, the demo is dropped, and its stack with it, which
+            // stops the stack's nats-server.
+            let finished = tokio::select! {
+                finished = demo(dev, events) => Some(finished),
+                _ = payledger_server_common::shutdown::next_signal() => None,
+            };
+            match finished {
+                Some(finished) => finished?,
+                None => {
+                    eprintln!("interrupted; the demo's stack is stopped");
+                    std::process::exit(130);
+                }
+            }
+        }
         Command::Gen {
             config,
             out,

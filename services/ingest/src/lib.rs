@@ -13,6 +13,7 @@ mod archiver;
 mod clock;
 mod heartbeat;
 mod metrics;
+mod publish_status;
 mod publisher;
 mod service;
 

@@ -22,6 +22,7 @@ use tonic::Status;
 use tracing::Instrument;
 
 use crate::IngestConfig;
+use crate::publish_status;
 
 /// `Nats-Msg-Id`: a 128-bit hash of identity *and* content (docs/failure-contract.md),
 /// so an exact resend is absorbed while a conflicting event still reaches the log.
@@ -103,12 +104,6 @@ impl RecentIds {
         self.order.push_back((Instant::now(), id.to_string()));
         self.expire();
     }
-}
-
-fn unavailable(e: impl std::fmt::Display) -> Status {
-    Status::unavailable(format!(
-        "JetStream did not confirm the write ({e}); nothing is lost by retrying the same call"
-    ))
 }
 
 impl Publisher {
@@ -254,8 +249,7 @@ impl Publisher {
                     parts.push(b.to_vec());
                     parts.push(a.to_vec());
                 }
-                Err(e @ BatchError::NoAck(_)) => return Err(unavailable(e)),
-                Err(e) => return Err(Status::internal(e.to_string())),
+                Err(e) => return Err(publish_status::of_batch(&e)),
             }
         }
         Ok(())
@@ -280,12 +274,12 @@ impl Publisher {
                         event.payload.clone(),
                     )
                     .await
-                    .map_err(unavailable)?,
+                    .map_err(|e| publish_status::of_publish(&e))?,
             );
         }
         let mut out = Vec::with_capacity(acks.len());
         for ack in acks {
-            let ack = ack.await.map_err(unavailable)?;
+            let ack = ack.await.map_err(|e| publish_status::of_publish(&e))?;
             out.push(if ack.duplicate {
                 Appended::Duplicate(ack.sequence)
             } else {
@@ -309,9 +303,9 @@ impl Publisher {
             .js
             .publish_with_headers(subject.to_string(), headers, payload)
             .await
-            .map_err(unavailable)?
+            .map_err(|e| publish_status::of_publish(&e))?
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| publish_status::of_publish(&e))?;
         Ok(if ack.duplicate {
             Appended::Duplicate(ack.sequence)
         } else {

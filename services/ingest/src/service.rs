@@ -10,6 +10,7 @@ use payledger_proto::{
     FieldViolation, event_from_fact, fact_from_event, fx_from_proto, risk_from_proto,
 };
 use payledger_semantics::{check_event_time, partition_of};
+use payledger_server_common::request_errors::RequestErrors;
 use payledger_server_common::topology::{FX_SUBJECT, RISK_SUBJECT};
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -47,7 +48,8 @@ impl IngestApi {
     }
 
     pub fn into_routes(self, max_request_bytes: usize) -> Routes {
-        Routes::new(IngestServiceServer::new(self).max_decoding_message_size(max_request_bytes))
+        let service = IngestServiceServer::new(self).max_decoding_message_size(max_request_bytes);
+        Routes::new(RequestErrors::new(service, Some("--max-request-bytes")))
     }
 
     /// Sheds load instead of queueing without bound.

@@ -271,3 +271,33 @@ pub fn record_from_log(seq: u64, payload: &[u8]) -> Result<Record, FieldViolatio
         body,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use payledger_semantics::{StreamSettings, check_event_time};
+
+    use super::*;
+
+    #[test]
+    fn time_rules_name_the_wire_field_event_time_us() {
+        let settings = StreamSettings::default();
+        let now = 1_800_000_000_000_000;
+        let ahead = now + 2 * settings.max_clock_skew_us;
+        let beyond = now - 2 * settings.dedup_horizon_us;
+        for (what, event_time_us, code) in [
+            ("ahead of the clock", ahead, Code::InvalidArgument),
+            ("beyond the horizon", beyond, Code::OutOfRange),
+        ] {
+            let v: FieldViolation = check_event_time(event_time_us, now, &settings)
+                .expect_err(what)
+                .into();
+            assert_eq!(v.field, "event_time_us", "{what}");
+            assert_eq!(v.code, code, "{what}");
+            assert!(
+                v.message.starts_with("event_time_us: "),
+                "{what}: {}",
+                v.message
+            );
+        }
+    }
+}

@@ -338,6 +338,25 @@ pub(crate) async fn follow_dimensions(
     }
 }
 
+/// [`follow_dimensions`], started again — the archive's records first, then the
+/// log's after its watermark — whenever the log's consumer is lost (a restart of
+/// nats-server, say), with the followers' backoff.
+pub(crate) async fn follow_dimensions_riding_out_restarts(
+    js: jetstream::Context,
+    tables: Arc<Tables>,
+    archived: Option<Arc<ArchivedDims>>,
+    poll: Duration,
+) -> anyhow::Result<()> {
+    let mut backoff = crate::tables::Backoff::new();
+    loop {
+        if let Err(e) = follow_dimensions(js.clone(), tables.clone(), archived.clone(), poll).await
+        {
+            tracing::warn!(error = %e, attempt = backoff.attempt + 1, "dimension consumer lost; reading the FX and risk records again");
+        }
+        backoff.wait().await;
+    }
+}
+
 /// Polls the archive until its highest watermark reaches `through`.
 async fn wait_for_archive(archived: &ArchivedDims, through: u64, poll: Duration) {
     loop {

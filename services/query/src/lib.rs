@@ -163,31 +163,32 @@ pub async fn run_with_counters(
         }
         _ => None,
     };
-    let mut followers = vec![
-        tokio::spawn(tables::follow_bucket(
-            js.get_key_value(CURRENT_BUCKET).await?,
-            tables::current_applier(tables.clone(), changes.clone()),
-        )),
-        tokio::spawn(tables::follow_bucket(
-            js.get_key_value(DAILY_BUCKET).await?,
-            tables::daily_applier(tables.clone()),
-        )),
-        tokio::spawn(tables::follow_bucket(
-            js.get_key_value(PROGRESS_BUCKET).await?,
-            tables::progress_applier(tables.clone()),
-        )),
-        tokio::spawn(dims::follow_dimensions(
-            js.clone(),
-            tables.clone(),
-            archived,
-            config.commit_poll_interval,
-        )),
-    ];
+    // A JoinSet, so that the one follower found finished is taken out of it and
+    // never awaited again when the rest are stopped.
+    let mut followers = tokio::task::JoinSet::new();
+    followers.spawn(tables::follow_bucket(
+        js.get_key_value(CURRENT_BUCKET).await?,
+        tables::current_applier(tables.clone(), changes.clone()),
+    ));
+    followers.spawn(tables::follow_bucket(
+        js.get_key_value(DAILY_BUCKET).await?,
+        tables::daily_applier(tables.clone()),
+    ));
+    followers.spawn(tables::follow_bucket(
+        js.get_key_value(PROGRESS_BUCKET).await?,
+        tables::progress_applier(tables.clone()),
+    ));
+    followers.spawn(dims::follow_dimensions_riding_out_restarts(
+        js.clone(),
+        tables.clone(),
+        archived,
+        config.commit_poll_interval,
+    ));
     if let Some(auth) = &authoritative {
-        followers.push(tokio::spawn(authoritative::follow_commits(
+        followers.spawn(authoritative::follow_commits(
             auth.clone(),
             config.commit_poll_interval,
-        )));
+        ));
     }
     let api = api::QueryApi {
         authoritative: authoritative.clone(),
@@ -205,15 +206,22 @@ pub async fn run_with_counters(
         tls: config.server.tls.clone(),
         serving_while: Vec::new(),
     };
+    // Followers ride out NATS restarts; one that still stops has tables it can no
+    // longer keep right, so the service stops with its reason rather than serve them.
+    let mut follower_error = None;
     let served = {
         let follower_failed = async {
-            let (result, _, _) = futures::future::select_all(followers.iter_mut()).await;
-            match result {
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "a table follower stopped; shutting down")
-                }
-                other => tracing::error!(?other, "a table follower stopped; shutting down"),
-            }
+            let why = match followers.join_next().await {
+                Some(Ok(Err(e))) => e,
+                Some(Ok(Ok(()))) => anyhow::anyhow!("a table follower ended"),
+                Some(Err(e)) => anyhow::anyhow!("a table follower did not finish: {e}"),
+                None => anyhow::anyhow!("no table follower was started"),
+            };
+            tracing::error!(
+                error = format!("{why:#}"),
+                "a table follower stopped; shutting down"
+            );
+            follower_error = Some(why);
         };
         let stop = async {
             tokio::select! {
@@ -233,12 +241,7 @@ pub async fn run_with_counters(
     // Stop the followers before closing the part cache, so nothing holds it (nor its
     // disk directory's lock) once `run` returns: a restart in the same process, as in
     // tests and benchmarks, can open the directory again.
-    for follower in &followers {
-        follower.abort();
-    }
-    for follower in followers {
-        let _ = follower.await;
-    }
+    followers.shutdown().await;
     if let Some(auth) = authoritative {
         authoritative::log_cache_stats(&auth.cache_stats());
         auth.close().await;
@@ -247,6 +250,12 @@ pub async fn run_with_counters(
         task.abort();
     }
     served?;
+    if let Some(why) = follower_error {
+        return Err(why.context(
+            "the query service stopped because it can no longer follow its tables; \
+             started again, it rebuilds them from NATS",
+        ));
+    }
     tracing::info!("query stopped");
     Ok(())
 }

@@ -3,9 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use payledger_proto::v1;
 use payledger_semantics::Day;
@@ -55,19 +55,157 @@ impl Tables {
     }
 }
 
+/// How long a follower waits before re-creating what it lost: doubling from
+/// `FIRST_RETRY` to `LAST_RETRY`, back to the first once anything arrives, so a
+/// restarting server is not hammered and a short blip costs little.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LAST_RETRY: Duration = Duration::from_secs(5);
+
+/// How often a follower checks that its stream did not go back in time. The
+/// client re-creates a lost consumer by itself, from the sequence after the last
+/// one delivered; on a store that came back empty it then waits, silently, for
+/// sequences the new stream reaches only much later.
+const RESET_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+pub(crate) struct Backoff {
+    next: Duration,
+    /// Losses since anything last arrived.
+    pub(crate) attempt: u64,
+    /// Whether anything was ever lost, so a re-creation is told from the start.
+    lost_before: bool,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self {
+            next: FIRST_RETRY,
+            attempt: 0,
+            lost_before: false,
+        }
+    }
+
+    fn progressed(&mut self) {
+        self.next = FIRST_RETRY;
+        self.attempt = 0;
+    }
+
+    pub(crate) async fn wait(&mut self) {
+        self.attempt += 1;
+        self.lost_before = true;
+        let delay = self.next;
+        self.next = (self.next * 2).min(LAST_RETRY);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+enum Lost {
+    /// The stream went back in time (a store wiped and recreated): what was read
+    /// from it can no longer be trusted, and following it again cannot fix that.
+    Reset(anyhow::Error),
+    /// The server restarted, the consumer vanished, a request timed out.
+    Transient(anyhow::Error),
+}
+
+fn transient(e: impl Into<anyhow::Error>) -> Lost {
+    Lost::Transient(e.into())
+}
+
+/// Fails with [`Lost::Reset`] when `stream` ends below `last`, a sequence
+/// already read from it.
+async fn check_not_reset(stream: &jetstream::stream::Stream, last: u64) -> Result<(), Lost> {
+    if last == 0 {
+        return Ok(());
+    }
+    let info = stream.get_info().await.map_err(transient)?;
+    if info.state.last_sequence < last {
+        return Err(Lost::Reset(anyhow::anyhow!(
+            "stream {} was reset: it ends at sequence {}, below sequence {last} already read",
+            info.config.name,
+            info.state.last_sequence
+        )));
+    }
+    Ok(())
+}
+
 /// Follows a KV bucket from its start, handing each live value to `apply`.
+///
+/// A NATS server that restarts, or loses the watch's consumer, ends the watch; it
+/// is then re-created from the revision after the last one seen, so no update is
+/// missed and none is applied out of order. Only a bucket that went back in time
+/// ends the follower, since the rows already served can no longer be trusted.
 pub(crate) async fn follow_bucket(
     store: kv::Store,
     apply: impl Fn(&[u8]) + Send + 'static,
 ) -> anyhow::Result<()> {
-    let mut watch = store.watch_with_history(">").await?;
-    while let Some(entry) = watch.next().await {
-        let entry = entry?;
-        if matches!(entry.operation, kv::Operation::Put) {
-            apply(&entry.value);
-        }
+    let bucket = store.name.clone();
+    let mut last_revision = 0u64;
+    let mut backoff = Backoff::new();
+    let mut reset_check = tokio::time::interval(RESET_CHECK_INTERVAL);
+    reset_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let lost = match watch_after(&store, last_revision).await {
+            Ok(mut watch) => {
+                if backoff.lost_before {
+                    tracing::info!(
+                        %bucket,
+                        from_revision = last_revision + 1,
+                        "watch of bucket re-created"
+                    );
+                }
+                loop {
+                    tokio::select! {
+                        entry = watch.next() => match entry {
+                            Some(Ok(entry)) => {
+                                last_revision = entry.revision;
+                                backoff.progressed();
+                                if matches!(entry.operation, kv::Operation::Put) {
+                                    apply(&entry.value);
+                                }
+                            }
+                            Some(Err(e)) => break transient(e),
+                            None => break transient(anyhow::anyhow!("the watch ended")),
+                        },
+                        _ = reset_check.tick() => {
+                            // Only a reset matters here: the watch reports its own losses.
+                            if let Err(Lost::Reset(e)) =
+                                check_not_reset(&store.stream, last_revision).await
+                            {
+                                break Lost::Reset(e);
+                            }
+                        }
+                    }
+                }
+            }
+            Err(lost) => lost,
+        };
+        let lost = match lost {
+            Lost::Reset(e) => {
+                return Err(e.context(format!(
+                    "bucket {bucket} went back in time; the rows read from it are gone"
+                )));
+            }
+            Lost::Transient(e) => e,
+        };
+        tracing::warn!(
+            %bucket,
+            error = %lost,
+            last_revision,
+            attempt = backoff.attempt + 1,
+            "watch of bucket lost; re-creating it from the last revision seen"
+        );
+        backoff.wait().await;
     }
-    anyhow::bail!("the watch of bucket {} ended", store.name)
+}
+
+async fn watch_after(store: &kv::Store, last_revision: u64) -> Result<kv::Watch, Lost> {
+    if last_revision == 0 {
+        return store.watch_with_history(">").await.map_err(transient);
+    }
+    check_not_reset(&store.stream, last_revision).await?;
+    store
+        .watch_from_revision(">", last_revision + 1)
+        .await
+        .map_err(transient)
 }
 
 pub(crate) fn current_applier(

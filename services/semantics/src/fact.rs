@@ -108,11 +108,11 @@ pub enum FactError {
     #[error("corrects_event_id: only a CORRECTION may set it ({kind} does not)")]
     TargetWithoutCorrection { kind: &'static str },
     #[error(
-        "event_time: {ahead_us} µs ahead of ingest's clock, beyond the allowed skew of {skew_us} µs"
+        "event_time_us: {ahead_us} µs ahead of ingest's clock, beyond the allowed skew of {skew_us} µs"
     )]
     InFuture { ahead_us: i64, skew_us: i64 },
     #[error(
-        "event_time: {age_us} µs older than ingest's clock, beyond the dedup horizon of {horizon_us} µs; submit a CORRECTION dated inside the horizon"
+        "event_time_us: {age_us} µs older than ingest's clock, beyond the dedup horizon of {horizon_us} µs; submit a CORRECTION dated inside the horizon"
     )]
     BeyondHorizon { age_us: i64, horizon_us: i64 },
 }

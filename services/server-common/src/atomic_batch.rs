@@ -51,6 +51,9 @@ pub enum BatchError {
     Rejected { err_code: u64, description: String },
     #[error("no acknowledgement from jetstream: {0}")]
     NoAck(String),
+    /// Nothing listens on the subject: no stream takes it, so nothing was stored.
+    #[error("no stream takes subject {0}")]
+    NoStream(String),
     #[error("jetstream acknowledged {got} messages of a batch of {sent}")]
     Mismatch { sent: usize, got: u64 },
 }
@@ -127,13 +130,17 @@ pub async fn publish_atomic(
         }
     }
     let commit = commit.expect("a non-empty batch has a last message");
+    let subject = commit.subject.clone();
     let reply = tokio::time::timeout(
         timeout,
         client.request_with_headers(commit.subject, commit.headers, commit.payload),
     )
     .await
     .map_err(|_| BatchError::NoAck(format!("no ack within {timeout:?}")))?
-    .map_err(|e| BatchError::NoAck(e.to_string()))?;
+    .map_err(|e| match e.kind() {
+        async_nats::RequestErrorKind::NoResponders => BatchError::NoStream(subject),
+        _ => BatchError::NoAck(e.to_string()),
+    })?;
     let ack: Ack = serde_json::from_slice(&reply.payload)
         .map_err(|e| BatchError::NoAck(format!("unreadable ack: {e}")))?;
     if let Some(error) = ack.error {

@@ -40,7 +40,9 @@ pub fn micros(d: Duration) -> i64 {
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct NatsArgs {
-    /// NATS server URL (JetStream enabled).
+    /// NATS server URLs (JetStream enabled), comma-separated: the client connects
+    /// to any of them that answers and moves to another when it goes down, so
+    /// list every node of a cluster (nats://a:4222,nats://b:4222).
     #[arg(
         long = "nats-url",
         env = "PAYLEDGER_NATS_URL",
@@ -60,14 +62,38 @@ impl NatsArgs {
         }
     }
 
+    /// The servers of `--nats-url`, in the order given.
+    pub fn servers(&self) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+        let servers = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<async_nats::ServerAddr>().map_err(|e| {
+                    anyhow::anyhow!(
+                        "--nats-url: '{s}' is not a NATS server address ({e}); \
+                         give one or more, comma-separated, such as nats://nats-0:4222,nats://nats-1:4222"
+                    )
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(
+            !servers.is_empty(),
+            "--nats-url is empty; give one or more NATS server addresses, comma-separated"
+        );
+        Ok(servers)
+    }
+
     pub async fn connect(&self, name: &str) -> anyhow::Result<async_nats::Client> {
+        let servers = self.servers()?;
         let mut options = async_nats::ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect();
         if let Some(creds) = &self.creds {
             options = options.credentials_file(creds).await?;
         }
-        let client = tokio::time::timeout(Duration::from_secs(30), options.connect(&self.url))
+        let client = tokio::time::timeout(Duration::from_secs(30), options.connect(servers))
             .await
             .map_err(|_| {
                 anyhow::anyhow!(
@@ -193,7 +219,41 @@ impl AccessArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use super::{NatsArgs, parse_bytes};
+
+    #[test]
+    fn nats_url_takes_a_comma_separated_list_of_servers() {
+        let servers = NatsArgs::new("nats://a:4222, nats://b:4223,,tls://c:4224")
+            .servers()
+            .unwrap();
+        let hosts: Vec<_> = servers
+            .iter()
+            .map(|s| (s.host().to_string(), s.port()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("a".to_string(), 4222),
+                ("b".to_string(), 4223),
+                ("c".to_string(), 4224)
+            ]
+        );
+        assert_eq!(NatsArgs::new("nats://a:4222").servers().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn nats_url_names_the_entry_it_cannot_read() {
+        let err = NatsArgs::new("nats://a:4222,http://b:4222")
+            .servers()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'http://b:4222'") && err.contains("comma-separated"),
+            "{err}"
+        );
+        let err = NatsArgs::new(" , ").servers().unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+    }
 
     #[test]
     fn byte_sizes_take_binary_units() {

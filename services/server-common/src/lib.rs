@@ -8,6 +8,7 @@ pub mod config;
 pub mod local_nats;
 pub mod metrics;
 mod reload;
+pub mod request_errors;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

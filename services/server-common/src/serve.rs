@@ -89,6 +89,7 @@ pub async fn serve_grpc(
         .concurrency_limit_per_connection(limits.concurrency_per_connection)
         .layer(crate::trace_context::GrpcTraceLayer)
         .layer(crate::auth::AuthLayer::new(limits.tokens.clone()))
+        .layer(crate::request_errors::RequestErrorsLayer::default())
         .add_routes(routes);
     match limits.tls.server_config()? {
         Some(config) => {

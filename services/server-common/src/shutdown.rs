@@ -10,6 +10,12 @@ async fn any_signal() {
     }
 }
 
+/// Resolves on the next SIGTERM/SIGINT and arms nothing: for a caller that has
+/// its own cleanup to do when a second signal cuts the drain short.
+pub async fn next_signal() {
+    any_signal().await
+}
+
 /// Resolves on the first SIGTERM/SIGINT; arms a task that exits the process with
 /// status 130 on the second, so a stuck drain never traps the operator.
 pub async fn signal_received() {

@@ -1,0 +1,333 @@
+//! The one map from JetStream's answer to a write to the gRPC status of the call.
+//!
+//! What the caller does next depends on the code alone: gRPC clients retry
+//! UNAVAILABLE by themselves, back off on RESOURCE_EXHAUSTED, and give up on
+//! INTERNAL. So a transient refusal must never be INTERNAL, and a permanent one
+//! never UNAVAILABLE. Retrying a call is always safe for the log: every event
+//! carries a `Nats-Msg-Id`, so what JetStream did store is answered as a
+//! duplicate.
+
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use payledger_server_common::atomic_batch::BatchError;
+use payledger_server_common::topology::STREAM;
+use tonic::Status;
+
+/// What a refusal means for the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// Passes by itself (a batch cut short, a server busy or restarting, an ack
+    /// that did not come): UNAVAILABLE.
+    Transient,
+    /// JetStream is out of room: RESOURCE_EXHAUSTED, until an operator frees
+    /// space or raises a limit.
+    Exhausted,
+    /// A retry gets the same answer: INTERNAL, with the reason.
+    Permanent,
+}
+
+/// Every JetStream err_code ingest gives a meaning of its own, with a hint for the
+/// operator where one helps; codes not listed are [`Class::Permanent`].
+pub(crate) const TABLE: &[(ErrorCode, Class, &str)] = &[
+    // The server dropped part of the batch (a slow consumer, a reconnect mid-batch)
+    // and stored none of it.
+    (
+        ErrorCode::ATOMIC_PUBLISH_INCOMPLETE_BATCH,
+        Class::Transient,
+        "",
+    ),
+    (
+        ErrorCode::ATOMIC_PUBLISH_TOO_MANY_INFLIGHT,
+        Class::Transient,
+        "",
+    ),
+    // The same Nats-Msg-Id is being stored by another call right now: a retry is
+    // answered as its duplicate.
+    (
+        ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT,
+        Class::Transient,
+        "",
+    ),
+    (ErrorCode::STREAM_TOO_MANY_REQUESTS, Class::Transient, ""),
+    (ErrorCode::CLUSTER_NOT_AVAILABLE, Class::Transient, ""),
+    (
+        ErrorCode::CLUSTER_SERVER_MEMBER_CHANGE_INFLIGHT,
+        Class::Transient,
+        "",
+    ),
+    (ErrorCode::STORAGE_RESOURCES_EXCEEDED, Class::Exhausted, ""),
+    (ErrorCode::MEMORY_RESOURCES_EXCEEDED, Class::Exhausted, ""),
+    (ErrorCode::ACCOUNT_RESOURCES_EXCEEDED, Class::Exhausted, ""),
+    (ErrorCode::INSUFFICIENT_RESOURCES, Class::Exhausted, ""),
+    (ErrorCode::STREAM_LIMITS, Class::Exhausted, ""),
+    (
+        ErrorCode::STREAM_NOT_FOUND,
+        Class::Permanent,
+        "the stream is missing: restart ingest, which creates it",
+    ),
+    (
+        ErrorCode::ATOMIC_PUBLISH_DISABLED,
+        Class::Permanent,
+        "the stream does not allow atomic batches (allow_atomic): restart ingest, which sets it",
+    ),
+];
+
+/// A failed write, as far as the caller is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// JetStream answered with an err_code.
+    Refused { err_code: u64, description: String },
+    /// No answer, or none that could be read: the write may or may not be stored.
+    NoAck(String),
+    /// Nothing listens on the subject (what was sent where): no stream takes it.
+    NoStream(String),
+    /// Refused before reaching JetStream, for a reason a retry does not change.
+    Broken(String),
+}
+
+impl Failure {
+    pub(crate) fn of_batch(e: &BatchError) -> Self {
+        match e {
+            BatchError::Rejected {
+                err_code,
+                description,
+            } => Failure::Refused {
+                err_code: *err_code,
+                description: description.clone(),
+            },
+            BatchError::NoAck(reason) => Failure::NoAck(reason.clone()),
+            BatchError::NoStream(subject) => {
+                Failure::NoStream(format!("nothing listens on subject {subject}"))
+            }
+            BatchError::Empty | BatchError::TooLarge(_) | BatchError::Mismatch { .. } => {
+                Failure::Broken(e.to_string())
+            }
+        }
+    }
+
+    pub(crate) fn of_publish(e: &PublishError) -> Self {
+        let api_error = std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+        if let Some(api) = api_error {
+            // Its display appends "(code …, error code …)", said once below.
+            let text = api.to_string();
+            let description = text
+                .rsplit_once(" (code ")
+                .map_or(text.as_str(), |(d, _)| d);
+            return Failure::Refused {
+                err_code: api.error_code().0,
+                description: description.to_string(),
+            };
+        }
+        match e.kind() {
+            PublishErrorKind::StreamNotFound => {
+                Failure::NoStream("nothing listens on the subject".to_string())
+            }
+            PublishErrorKind::MaxPayloadExceeded => Failure::Broken(format!(
+                "{e}: a record is larger than the NATS server's max_payload; lower \
+                 --max-request-bytes below it or raise max_payload"
+            )),
+            // Timeouts, a connection lost, the client's own limit of acks in flight,
+            // an ack that could not be read: whether the write was stored is unknown.
+            _ => Failure::NoAck(e.to_string()),
+        }
+    }
+
+    pub(crate) fn class(&self) -> Class {
+        match self {
+            Failure::Refused { err_code, .. } => row(*err_code).map_or(Class::Permanent, |r| r.1),
+            Failure::NoAck(_) => Class::Transient,
+            Failure::NoStream(_) | Failure::Broken(_) => Class::Permanent,
+        }
+    }
+
+    pub(crate) fn to_status(&self) -> Status {
+        let reason = match self {
+            Failure::Refused {
+                err_code,
+                description,
+            } => format!("{description} (err_code {err_code})"),
+            Failure::NoAck(reason) => format!("no acknowledgement: {reason}"),
+            Failure::NoStream(what) => {
+                format!("{what}: the stream {STREAM} is missing or does not take it")
+            }
+            Failure::Broken(reason) => reason.clone(),
+        };
+        let hint = match self {
+            Failure::Refused { err_code, .. } => row(*err_code).map_or("", |r| r.2),
+            Failure::NoStream(_) => "restart ingest, which creates the stream",
+            _ => "",
+        };
+        match self.class() {
+            Class::Transient => Status::unavailable(format!(
+                "JetStream did not take the write ({reason}); it is safe to retry the same \
+                 call: events it did store are answered as duplicates"
+            )),
+            Class::Exhausted => Status::resource_exhausted(format!(
+                "JetStream has no room for the write ({reason}); retry with backoff once an \
+                 operator has freed space or raised the stream's or account's limits"
+            )),
+            Class::Permanent => Status::internal(format!(
+                "JetStream refused the write ({reason}); retrying will not help: {}",
+                if hint.is_empty() {
+                    "see ingest's log and the stream's configuration"
+                } else {
+                    hint
+                }
+            )),
+        }
+    }
+}
+
+fn row(err_code: u64) -> Option<&'static (ErrorCode, Class, &'static str)> {
+    TABLE.iter().find(|(code, _, _)| code.0 == err_code)
+}
+
+pub(crate) fn of_batch(e: &BatchError) -> Status {
+    Failure::of_batch(e).to_status()
+}
+
+pub(crate) fn of_publish(e: &PublishError) -> Status {
+    Failure::of_publish(e).to_status()
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    fn code_of(class: Class) -> Code {
+        match class {
+            Class::Transient => Code::Unavailable,
+            Class::Exhausted => Code::ResourceExhausted,
+            Class::Permanent => Code::Internal,
+        }
+    }
+
+    fn says(class: Class) -> &'static str {
+        match class {
+            Class::Transient => "safe to retry",
+            Class::Exhausted => "retry with backoff",
+            Class::Permanent => "retrying will not help",
+        }
+    }
+
+    /// An API error as JetStream sends it in an ack.
+    fn api_error(err_code: u64, description: &str) -> async_nats::jetstream::Error {
+        serde_json::from_value(serde_json::json!({
+            "code": 400, "err_code": err_code, "description": description
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn every_row_of_the_table_gives_its_code_for_batches_and_single_publishes() {
+        for &(code, class, hint) in TABLE {
+            let description = format!("refusal {}", code.0);
+            let batch = BatchError::Rejected {
+                err_code: code.0,
+                description: description.clone(),
+            };
+            let single =
+                PublishError::with_source(PublishErrorKind::Other, api_error(code.0, &description));
+            for status in [of_batch(&batch), of_publish(&single)] {
+                assert_eq!(
+                    status.code(),
+                    code_of(class),
+                    "err_code {}: {status:?}",
+                    code.0
+                );
+                for part in [description.as_str(), says(class), hint] {
+                    assert!(
+                        status.message().contains(part),
+                        "err_code {}: {part:?} missing from {status:?}",
+                        code.0
+                    );
+                }
+                assert!(
+                    status.message().contains(&format!("err_code {}", code.0)),
+                    "{status:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_rows_are_the_codes_nats_server_sends() {
+        let codes: Vec<(u64, Class)> = TABLE.iter().map(|(c, k, _)| (c.0, *k)).collect();
+        for expected in [
+            (10176, Class::Transient), // atomic publish batch is incomplete
+            (10210, Class::Transient), // atomic publish too many inflight
+            (10158, Class::Transient), // duplicate message id is in process
+            (10047, Class::Exhausted), // insufficient storage resources available
+            (10028, Class::Exhausted), // insufficient memory resources available
+            (10023, Class::Exhausted), // insufficient resources
+            (10059, Class::Permanent), // stream not found
+        ] {
+            assert!(codes.contains(&expected), "{expected:?} not in {codes:?}");
+        }
+        let mut unique: Vec<u64> = codes.iter().map(|(c, _)| *c).collect();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), codes.len(), "an err_code listed twice");
+    }
+
+    #[test]
+    fn codes_outside_the_table_are_internal_with_the_reason() {
+        // wrong last sequence: ingest sets no expectations, so it is a bug here.
+        let status = of_batch(&BatchError::Rejected {
+            err_code: 10071,
+            description: "wrong last sequence: 7".into(),
+        });
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        assert!(
+            status.message().contains("wrong last sequence: 7"),
+            "{status:?}"
+        );
+        assert!(status.message().contains("see ingest's log"), "{status:?}");
+    }
+
+    #[test]
+    fn no_ack_is_unavailable_and_safe_to_retry() {
+        for status in [
+            of_batch(&BatchError::NoAck("no ack within 5s".into())),
+            of_publish(&PublishError::new(PublishErrorKind::TimedOut)),
+            of_publish(&PublishError::new(PublishErrorKind::BrokenPipe)),
+            of_publish(&PublishError::new(PublishErrorKind::MaxAckPending)),
+            of_publish(&PublishError::with_source(
+                PublishErrorKind::Other,
+                std::io::Error::other("connection closed"),
+            )),
+        ] {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(status.message().contains("safe to retry"), "{status:?}");
+        }
+    }
+
+    #[test]
+    fn no_stream_and_broken_batches_are_internal() {
+        for status in [
+            of_batch(&BatchError::NoStream("payledger.events.p3".into())),
+            of_publish(&PublishError::new(PublishErrorKind::StreamNotFound)),
+        ] {
+            assert_eq!(status.code(), Code::Internal, "{status:?}");
+            assert!(
+                status.message().contains(STREAM) && status.message().contains("restart ingest"),
+                "{status:?}"
+            );
+        }
+        for status in [
+            of_batch(&BatchError::Mismatch { sent: 20, got: 19 }),
+            of_batch(&BatchError::TooLarge(1001)),
+            of_publish(&PublishError::new(PublishErrorKind::MaxPayloadExceeded)),
+        ] {
+            assert_eq!(status.code(), Code::Internal, "{status:?}");
+        }
+        let payload = of_publish(&PublishError::new(PublishErrorKind::MaxPayloadExceeded));
+        assert!(
+            payload.message().contains("--max-request-bytes"),
+            "{payload:?}"
+        );
+    }
+}
