@@ -344,6 +344,9 @@ pub async fn run(
     served
 }
 
+/// How long a refused partition waits before it looks at the log and the archive again.
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
+
 /// Applies one partition while holding its lease: waits for the lease, applies
 /// until stopped (then flushes, checkpoints and releases it) and, when the lease
 /// is lost, stops at once and waits for it again. A failing partition restarts
@@ -383,9 +386,16 @@ async fn own_partition(
                     return;
                 }
                 Err(e) => {
-                    tracing::error!(partition, error = %e, "partition failed; restarting from its checkpoint");
+                    // A refused partition waits for its records to reappear (a
+                    // restored archive); anything else is retried at once.
+                    let retry = if e.is::<bootstrap::Refused>() {
+                        REFUSED_RETRY
+                    } else {
+                        tracing::error!(partition, error = %e, "partition failed; restarting from its checkpoint");
+                        Duration::from_secs(1)
+                    };
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = tokio::time::sleep(retry) => {}
                         _ = stopped.changed() => {
                             lease.release().await;
                             return;
