@@ -487,6 +487,7 @@ async fn days_close_late_events_restate_and_heartbeats_close_quiet_days() -> any
             duplicates: 1,
             conflicts: 1,
             late: 2,
+            too_old: 0,
             log_position: s9,
             semantics_version: SEMANTICS_VERSION,
         },

@@ -424,18 +424,19 @@ async fn send_generated(
 fn print_current(e: &v1::CurrentExposure) {
     println!("merchant {}", e.merchant_id);
     println!(
-        "  {:<4} {:>18} {:>8} {:>6} {:>6} {:>6} {:>10}  last event",
-        "cur", "balance_minor", "applied", "dup", "confl", "late", "log_pos"
+        "  {:<4} {:>18} {:>8} {:>6} {:>6} {:>6} {:>7} {:>10}  last event",
+        "cur", "balance_minor", "applied", "dup", "confl", "late", "too_old", "log_pos"
     );
     for r in &e.rows {
         println!(
-            "  {:<4} {:>18} {:>8} {:>6} {:>6} {:>6} {:>10}  {}",
+            "  {:<4} {:>18} {:>8} {:>6} {:>6} {:>6} {:>7} {:>10}  {}",
             r.currency,
             r.balance_minor,
             r.applied,
             r.duplicates,
             r.conflicts,
             r.late,
+            r.too_old,
             r.log_position,
             format_time_us(r.last_event_time_us)
         );
@@ -687,7 +688,7 @@ fn json_current(e: &v1::CurrentExposure) -> serde_json::Value {
         "rows": json_rows(&e.rows, |r| serde_json::json!({
             "currency": r.currency, "balance_minor": r.balance_minor, "last_event_time_us": r.last_event_time_us,
             "applied": r.applied, "duplicates": r.duplicates, "conflicts": r.conflicts, "late": r.late,
-            "log_position": r.log_position, "semantics_version": r.semantics_version})),
+            "too_old": r.too_old, "log_position": r.log_position, "semantics_version": r.semantics_version})),
         "provenance": json_provenance(e.provenance.as_ref()),
     })
 }

@@ -75,7 +75,8 @@ pub(crate) async fn restore(
             ),
         }
     }
-    match starting_state(stores, settings, partition, u64::MAX).await? {
+    // Any day will do: the stream writes rows as they change.
+    match starting_state(stores, settings, partition, u64::MAX, None).await? {
         Some((from, state)) => Ok((state, Source::ReplayState(from.path))),
         None => Ok((PartitionState::new(partition, *settings), Source::Genesis)),
     }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use payledger_proto::v1;
+use payledger_semantics::SEMANTICS_VERSION;
 use payledger_server_common::config::{ProjectionArgs, ServerArgs, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
@@ -247,8 +248,16 @@ pub async fn run(
         checkpoint_interval: config.checkpoint_interval,
         ack_timeout: config.ack_timeout,
     });
-    let position_daily = |b: &[u8]| v1::DailyRow::decode(b).ok().map(|r| r.log_position);
-    let position_current = |b: &[u8]| v1::CurrentRow::decode(b).ok().map(|r| r.log_position);
+    let position_daily = |b: &[u8]| {
+        v1::DailyRow::decode(b)
+            .ok()
+            .map(|r| fence_rank(r.semantics_version, r.log_position))
+    };
+    let position_current = |b: &[u8]| {
+        v1::CurrentRow::decode(b)
+            .ok()
+            .map(|r| fence_rank(r.semantics_version, r.log_position))
+    };
     let (rows, row_writer) = rows::RowSink::spawn(
         rows::RowWriter::new(
             client.clone(),
@@ -342,6 +351,18 @@ pub async fn run(
     }
     tracing::info!("projector stopped");
     served
+}
+
+/// Where a stored row stands for the write fence: a row of another semantics
+/// version ranks below every row of this one, so the fence keeps rows from moving
+/// backwards within a version and a new version replaces the old one's rows (one
+/// writer per partition, by lease).
+fn fence_rank(semantics_version: u32, log_position: u64) -> u64 {
+    if semantics_version == SEMANTICS_VERSION {
+        log_position
+    } else {
+        0
+    }
 }
 
 /// How long a refused partition waits before it looks at the log and the archive again.

@@ -356,8 +356,10 @@ pub(crate) async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let partition = ctx.partition;
-    let (state, source) =
+    let (mut state, source) =
         bootstrap::restore(partition, &ctx.settings, &ctx.checkpoints, &ctx.stores).await?;
+    // Rows are written as they change, so no final day need stay in memory.
+    state.keep_final_days_from(Day(i32::MAX));
     let restored_seq = state.last_seq();
     tracing::info!(
         partition,

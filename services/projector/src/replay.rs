@@ -163,7 +163,8 @@ pub struct ShardOutput {
 }
 
 /// The newest committed state of `partition` under the settings' version key at
-/// or below `cutoff` that reads back as recorded; a state that does not (its
+/// or below `cutoff` that reads back as recorded and still holds `from_day`, if
+/// given (a stored state keeps no final day, R11); a state that does not read back (its
 /// hash, its decoding) is skipped with a warning for the next older one. None:
 /// start from the beginning of history.
 pub async fn starting_state(
@@ -171,6 +172,7 @@ pub async fn starting_state(
     settings: &Settings,
     partition: u32,
     cutoff: u64,
+    from_day: Option<Day>,
 ) -> Result<Option<(StateRef, PartitionState)>, ReplayError> {
     let version_key = settings.version_key();
     let mut candidates: Vec<StateRef> = stores
@@ -193,6 +195,8 @@ pub async fn starting_state(
             Err(e) => Err(e.to_string()),
         };
         match decoded {
+            // Older states hold more days: one of them, or genesis, has it.
+            Ok(state) if from_day.is_some_and(|d| state.is_final(d)) => continue,
             Ok(state) => return Ok(Some((candidate, state))),
             Err(error) => tracing::warn!(
                 partition,
@@ -226,7 +230,14 @@ pub async fn run_shard(
         let start = if shard.from_genesis {
             None
         } else {
-            starting_state(stores, &settings, partition, shard.cutoff).await?
+            starting_state(
+                stores,
+                &settings,
+                partition,
+                shard.cutoff,
+                Some(shard.from_day),
+            )
+            .await?
         };
         let after = start.as_ref().map_or(0, |(s, _)| s.cutoff);
         let segments: Vec<CutRange> =
@@ -250,6 +261,8 @@ pub async fn run_shard(
             Some((from, state)) => (Some(from), state),
             None => (None, PartitionState::new(partition, settings)),
         };
+        // The days this shard publishes stay in memory even once final.
+        state.keep_final_days_from(shard.from_day);
         for cut in segments {
             let (folded, read) = fold_segments(archive, state, &[cut], |records| {
                 progress.segments_done += 1;

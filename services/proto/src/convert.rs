@@ -230,6 +230,7 @@ pub fn current_row_to_proto(r: &CurrentRow) -> v1::CurrentRow {
         late: r.late,
         log_position: r.log_position,
         semantics_version: r.semantics_version,
+        too_old: r.too_old,
     }
 }
 
@@ -243,6 +244,7 @@ pub fn current_row_from_proto(r: &v1::CurrentRow) -> Result<CurrentRow, FieldVio
         duplicates: r.duplicates,
         conflicts: r.conflicts,
         late: r.late,
+        too_old: r.too_old,
         log_position: r.log_position,
         semantics_version: r.semantics_version,
     })

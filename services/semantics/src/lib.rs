@@ -40,7 +40,10 @@ pub use state::{
 pub use time::{Day, DayParseError, MICROS_PER_DAY};
 
 /// Changes with any change of meaning; written into every row, checkpoint and manifest.
-pub const SEMANTICS_VERSION: u32 = 1;
+/// 2: final days (docs/semantics.md R11) — a fact of a day that can no longer
+/// change is counted as too old instead of restating it, and identities of such
+/// days match no more.
+pub const SEMANTICS_VERSION: u32 = 2;
 
 /// Changes with any change of how [`PartitionState`] is encoded or hashed, even
 /// without a change of meaning; part of the version key. 2: the canonical encoding

@@ -54,6 +54,9 @@ pub enum Status {
     Duplicate,
     /// Same identity, other content: counted, not applied.
     Conflict,
+    /// A fact of a day that can no longer change (docs/semantics.md R11): counted
+    /// on its current row as `too_old`, not applied, changing no daily row.
+    TooOld,
     Heartbeat,
     /// A sequence at or below the last one read (a redelivery): changes nothing.
     AlreadyRead,
@@ -101,6 +104,8 @@ pub struct CurrentRow {
     pub duplicates: u64,
     pub conflicts: u64,
     pub late: u64,
+    /// Facts of days that could no longer change when they were read (R11).
+    pub too_old: u64,
     pub log_position: u64,
     pub semantics_version: u32,
 }
@@ -116,6 +121,10 @@ pub struct PartitionState {
     /// Highest ingest_time of any record read in the partition; drives day closure.
     max_ingest_time_us: i64,
     merchants: FxHashMap<String, MerchantState>,
+    /// Final days from this one on stay in memory (a replay keeps the days it
+    /// publishes); earlier ones are folded into their book's carried balance.
+    /// Not part of the state's meaning, and not encoded.
+    keep_from: Day,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -147,7 +156,7 @@ struct CurrencyBook {
     duplicates: u64,
     conflicts: u64,
     late: u64,
-    /// Facts that reached a day no longer kept (none yet: every day is kept).
+    /// Facts of final days (R11).
     too_old: u64,
     log_position: u64,
     /// The balance of the days no longer kept, carried into the first day kept.
@@ -192,6 +201,27 @@ struct DayState {
 }
 
 const MIN_PRUNE_AT: usize = 64;
+
+/// R11, judged with the partition clock `clock`.
+fn is_final(settings: &Settings, clock: i64, day: Day) -> bool {
+    clock
+        >= day
+            .end_us()
+            .saturating_add(settings.dedup_horizon_us)
+            .saturating_add(settings.allowed_lateness_us)
+}
+
+/// R2 with R11: a remembered identity matches no more once the merchant's clock
+/// passed its event time plus the horizon, or once its day is final.
+fn identity_expired(
+    settings: &Settings,
+    partition_clock: i64,
+    merchant_clock: i64,
+    r: &Remembered,
+) -> bool {
+    merchant_clock > r.event_time_us.saturating_add(settings.dedup_horizon_us)
+        || is_final(settings, partition_clock, Day::of_micros(r.event_time_us))
+}
 
 impl MerchantState {
     fn new() -> Self {
@@ -245,7 +275,25 @@ impl PartitionState {
             last_seq: 0,
             max_ingest_time_us: i64::MIN,
             merchants: FxHashMap::default(),
+            keep_from: Day(i32::MIN),
         }
+    }
+
+    /// Keeps final days from `day` on in memory (every one by default), so that
+    /// [`PartitionState::daily_rows`] still gives them; earlier final days are
+    /// dropped as their merchants are read. The stream projector keeps none
+    /// (`Day(i32::MAX)`): its rows are written as they change, and its state stays
+    /// bounded by the recent horizon. Changes no row and no state byte.
+    pub fn keep_final_days_from(&mut self, day: Day) {
+        self.keep_from = day;
+    }
+
+    /// Whether `day` can no longer change in this partition (R11): the partition's
+    /// clock has reached its end plus the dedup horizon plus the allowed lateness,
+    /// so no event ingest accepts (with a clock that is not behind by more than the
+    /// allowed lateness) can fall on it.
+    pub fn is_final(&self, day: Day) -> bool {
+        is_final(&self.settings, self.max_ingest_time_us, day)
     }
 
     pub fn partition(&self) -> u32 {
@@ -290,6 +338,7 @@ impl PartitionState {
 
     fn apply_fact(&mut self, record: &Record, fact: &Fact) -> Result<Outcome, SemanticsError> {
         let settings = self.settings;
+        let keep_from = self.keep_from;
         // The partition's clock from *before* this record decides closure
         // (docs/semantics.md R5).
         let partition_max_ingest = self.max_ingest_time_us;
@@ -319,9 +368,15 @@ impl PartitionState {
             }
         };
         let status = match merchant.identities.get(&key) {
+            // Its day can no longer change (R11), whatever its identity.
+            _ if is_final(&settings, partition_max_ingest, day) => Status::TooOld,
             Some(seen)
-                if merchant.max_ingest_time_us
-                    <= seen.event_time_us.saturating_add(settings.dedup_horizon_us) =>
+                if !identity_expired(
+                    &settings,
+                    partition_max_ingest,
+                    merchant.max_ingest_time_us,
+                    seen,
+                ) =>
             {
                 if seen.content == content {
                     Status::Duplicate
@@ -398,16 +453,34 @@ impl PartitionState {
                 }
                 today.log_position = seq;
             }
+            Status::TooOld => {
+                book.too_old += 1;
+                book.log_position = seq;
+            }
             Status::Heartbeat | Status::AlreadyRead => unreachable!("a fact is read as one"),
+        }
+        // Final days never change again: fold those not kept into the carried
+        // balance, so that state grows with the recent horizon, not with history.
+        let clock = partition_max_ingest.max(record.ingest_time_us);
+        let dropped = book
+            .days
+            .iter()
+            .take_while(|(d, _)| *d < keep_from && is_final(&settings, clock, *d))
+            .count();
+        if dropped > 0 {
+            book.carried += book
+                .days
+                .drain(..dropped)
+                .map(|(_, d)| d.total)
+                .sum::<i128>();
         }
 
         merchant.max_ingest_time_us = merchant.max_ingest_time_us.max(record.ingest_time_us);
         if merchant.identities.len() > merchant.prune_at {
             let now = merchant.max_ingest_time_us;
-            let horizon = settings.dedup_horizon_us;
             merchant
                 .identities
-                .retain(|_, r| now <= r.event_time_us.saturating_add(horizon));
+                .retain(|_, r| !identity_expired(&settings, clock, now, r));
             merchant.prune_at = MerchantState::next_prune(merchant.identities.len());
         }
 
@@ -541,6 +614,7 @@ fn current_row_of(merchant_id: &str, book: &CurrencyBook) -> CurrentRow {
         duplicates: book.duplicates,
         conflicts: book.conflicts,
         late: book.late,
+        too_old: book.too_old,
         log_position: book.log_position,
         semantics_version: SEMANTICS_VERSION,
     }

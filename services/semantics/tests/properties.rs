@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use payledger_semantics::{
     Currency, CurrentRow, DailyRow, Day, EventKind, Exposure, Fact, PartitionState, Record,
-    RecordBody, Settings, Status, partition_of,
+    RecordBody, SEMANTICS_VERSION, Settings, Status, partition_of,
 };
 use proptest::prelude::*;
 
@@ -293,6 +293,7 @@ struct Meta {
     duplicates: u64,
     conflicts: u64,
     late: u64,
+    too_old: u64,
     restated: bool,
     log_position: u64,
     last_event_time_us: i64,
@@ -362,8 +363,21 @@ impl Model {
         self.merchant_clock
             .insert(m.clone(), m_clock.max(r.ingest_time_us));
         let key = (m.clone(), f.event_id.clone());
+        // R11: a day is final once the partition's clock (before the record) has
+        // reached its end plus the horizon plus the allowed lateness.
+        let h_l = self.s.dedup_horizon_us + self.s.allowed_lateness_us;
+        let is_final = |t: i64| clock >= (i64::from(day_of(t)) + 1) * DAY + h_l;
+        if is_final(f.event_time_us) {
+            let current = self.current.entry((m.clone(), f.currency)).or_default();
+            current.too_old += 1;
+            current.log_position = r.seq;
+            return Status::TooOld;
+        }
         let status = match self.identities.get(&key) {
-            Some(seen) if m_clock <= seen.event_time_us + self.s.dedup_horizon_us => {
+            Some(seen)
+                if m_clock <= seen.event_time_us + self.s.dedup_horizon_us
+                    && !is_final(seen.event_time_us) =>
+            {
                 if same_content(seen, f) {
                     Status::Duplicate
                 } else {
@@ -461,7 +475,7 @@ impl Model {
                 late: meta.late,
                 restated: meta.restated,
                 log_position: meta.log_position,
-                semantics_version: 1,
+                semantics_version: SEMANTICS_VERSION,
             });
         }
         out
@@ -484,8 +498,9 @@ impl Model {
                 duplicates: meta.duplicates,
                 conflicts: meta.conflicts,
                 late: meta.late,
+                too_old: meta.too_old,
                 log_position: meta.log_position,
-                semantics_version: 1,
+                semantics_version: SEMANTICS_VERSION,
             })
             .collect()
     }
@@ -821,8 +836,8 @@ proptest! {
     }
 
     /// (f) A checkpoint (the state's encoding) taken mid-log and resumed gives the
-    /// same rows, and the same state bytes as the fold that never stopped: the
-    /// encoding is canonical.
+    /// same rows (but for the final days a stored state drops), and the same state
+    /// bytes as the fold that never stopped: the encoding is canonical.
     #[test]
     fn checkpoint_mid_log_and_resume_gives_the_same_rows(
         s in settings(),
@@ -851,7 +866,12 @@ proptest! {
         }
         for (p, st) in &states {
             let other = &resumed[p];
-            prop_assert_eq!(st.daily_rows(), other.daily_rows());
+            // A stored state keeps no final day (R11); every other row is the same.
+            let live = |rows: Vec<DailyRow>| -> Vec<DailyRow> {
+                rows.into_iter().filter(|r| !st.is_final(r.day)).collect()
+            };
+            prop_assert_eq!(live(st.daily_rows()), live(other.daily_rows()));
+            prop_assert!(other.daily_rows().iter().all(|r| st.daily_rows().contains(r)));
             prop_assert_eq!(st.current_rows(), other.current_rows());
             prop_assert_eq!(st.last_seq(), other.last_seq());
             prop_assert!(st.encode() == other.encode(), "state bytes differ after a resume");

@@ -147,7 +147,7 @@ fn daily(
         late: counts.3,
         restated,
         log_position,
-        semantics_version: 1,
+        semantics_version: SEMANTICS_VERSION,
     }
 }
 
@@ -168,8 +168,9 @@ fn current(
         duplicates: counts.1,
         conflicts: counts.2,
         late: counts.3,
+        too_old: 0,
         log_position,
-        semantics_version: 1,
+        semantics_version: SEMANTICS_VERSION,
     }
 }
 
@@ -1120,7 +1121,7 @@ fn rule6_row_exists_only_for_days_with_events() {
         p.row("m1", D0 + 2, "USD").semantics_version,
         SEMANTICS_VERSION
     );
-    assert_eq!(SEMANTICS_VERSION, 1);
+    assert_eq!(SEMANTICS_VERSION, 2);
 }
 
 #[test]
@@ -1898,7 +1899,7 @@ fn rule9_stream_fingerprint_and_version_key_are_pinned() {
              allowed_lateness_us=3600000000;bucket_width_us=900000000;stream=72dbc598e2d2e484"
         )
     );
-    assert_eq!(s.version_key(), "v1-9f6ed528d0f35551");
+    assert_eq!(s.version_key(), "v2-f8893dc5151ab250");
     assert_eq!(
         StreamSettings::parse(&s.stream().canonical()),
         Ok(s.stream())
@@ -2288,4 +2289,127 @@ fn day_parse_and_arithmetic() {
     assert_eq!(Day(19_783).start_us(), 1_709_251_200_000_000);
     assert_eq!(Day(19_783).end_us(), 1_709_337_600_000_000);
     assert_eq!(Day::of_micros(-1), Day(-1));
+}
+
+// ---------------------------------------------------------------------------
+// Rule 11: final days.
+
+/// With the defaults (H 35 d, allowed lateness 1 h) day D0 is final once the
+/// partition's clock reaches the end of D0 + 35 d + 1 h.
+fn final_at() -> i64 {
+    at(1, 0, 0) + 35 * MICROS_PER_DAY + 3_600_000_000
+}
+
+#[test]
+fn rule11_a_day_is_final_from_its_end_plus_horizon_plus_lateness_by_the_partition_clock() {
+    let mut p = Part::of("m1");
+    p.fact(1, at(0, 10, 1), pay("e1", "m1", 100, "USD", at(0, 10, 0)));
+    p.heartbeat(2, final_at() - 1);
+    assert!(!p.st.is_final(Day(D0)));
+    // An ingest clock behind by more than the allowed lateness stamps an event of
+    // D0 that a correct clock would have refused: still applied one µs before.
+    assert_eq!(
+        p.fact(3, at(0, 11, 0), pay("e2", "m1", 5, "USD", at(0, 10, 30))),
+        Status::Applied
+    );
+    p.heartbeat(4, final_at());
+    assert!(p.st.is_final(Day(D0)));
+    assert!(!p.st.is_final(Day(D0 + 1)));
+    let before = p.st.daily_rows();
+    // From then on, a fact of D0 changes no daily row, whatever its identity:
+    // new, an exact resend, or a conflicting one.
+    assert_eq!(
+        p.fact(5, at(0, 12, 0), pay("e3", "m1", 7, "USD", at(0, 11, 0))),
+        Status::TooOld
+    );
+    assert_eq!(
+        p.fact(6, at(0, 12, 0), pay("e1", "m1", 100, "USD", at(0, 10, 0))),
+        Status::TooOld
+    );
+    assert_eq!(
+        p.fact(7, at(0, 12, 0), pay("e1", "m1", 999, "USD", at(0, 10, 0))),
+        Status::TooOld
+    );
+    assert_eq!(p.st.daily_rows(), before);
+    let current = p.current("m1", "USD");
+    assert_eq!(current.balance_minor, 105, "not applied");
+    assert_eq!(
+        (current.applied, current.too_old, current.log_position),
+        (2, 3, 7)
+    );
+}
+
+#[test]
+fn rule11_identities_of_final_days_match_no_more() {
+    // A quiet merchant's clock stays behind; the partition's moves on.
+    let mut p = Part::of("m1");
+    p.fact(1, at(0, 10, 1), pay("e1", "m1", 100, "USD", at(0, 10, 0)));
+    p.heartbeat(2, final_at());
+    // The same id on a later, open day: new, not a conflict with the final day's.
+    let later = final_at() - MICROS_PER_DAY;
+    assert_eq!(
+        p.fact(3, final_at(), pay("e1", "m1", 1, "USD", later)),
+        Status::Applied
+    );
+}
+
+#[test]
+fn rule11_stored_state_keeps_no_final_day_and_the_open_rows_are_the_same() {
+    let mut p = Part::of("m1");
+    for d in 0..40i64 {
+        p.fact(
+            d as u64 + 1,
+            at(d, 10, 1),
+            pay(&format!("e{d}"), "m1", 10 + d, "USD", at(d, 10, 0)),
+        );
+    }
+    let all = p.st.daily_rows();
+    assert_eq!(all.len(), 40, "kept in memory by default");
+    let stored = p.st.encode();
+    let restored = PartitionState::decode(&stored, p.st.settings(), p.st.partition()).unwrap();
+    let open: Vec<DailyRow> = all
+        .iter()
+        .filter(|r| !p.st.is_final(r.day))
+        .cloned()
+        .collect();
+    assert!(open.len() < 40 && open.len() >= 36, "{}", open.len());
+    assert_eq!(restored.daily_rows(), open);
+    assert_eq!(restored.current_rows(), p.st.current_rows());
+    // Continuing either gives the same rows and the same bytes.
+    let next = rec(
+        100,
+        at(40, 10, 1),
+        pay("e40", "m1", 1, "USD", at(40, 10, 0)),
+    );
+    let mut restored = restored;
+    restored.apply(&next).unwrap();
+    p.st.apply(&next).unwrap();
+    assert!(restored.encode() == p.st.encode());
+    assert_eq!(
+        restored.daily_rows().last().unwrap(),
+        p.st.daily_rows().last().unwrap()
+    );
+}
+
+/// The stream projector keeps no final day in memory: a year of daily events
+/// leaves the horizon's days, not the year's.
+#[test]
+fn rule11_a_state_that_keeps_no_final_day_stays_bounded() {
+    let mut p = Part::of("m1");
+    p.st.keep_final_days_from(Day(i32::MAX));
+    for d in 0..365i64 {
+        p.fact(
+            d as u64 + 1,
+            at(d, 10, 1),
+            pay(&format!("e{d}"), "m1", 10, "USD", at(d, 10, 0)),
+        );
+    }
+    let rows = p.st.daily_rows();
+    assert!(rows.len() <= 37, "{} days kept", rows.len());
+    assert_eq!(
+        rows.last().unwrap().closing_minor,
+        3650,
+        "the carried balance counts"
+    );
+    assert!(p.st.identities_remembered() <= 37 + 64);
 }

@@ -2,8 +2,10 @@
 //! replay states (docs/storage.md, "State files").
 //!
 //! Canonical: merchants sorted by id, identities by key, currency books by
-//! currency, and identities that can no longer match (expired, R2) left out, so the
-//! same fold gives the same bytes however it was restored and continued. Nothing
+//! currency; identities that can no longer match (R2) and final days (R11, their
+//! balance carried) left out. So the same fold gives the same bytes however it was
+//! restored and continued, and state grows with the recent horizon, not with
+//! history. Nothing
 //! that only schedules work (when to prune next) is written. The version key
 //! comes first after the format, so a reader refuses state of another projection
 //! before trusting anything else in it.
@@ -14,7 +16,9 @@
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use super::{CurrencyBook, DayState, MerchantState, PartitionState, Remembered};
+use super::{
+    CurrencyBook, DayState, MerchantState, PartitionState, Remembered, identity_expired, is_final,
+};
 use crate::currency::Currency;
 use crate::settings::Settings;
 use crate::time::Day;
@@ -94,7 +98,7 @@ struct DayFile {
 impl PartitionState {
     /// The canonical bytes of this state (see the module's comment).
     pub fn encode(&self) -> Vec<u8> {
-        let horizon = self.settings.dedup_horizon_us;
+        let (settings, clock) = (&self.settings, self.max_ingest_time_us);
         let mut merchants: Vec<MerchantFile> = self
             .merchants
             .iter()
@@ -102,13 +106,15 @@ impl PartitionState {
                 let mut identities: Vec<(u128, u64, i64)> = m
                     .identities
                     .iter()
-                    .filter(|(_, r)| {
-                        m.max_ingest_time_us <= r.event_time_us.saturating_add(horizon)
-                    })
+                    .filter(|(_, r)| !identity_expired(settings, clock, m.max_ingest_time_us, r))
                     .map(|(k, r)| (*k, r.content, r.event_time_us))
                     .collect();
                 identities.sort_unstable_by_key(|(k, _, _)| *k);
-                let mut books: Vec<BookFile> = m.books.iter().map(book_file).collect();
+                let mut books: Vec<BookFile> = m
+                    .books
+                    .iter()
+                    .map(|b| book_file(b, |d| is_final(settings, clock, d)))
+                    .collect();
                 books.sort_unstable_by_key(|b| b.currency);
                 MerchantFile {
                     merchant_id: id.clone(),
@@ -166,7 +172,9 @@ impl PartitionState {
     }
 }
 
-fn book_file(b: &CurrencyBook) -> BookFile {
+/// A book as stored: final days are never stored, only their carried balance.
+fn book_file(b: &CurrencyBook, is_final: impl Fn(Day) -> bool) -> BookFile {
+    let dropped = b.days.iter().take_while(|(d, _)| is_final(*d)).count();
     BookFile {
         currency: b.currency,
         balance: b.balance,
@@ -178,9 +186,8 @@ fn book_file(b: &CurrencyBook) -> BookFile {
         late: b.late,
         too_old: b.too_old,
         log_position: b.log_position,
-        carried: b.carried,
-        days: b
-            .days
+        carried: b.carried + b.days[..dropped].iter().map(|(_, d)| d.total).sum::<i128>(),
+        days: b.days[dropped..]
             .iter()
             .map(|(day, d)| {
                 (
@@ -270,6 +277,7 @@ fn from_file(file: File, settings: Settings) -> PartitionState {
         last_seq: file.last_seq,
         max_ingest_time_us: file.max_ingest_time_us,
         merchants,
+        keep_from: Day(i32::MIN),
     }
 }
 
