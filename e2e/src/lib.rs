@@ -619,3 +619,23 @@ pub fn metric_value(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// Waits until the archive's highest watermark reaches `through` (the archiver
+/// cuts on its own flush interval), for at most 30 s.
+pub async fn wait_until_archived(
+    archive: &payledger_storage::ArchiveStore,
+    through: u64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let watermark = payledger_projector::replay::latest_cutoff(archive).await?;
+        if watermark >= through {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the archive reached {watermark}, not {through}, within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

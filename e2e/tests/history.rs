@@ -10,9 +10,9 @@ use payledger_cli::generate::GenConfig;
 use payledger_e2e::convergence::{history_config, publish_history};
 use payledger_e2e::{
     AcceptedLog, Harness, Service, assert_converges, ingest_client, metric_value, now_us,
-    query_client, scrape_metrics,
+    query_client, scrape_metrics, wait_until_archived,
 };
-use payledger_projector::replay::{ReplayRequest, ReplayStores, latest_cutoff, replay_and_commit};
+use payledger_projector::replay::{ReplayRequest, ReplayStores, replay_and_commit};
 use payledger_proto::v1;
 use payledger_semantics::{Day, RecordedStream, Settings, StreamSettings};
 use payledger_server_common::local_nats::free_port;
@@ -81,15 +81,7 @@ impl Stack {
 
     async fn archived(&self) -> anyhow::Result<u64> {
         let last = stream_messages_last(&self.h.nats.url()).await?;
-        let stores = stores(&self.store)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while latest_cutoff(&stores.archive).await? < last {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the archive did not reach {last}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until_archived(&stores(&self.store)?.archive, last).await?;
         Ok(last)
     }
 
@@ -116,13 +108,20 @@ impl Stack {
 
     /// Purges the stream's records below `keep_from` (the head `max_age` drops)
     /// and every row, progress record and lease: a new deployment's buckets.
-    async fn forget(&self, keep_from: u64) -> anyhow::Result<()> {
+    /// Purges the stream's records below `keep_from`, what `max_age` drops.
+    async fn purge_head(&self, keep_from: u64) -> anyhow::Result<()> {
         let js = async_nats::jetstream::new(async_nats::connect(self.h.nats.url()).await?);
         js.get_stream(STREAM)
             .await?
             .purge()
             .sequence(keep_from)
             .await?;
+        Ok(())
+    }
+
+    async fn forget(&self, keep_from: u64) -> anyhow::Result<()> {
+        self.purge_head(keep_from).await?;
+        let js = async_nats::jetstream::new(async_nats::connect(self.h.nats.url()).await?);
         for bucket in [DAILY_BUCKET, CURRENT_BUCKET, PROGRESS_BUCKET] {
             js.get_stream(format!("KV_{bucket}")).await?.purge().await?;
         }
@@ -210,7 +209,7 @@ async fn bootstraps_to_the_whole_history(from_state: bool) -> anyhow::Result<()>
     let metrics = format!("127.0.0.1:{}", free_port()?);
     let second = s.projector("second", &metrics).await?;
     // A further purge as it starts (still within what the archive holds).
-    s.forget_head_only(keep_from + 50).await?;
+    s.purge_head(keep_from + 50).await?;
     s.publish(47, 2).await?;
     assert_converges(&mut query, &s.log.fold(Settings::default())?, WITHIN).await?;
 
@@ -244,18 +243,6 @@ async fn bootstraps_to_the_whole_history(from_state: bool) -> anyhow::Result<()>
         }
     );
     Ok(())
-}
-
-impl Stack {
-    async fn forget_head_only(&self, keep_from: u64) -> anyhow::Result<()> {
-        let js = async_nats::jetstream::new(async_nats::connect(self.h.nats.url()).await?);
-        js.get_stream(STREAM)
-            .await?
-            .purge()
-            .sequence(keep_from)
-            .await?;
-        Ok(())
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,8 +9,9 @@ use payledger_cli::generate::GenConfig;
 use payledger_e2e::convergence::{history_config, publish_history};
 use payledger_e2e::{
     AcceptedLog, Harness, Service, ingest_client, now_us, query_client, stream_messages,
+    wait_until_archived,
 };
-use payledger_projector::replay::{fold_partitions, latest_cutoff};
+use payledger_projector::replay::fold_partitions;
 use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
 use payledger_semantics::{DailyRow, Day, Settings};
 use payledger_storage::{ArchiveStore, SnapshotStore, open_store};
@@ -97,13 +98,8 @@ async fn stack(workers: usize) -> anyhow::Result<Stack> {
     };
     // Pauses spread the log over many cuts, so that shards have several segments.
     let log = publish_history(&mut client, history, 16, Duration::from_millis(150)).await?;
-    let archive = archive(&store)?;
     let messages = stream_messages(&h.nats.url()).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while latest_cutoff(&archive).await? < messages {
-        anyhow::ensure!(Instant::now() < deadline, "the archive did not catch up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_archived(&archive(&store)?, messages).await?;
     Ok(Stack {
         h,
         store,
@@ -186,12 +182,7 @@ impl Stack {
             publish_history(&mut client, history, batches, Duration::from_millis(150)).await?;
         self.log.records.extend(more.records);
         let messages = stream_messages(&self.h.nats.url()).await?;
-        let archive = archive(&self.store)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while latest_cutoff(&archive).await? < messages {
-            anyhow::ensure!(Instant::now() < deadline, "the archive did not catch up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until_archived(&archive(&self.store)?, messages).await?;
         self.cutoff = messages;
         Ok(())
     }
