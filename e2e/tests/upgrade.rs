@@ -37,6 +37,11 @@ async fn a_first_release_stack_keeps_working_and_converges() -> anyhow::Result<(
                 "200ms",
                 "--heartbeat-interval",
                 "0s",
+                // The first release's retention: the fixture's records were written
+                // on a fixed day, and a shorter max_age would delete them once that
+                // day is far enough behind, while this test reads the whole log.
+                "--stream-max-age",
+                "36d",
             ],
         )
         .await?;

@@ -10,11 +10,13 @@
 //! So the segments of each partition tile the sequence space with no gap and no
 //! overlap.
 //!
-//! The stream keeps records for `max_age` (at least the dedup horizon plus a day):
-//! the archive must catch up within that time, which the lag metric shows.
+//! Records the stream drops (`max_age`) before a cut holds them are lost for good,
+//! so the archiver reports its watermark and when it last completed a cut, and
+//! retention.rs how many records trail behind it.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
 use futures::StreamExt;
@@ -25,12 +27,49 @@ use payledger_storage::{ArchiveStore, ArchivedDim, CutRange, DimRecord};
 use prost::Message;
 use tokio::sync::watch;
 
+use crate::metrics::ArchiverMetrics;
+
 #[derive(Clone, Debug)]
 pub struct ArchiverTuning {
     /// A cut is written at the latest this long after its first record.
     pub flush_interval: Duration,
     /// ...or once it holds this many records.
     pub max_cut_records: usize,
+}
+
+/// What the archiver tells the rest of the process as it goes.
+pub(crate) struct Progress {
+    pub metrics: Arc<ArchiverMetrics>,
+    /// The highest watermark, once the archive's listing was read.
+    pub watermark: watch::Sender<Option<u64>>,
+}
+
+impl Progress {
+    /// The archive's listing says `watermark`; the cut ending there was written
+    /// by this or an earlier process, at the time its object carries.
+    async fn resumed(&self, archive: &ArchiveStore, watermark: u64) {
+        self.metrics.watermark(watermark);
+        if watermark > 0 {
+            match archive.watermark_written(watermark).await {
+                Ok(at) => self.metrics.cut_completed_at(at),
+                Err(e) => {
+                    tracing::debug!(watermark, error = %e, "when the last cut was written is unknown")
+                }
+            }
+        }
+        // A resume after a failure reads the same watermark again: no news.
+        self.watermark.send_if_modified(|known| {
+            let changed = *known != Some(watermark);
+            *known = Some(watermark);
+            changed
+        });
+    }
+
+    fn cut(&self, watermark: u64) {
+        self.metrics.watermark(watermark);
+        self.metrics.cut_completed_at(SystemTime::now());
+        self.watermark.send_replace(Some(watermark));
+    }
 }
 
 /// One cut being collected.
@@ -147,9 +186,11 @@ pub async fn run(
     archive: ArchiveStore,
     partitions: u32,
     tuning: ArchiverTuning,
+    progress: &Progress,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut watermark = archive.watermarks().await?.last().copied().unwrap_or(0);
+    progress.resumed(&archive, watermark).await;
     let resume_cut = unfinished_cut(&archive, partitions, watermark).await?;
     if let Some(end) = resume_cut {
         tracing::info!(
@@ -209,11 +250,13 @@ pub async fn run(
         }
         if cut.records > 0 {
             watermark = std::mem::take(&mut cut).write(&archive, watermark).await?;
+            progress.cut(watermark);
         }
         flush_at = None;
     }
     if cut.records > 0 && resume_cut.is_none_or(|end| end <= watermark || cut.last == end) {
         watermark = cut.write(&archive, watermark).await?;
+        progress.cut(watermark);
     }
     tracing::info!(watermark, "archiver stopped");
     Ok(())

@@ -15,6 +15,7 @@ mod heartbeat;
 mod metrics;
 mod publish_status;
 mod publisher;
+mod retention;
 mod service;
 
 use std::future::Future;
@@ -22,9 +23,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use payledger_server_common::config::{ServerArgs, StreamArgs, parse_duration};
+use payledger_server_common::config::{ServerArgs, StreamArgs, format_duration, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
-use payledger_server_common::topology::{StreamOptions, ensure_stream};
+use payledger_server_common::topology::{STREAM, StreamOptions, ensure_stream, stream_max_age};
 use tokio::net::TcpListener;
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -65,8 +66,19 @@ pub struct IngestConfig {
     /// JetStream's duplicate window for Nats-Msg-Id.
     #[arg(long, env = "PAYLEDGER_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration)]
     pub duplicate_window: Duration,
-    /// How long JetStream keeps records; at least the dedup horizon plus one day.
-    #[arg(long, env = "PAYLEDGER_STREAM_MAX_AGE", default_value = "36d", value_parser = parse_duration)]
+    /// How long JetStream keeps records (0s: for ever).
+    ///
+    /// Projectors and query read from the archive whatever the log has dropped, so
+    /// this does not bound what they answer, and it need not cover the dedup
+    /// horizon. It bounds how long a projector may be down and resume from its own
+    /// checkpoint without reading the archive, and how far the archiver may fall
+    /// behind before records are lost for good (alert: PayLedgerArchiveLag). With
+    /// 7d a projector down for a week resumes from its checkpoint alone; longer
+    /// costs only disk. The one minimum is JetStream's: --duplicate-window. Set
+    /// when ingest creates the stream; on an existing stream the archiver (ingest
+    /// with --archive-store) applies a new value when it starts, a shorter one once
+    /// the archive holds every record it deletes.
+    #[arg(long, env = "PAYLEDGER_STREAM_MAX_AGE", default_value = "7d", value_parser = parse_duration)]
     pub stream_max_age: Duration,
     /// Object storage to archive the log to (a directory, file:///…, s3://…); the
     /// archiver runs only when this is set.
@@ -100,7 +112,7 @@ impl IngestConfig {
             archive_flush_interval: Duration::from_secs(5),
             archive_cut_records: 200_000,
             duplicate_window: Duration::from_secs(120),
-            stream_max_age: Duration::from_secs(36 * 86_400),
+            stream_max_age: Duration::from_secs(7 * 86_400),
             max_message_bytes: 64 * 1024,
         }
     }
@@ -113,6 +125,12 @@ impl IngestConfig {
         anyhow::ensure!(
             (1..=50).contains(&self.max_concurrent_batches),
             "--max-concurrent-batches must be within 1..=50 (JetStream's in-flight batch limit per stream)"
+        );
+        anyhow::ensure!(
+            self.stream_max_age.is_zero() || self.stream_max_age >= self.duplicate_window,
+            "--stream-max-age {} is shorter than --duplicate-window {}, which JetStream refuses (0s keeps records for ever)",
+            format_duration(self.stream_max_age),
+            format_duration(self.duplicate_window)
         );
         Ok(())
     }
@@ -129,20 +147,30 @@ pub async fn run(
     let settings = config.stream.settings()?;
     let client = config.server.nats.connect("payledger-ingest").await?;
     let js = async_nats::jetstream::new(client.clone());
-    let max_age = config
-        .stream_max_age
-        .max(Duration::from_micros(settings.dedup_horizon_us as u64) + Duration::from_secs(86_400));
     let recorded = ensure_stream(
         &js,
         &settings,
         &StreamOptions {
             replicas: config.stream_replicas,
             duplicate_window: config.duplicate_window,
-            max_age,
+            max_age: config.stream_max_age,
             max_message_bytes: config.max_message_bytes,
         },
     )
     .await?;
+    if config.archive_store.is_none() {
+        let current = stream_max_age(&js).await?;
+        if current != config.stream_max_age {
+            tracing::warn!(
+                "stream {STREAM} keeps records for {}, --stream-max-age is {}: on an existing stream only the archiver \
+                 (ingest with --archive-store) changes it, when it starts; without an archiver, run \
+                 `nats stream edit {STREAM} --max-age={}` (without an archive, the log is the only history)",
+                format_duration(current),
+                format_duration(config.stream_max_age),
+                format_duration(config.stream_max_age)
+            );
+        }
+    }
 
     let publisher = Arc::new(publisher::Publisher::new(
         client,
@@ -151,6 +179,8 @@ pub async fn run(
         &config,
     ));
     let local: SocketAddr = listener.local_addr()?;
+    let mut registry = payledger_server_common::metrics::Registry::default();
+    let metrics = metrics::IngestMetrics::register(&mut registry);
     let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
     let archiver_stopped = background_stopped.clone();
     let heartbeat = (!config.heartbeat_interval.is_zero()).then(|| {
@@ -171,9 +201,21 @@ pub async fn run(
                 flush_interval: config.archive_flush_interval,
                 max_cut_records: config.archive_cut_records.max(1),
             };
+            let (watermark, watermark_seen) = tokio::sync::watch::channel(None);
+            let progress = archiver::Progress {
+                metrics: metrics::ArchiverMetrics::register(&mut registry),
+                watermark,
+            };
+            let retention = tokio::spawn(retention::watch(
+                js.clone(),
+                progress.metrics.clone(),
+                watermark_seen,
+                config.stream_max_age,
+                archiver_stopped.clone(),
+            ));
             let (js, stopped) = (js.clone(), archiver_stopped.clone());
             let partitions = settings.partitions;
-            Some(tokio::spawn(async move {
+            let archiver = tokio::spawn(async move {
                 let mut stopped = stopped;
                 loop {
                     match archiver::run(
@@ -181,6 +223,7 @@ pub async fn run(
                         archive.clone(),
                         partitions,
                         tuning.clone(),
+                        &progress,
                         stopped.clone(),
                     )
                     .await
@@ -195,13 +238,12 @@ pub async fn run(
                         }
                     }
                 }
-            }))
+            });
+            Some((archiver, retention))
         }
         None => None,
     };
     tracing::info!(%local, partitions = settings.partitions, stream_fingerprint = %settings.fingerprint(), "ingest serving");
-    let mut registry = payledger_server_common::metrics::Registry::default();
-    let metrics = metrics::IngestMetrics::register(&mut registry);
     let metrics_server = config
         .server
         .metrics
@@ -226,8 +268,9 @@ pub async fn run(
     if let Some(task) = heartbeat {
         let _ = task.await;
     }
-    if let Some(task) = archiver {
-        let _ = task.await;
+    if let Some((archiver, retention)) = archiver {
+        let _ = archiver.await;
+        let _ = retention.await;
     }
     if let Some(task) = metrics_server {
         task.abort();

@@ -1,9 +1,12 @@
-//! Ingest's Prometheus metrics: events by outcome, and how long Publish takes.
+//! Ingest's Prometheus metrics: events by outcome, and how long Publish takes;
+//! in the archiver, how far the archive trails the log.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
 
 use payledger_server_common::metrics::{
-    Counter, Family, Histogram, Labels, Registry, latency_histogram,
+    Counter, Family, Gauge, Histogram, Labels, Registry, latency_histogram,
 };
 
 pub(crate) struct IngestMetrics {
@@ -38,5 +41,68 @@ impl IngestMetrics {
 
     pub fn published(&self, started: std::time::Instant) {
         self.publish.observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Registered only where the archiver runs: an ingest that does not archive
+/// knows nothing of the archive, and a zero lag from it would hide the real one.
+pub(crate) struct ArchiverMetrics {
+    watermark: Gauge,
+    lag: Gauge,
+    last_cut: Gauge<f64, AtomicU64>,
+    oldest_unarchived_age: Gauge<f64, AtomicU64>,
+}
+
+impl ArchiverMetrics {
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let m = Self {
+            watermark: Gauge::default(),
+            lag: Gauge::default(),
+            last_cut: Gauge::default(),
+            oldest_unarchived_age: Gauge::default(),
+        };
+        registry.register(
+            "payledger_archive_watermark_sequence",
+            "Highest archive watermark: every record of the stream up to it is archived",
+            m.watermark.clone(),
+        );
+        registry.register(
+            "payledger_archive_lag_records",
+            "Records in the stream after the highest watermark, not yet archived",
+            m.lag.clone(),
+        );
+        registry.register(
+            "payledger_archive_last_cut_timestamp_seconds",
+            "When the last cut was completed (Unix time; 0 while the archive has none)",
+            m.last_cut.clone(),
+        );
+        registry.register(
+            "payledger_archive_oldest_unarchived_age_seconds",
+            "Age, by its ingest_time, of the oldest record in the stream not yet archived (0 when none)",
+            m.oldest_unarchived_age.clone(),
+        );
+        Arc::new(m)
+    }
+
+    pub fn watermark(&self, watermark: u64) {
+        self.watermark
+            .set(i64::try_from(watermark).unwrap_or(i64::MAX));
+    }
+
+    pub fn cut_completed_at(&self, at: SystemTime) {
+        let seconds = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.last_cut.set(seconds);
+    }
+
+    pub fn lag(&self, records: u64) {
+        self.lag.set(i64::try_from(records).unwrap_or(i64::MAX));
+    }
+
+    pub fn oldest_unarchived(&self, age: Option<Duration>) {
+        self.oldest_unarchived_age
+            .set(age.map_or(0.0, |d| d.as_secs_f64()));
     }
 }

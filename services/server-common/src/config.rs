@@ -10,6 +10,26 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("'{text}': {e} (examples: 500ms, 90s, 5m, 35d)"))
 }
 
+/// A duration in the largest whole unit (`7d`, `36h`, `90s`), as these flags and
+/// the `nats` CLI both read it.
+pub fn format_duration(d: Duration) -> String {
+    let (secs, nanos) = (d.as_secs(), d.subsec_nanos());
+    if nanos != 0 {
+        return match nanos {
+            n if n % 1_000_000 == 0 => format!("{}ms", d.as_millis()),
+            n if n % 1_000 == 0 => format!("{}us", d.as_micros()),
+            _ => format!("{}ns", d.as_nanos()),
+        };
+    }
+    match secs {
+        0 => "0s".to_string(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// Parses byte sizes such as `268435456`, `512KiB`, `256MiB`, `1GiB` (binary units only:
 /// `MB` and `GB` are refused rather than guessed at).
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
@@ -219,7 +239,25 @@ impl AccessArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::{NatsArgs, parse_bytes};
+    use std::time::Duration;
+
+    use super::{NatsArgs, format_duration, parse_bytes, parse_duration};
+
+    #[test]
+    fn durations_are_shown_in_their_largest_whole_unit_and_read_back() {
+        for (d, shown) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_secs(7 * 86_400), "7d"),
+            (Duration::from_secs(36 * 3_600), "36h"),
+            (Duration::from_secs(150), "150s"),
+            (Duration::from_secs(120), "2m"),
+            (Duration::from_millis(1_500), "1500ms"),
+            (Duration::from_micros(1_001), "1001us"),
+        ] {
+            assert_eq!(format_duration(d), shown);
+            assert_eq!(parse_duration(shown), Ok(d), "{shown}");
+        }
+    }
 
     #[test]
     fn nats_url_takes_a_comma_separated_list_of_servers() {

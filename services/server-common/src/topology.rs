@@ -58,7 +58,8 @@ pub fn progress_key(partition: u32) -> String {
     format!("p{partition}")
 }
 
-/// How the stream is created (only when missing).
+/// How the stream is created (only when missing; of an existing stream's config
+/// only `max_age` is ever changed, by the archiver: see [`set_stream_max_age`]).
 #[derive(Clone, Debug)]
 pub struct StreamOptions {
     pub replicas: usize,
@@ -104,6 +105,25 @@ pub async fn ensure_stream(
         );
     }
     Ok(recorded)
+}
+
+/// How long the stream keeps records (`max_age`; zero keeps them until deleted
+/// otherwise).
+pub async fn stream_max_age(js: &jetstream::Context) -> anyhow::Result<Duration> {
+    let stream = js.get_stream(STREAM).await?;
+    Ok(stream.cached_info().config.max_age)
+}
+
+/// Makes the stream keep records for `max_age`, the rest of its config as it is.
+/// JetStream deletes the records older than a shorter `max_age` at once.
+pub async fn set_stream_max_age(js: &jetstream::Context, max_age: Duration) -> anyhow::Result<()> {
+    let stream = js.get_stream(STREAM).await?;
+    let mut config = stream.cached_info().config.clone();
+    config.max_age = max_age;
+    js.update_stream(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("updating the max_age of stream {STREAM}: {e}"))?;
+    Ok(())
 }
 
 /// The settings the stream was created with.

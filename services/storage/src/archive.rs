@@ -532,6 +532,16 @@ impl ArchiveStore {
         }
     }
 
+    /// When the watermark `last` was written: the end of the last cut, as the
+    /// object store dated it.
+    pub async fn watermark_written(
+        &self,
+        last: u64,
+    ) -> Result<std::time::SystemTime, StorageError> {
+        let path = Path::from(format!("archive/_watermarks/{last:020}"));
+        Ok(self.store.head(&path).await?.last_modified.into())
+    }
+
     async fn names(&self, dir: &Path) -> Result<Vec<String>, StorageError> {
         let objects: Vec<_> = self.store.list(Some(dir)).try_collect().await?;
         let mut names: Vec<String> = objects
