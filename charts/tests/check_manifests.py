@@ -354,6 +354,7 @@ def scenario_default(objects: list[dict], index: dict) -> None:
     cfg = config(objects)
     check(cfg["PAYLEDGER_NATS_URL"].startswith("nats://") and cfg["PAYLEDGER_NATS_URL"].endswith("-nats:4222"), "services use the in-chart NATS")
     check(cfg["PAYLEDGER_STREAM_REPLICAS"] == "3" and cfg["PAYLEDGER_KV_REPLICAS"] == "3", "stream and KV replicas 3")
+    check(cfg.get("PAYLEDGER_STREAM_MAX_AGE") == "7d", "one stream max_age for ingest and the archiver alike")
     check(not any(o["kind"] in CRD_KINDS or o["kind"] == "Job" for o in objects), "monitoring and backfill are off by default")
     ingest = find_workload(objects, "ingest")
     check("AWS_SECRET_ACCESS_KEY" not in env_of(pod_spec(ingest)["containers"][0]), "ingest gets no object-store keys")
@@ -463,7 +464,8 @@ def scenario_tls_monitoring(objects: list[dict], index: dict) -> None:
     if rules:
         exprs = {r["alert"]: r["expr"] for g in rules[0]["spec"]["groups"] for r in g["rules"]}
         for metric in ("payledger_projector_lag_records", "payledger_projector_partition_owned", "payledger_projector_checkpoint_timestamp_seconds",
-                       "payledger_projector_freshness_seconds_bucket", "payledger_reconciliation_differences"):
+                       "payledger_projector_freshness_seconds_bucket", "payledger_reconciliation_differences",
+                       "payledger_archive_lag_records", "payledger_archive_last_cut_timestamp_seconds"):
             check(any(metric in e for e in exprs.values()), f"an alert on {metric}")
         check("!= 0" in exprs.get("PayLedgerReconciliationDifferences", ""), "reconciliation differences != 0")
 
