@@ -2,7 +2,8 @@
 //! stream the `--stream-max-age` it starts with, longer or shorter, while an
 //! ingest that does not archive leaves it and says who changes it; and the
 //! archiver's lag metrics show records that no cut holds yet, also while it
-//! cannot cut, and return to 0 once it has caught up.
+//! cannot cut, and return to 0 once it has caught up; records deleted before it
+//! read them are counted as lost.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
@@ -243,6 +244,10 @@ async fn archive_lag_grows_while_the_archiver_cannot_cut_and_returns_to_zero() -
         gauge(&text, "payledger_archive_oldest_unarchived_age_seconds"),
         Some(0.0)
     );
+    assert_eq!(
+        gauge(&text, "payledger_archive_lost_records_total"),
+        Some(0.0)
+    );
     let producer_text = scrape_metrics(&producer_metrics).await?;
     assert!(
         !producer_text.contains("payledger_archive_"),
@@ -287,6 +292,11 @@ async fn archive_lag_grows_while_the_archiver_cannot_cut_and_returns_to_zero() -
     })
     .await?;
 
+    // Records that leave the stream unarchived (max_age in time, a purge here) are
+    // counted as lost once the archiver comes to them.
+    let js = async_nats::jetstream::new(async_nats::connect(h.nats.url()).await?);
+    js.get_stream(STREAM).await?.purge().sequence(16).await?;
+
     // Once the stray segments are gone the archiver catches up.
     for path in planted {
         std::fs::remove_file(path)?;
@@ -296,6 +306,18 @@ async fn archive_lag_grows_while_the_archiver_cannot_cut_and_returns_to_zero() -
             && gauge(t, "payledger_archive_lag_records") == Some(0.0)
     })
     .await?;
+    assert_eq!(
+        gauge(&text, "payledger_archive_lost_records_total"),
+        Some(5.0),
+        "{text}"
+    );
+    let lost = archiver
+        .log()
+        .lines()
+        .find(|l| l.contains("before they were archived: they are lost for good"))
+        .map(str::to_string)
+        .unwrap_or_else(|| archiver.log());
+    assert!(lost.contains("first=11 last=15"), "{lost}");
     assert!(
         gauge(&text, "payledger_archive_last_cut_timestamp_seconds").unwrap_or(0.0) > last_cut,
         "{text}"

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
@@ -42,6 +43,9 @@ pub(crate) struct Progress {
     pub metrics: Arc<ArchiverMetrics>,
     /// The highest watermark, once the archive's listing was read.
     pub watermark: watch::Sender<Option<u64>>,
+    /// Through which sequence lost records were reported: a retry after a failed
+    /// cut reads the same gap again.
+    pub lost_reported_through: AtomicU64,
 }
 
 impl Progress {
@@ -63,6 +67,26 @@ impl Progress {
             *known = Some(watermark);
             changed
         });
+    }
+
+    /// Sequences `first..=last` were gone from the stream when the archiver came to
+    /// them: deleted before any cut held them.
+    fn lost(&self, first: u64, last: u64) {
+        let first = first.max(
+            self.lost_reported_through
+                .fetch_max(last, Ordering::Relaxed)
+                + 1,
+        );
+        if first > last {
+            return;
+        }
+        self.metrics.lost(last - first + 1);
+        tracing::error!(
+            first,
+            last,
+            "records were deleted from the stream (max_age, a purge) before they were archived: they are lost for good; \
+             the next cut still spans them, so neither replays nor projectors reading the archive can tell"
+        );
     }
 
     fn cut(&self, watermark: u64) {
@@ -212,6 +236,9 @@ pub async fn run(
         })
         .await?;
     let mut messages = consumer.messages().await?;
+    // JetStream's sequences have no holes of their own: a jump is records deleted
+    // before they were read.
+    let mut next_seq = watermark + 1;
     let mut cut = Cut::default();
     let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
@@ -231,6 +258,10 @@ pub async fn run(
                 let info = message
                     .info()
                     .map_err(|e| anyhow::anyhow!("message without metadata: {e}"))?;
+                if info.stream_sequence > next_seq {
+                    progress.lost(next_seq, info.stream_sequence - 1);
+                }
+                next_seq = info.stream_sequence + 1;
                 cut.add(
                     info.stream_sequence,
                     message.subject.as_str(),

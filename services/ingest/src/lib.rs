@@ -205,6 +205,7 @@ pub async fn run(
             let progress = archiver::Progress {
                 metrics: metrics::ArchiverMetrics::register(&mut registry),
                 watermark,
+                lost_reported_through: Default::default(),
             };
             let retention = tokio::spawn(retention::watch(
                 js.clone(),

@@ -51,6 +51,7 @@ pub(crate) struct ArchiverMetrics {
     lag: Gauge,
     last_cut: Gauge<f64, AtomicU64>,
     oldest_unarchived_age: Gauge<f64, AtomicU64>,
+    lost: Counter,
 }
 
 impl ArchiverMetrics {
@@ -60,6 +61,7 @@ impl ArchiverMetrics {
             lag: Gauge::default(),
             last_cut: Gauge::default(),
             oldest_unarchived_age: Gauge::default(),
+            lost: Counter::default(),
         };
         registry.register(
             "payledger_archive_watermark_sequence",
@@ -81,7 +83,16 @@ impl ArchiverMetrics {
             "Age, by its ingest_time, of the oldest record in the stream not yet archived (0 when none)",
             m.oldest_unarchived_age.clone(),
         );
+        registry.register(
+            "payledger_archive_lost_records",
+            "Records deleted from the stream (max_age, a purge) before the archiver read them: lost for good",
+            m.lost.clone(),
+        );
         Arc::new(m)
+    }
+
+    pub fn lost(&self, records: u64) {
+        self.lost.inc_by(records);
     }
 
     pub fn watermark(&self, watermark: u64) {
