@@ -286,7 +286,7 @@ async fn records_in_neither_the_log_nor_the_archive_refuse_the_partitions() -> a
     s.forget(archived + 50).await?;
 
     let metrics = format!("127.0.0.1:{}", free_port()?);
-    let projector = s.projector("refusing", &metrics).await?;
+    let mut projector = s.projector("refusing", &metrics).await?;
     metric_reaches(&metrics, "payledger_projector_partition_refused", |v| {
         v == 16.0
     })
@@ -326,6 +326,52 @@ async fn records_in_neither_the_log_nor_the_archive_refuse_the_partitions() -> a
         payledger_e2e::served_daily_rows(&mut query)
             .await?
             .is_empty()
+    );
+
+    // The archiver back: it records the records it can no longer read as a gap and
+    // cuts past them. The archive now reaches the log, but not across the gap: a
+    // new projector refuses as well, and so does a replay through it.
+    s.ingest.terminate().await?;
+    s.ingest =
+        s.h.spawn(
+            "payledger-ingest",
+            &[
+                "--archive-store",
+                &s.store,
+                "--archive-flush-interval",
+                "200ms",
+                "--heartbeat-interval",
+                "0s",
+            ],
+        )
+        .await?;
+    let stores = stores(&s.store)?;
+    wait_until_archived(&stores.archive, last).await?;
+    let gaps = stores.archive.gaps().await?;
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!((gaps[0].first, gaps[0].last), (archived + 1, archived + 49));
+    // The refusing projector holds the leases; a clean stop releases them.
+    projector.terminate().await?;
+    let again = format!("127.0.0.1:{}", free_port()?);
+    let later = s.projector("after-the-gap", &again).await?;
+    metric_reaches(&again, "payledger_projector_partition_refused", |v| {
+        v == 16.0
+    })
+    .await?;
+    assert!(later.log().contains("archive/_gaps/"), "{}", later.log());
+    let replay = payledger_projector::replay::fold_partitions(
+        &stores.archive,
+        Settings::default(),
+        &[0],
+        last,
+    )
+    .await;
+    assert!(
+        matches!(
+            replay,
+            Err(payledger_projector::replay::ReplayError::Lost(_))
+        ),
+        "{replay:?}"
     );
     Ok(())
 }

@@ -85,7 +85,7 @@ impl Progress {
             first,
             last,
             "records were deleted from the stream (max_age, a purge) before they were archived: they are lost for good; \
-             the next cut still spans them, so neither replays nor projectors reading the archive can tell"
+             the archive records the gap (archive/_gaps/), and replays and projectors refuse to fold across it"
         );
     }
 
@@ -101,6 +101,8 @@ impl Progress {
 struct Cut {
     events: BTreeMap<u32, Vec<Record>>,
     dims: Vec<ArchivedDim>,
+    /// Sequences inside the cut that the stream had deleted before they were read.
+    lost: Vec<CutRange>,
     last: u64,
     records: usize,
 }
@@ -146,6 +148,11 @@ impl Cut {
             first: after + 1,
             last: self.last,
         };
+        // Before the cut that spans them is complete: a reader must never take
+        // the cut for the whole history of its range.
+        for lost in &self.lost {
+            archive.put_gap(*lost).await?;
+        }
         let mut writes = Vec::new();
         for (partition, records) in &self.events {
             writes.push(futures::future::Either::Left(
@@ -260,6 +267,10 @@ pub async fn run(
                     .map_err(|e| anyhow::anyhow!("message without metadata: {e}"))?;
                 if info.stream_sequence > next_seq {
                     progress.lost(next_seq, info.stream_sequence - 1);
+                    cut.lost.push(CutRange {
+                        first: next_seq,
+                        last: info.stream_sequence - 1,
+                    });
                 }
                 next_seq = info.stream_sequence + 1;
                 cut.add(

@@ -43,7 +43,8 @@ impl std::fmt::Display for Source {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "partition {partition} cannot be projected: it needs records {from} to {to}, which the log no longer holds \
-     (its first sequence is {log_first}) and the archive does not reach (its highest watermark is {watermark}); \
+     (its first sequence is {log_first}) and the archive does not hold either (its highest watermark is {watermark}; \
+     records deleted from the stream before they were archived are listed under archive/_gaps/); \
      started from {started_from}. Nothing of it is served as current. Restore the archive's segments through {to}, \
      or start from a checkpoint or committed replay state at or after {to} (see docs/operations.md)"
 )]
@@ -117,6 +118,18 @@ pub(crate) async fn catch_up(
                 partition,
                 from: covered + 1,
                 to: log_first - 1,
+                log_first,
+                watermark,
+                started_from: source.clone(),
+            }
+            .into());
+        }
+        if let Some(lost) = stores.archive.gap_within(covered, watermark).await? {
+            // The archive spans them, but the records were gone before it read them.
+            return Err(Refused {
+                partition,
+                from: lost.first.max(covered + 1),
+                to: lost.last,
                 log_first,
                 watermark,
                 started_from: source.clone(),

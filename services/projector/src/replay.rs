@@ -23,6 +23,12 @@ pub enum ReplayError {
     Tiling { partition: u32, source: TilingError },
     #[error("the archived dimension records are not whole: {0}")]
     DimTiling(TilingError),
+    #[error(
+        "records {} to {} were deleted from the stream before the archiver read them: the archive does not hold \
+         the whole history there; replay from a state committed after {}, or from a cutoff before {}",
+        .0.first, .0.last, .0.last, .0.first
+    )]
+    Lost(CutRange),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -52,6 +58,9 @@ pub async fn fold_partitions(
     cutoff: u64,
 ) -> Result<Exposure, ReplayError> {
     let watermarks = checked_watermarks(archive, cutoff).await?;
+    if let Some(lost) = archive.gap_within(0, cutoff).await? {
+        return Err(ReplayError::Lost(lost));
+    }
     let mut exposure = Exposure::new(settings);
     for &partition in partitions {
         let segments = partition_segments(archive, partition, cutoff, &watermarks).await?;
@@ -240,6 +249,9 @@ pub async fn run_shard(
             .await?
         };
         let after = start.as_ref().map_or(0, |(s, _)| s.cutoff);
+        if let Some(lost) = archive.gap_within(after, shard.cutoff).await? {
+            return Err(ReplayError::Lost(lost));
+        }
         let segments: Vec<CutRange> =
             partition_segments(archive, partition, shard.cutoff, &watermarks)
                 .await?

@@ -66,7 +66,9 @@ fn state_object(s: StateRef) -> v1::StateObject {
 fn replay_status(e: ReplayError) -> Status {
     match e {
         ReplayError::NotAWatermark { .. } => Status::failed_precondition(e.to_string()),
-        ReplayError::Tiling { .. } | ReplayError::DimTiling(_) => Status::data_loss(e.to_string()),
+        ReplayError::Tiling { .. } | ReplayError::DimTiling(_) | ReplayError::Lost(_) => {
+            Status::data_loss(e.to_string())
+        }
         ReplayError::Storage(_) => Status::unavailable(e.to_string()),
         ReplayError::Semantics(_) => Status::internal(e.to_string()),
     }

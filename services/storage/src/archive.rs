@@ -552,6 +552,57 @@ impl ArchiveStore {
         Ok(names)
     }
 
+    /// Records that the stream had deleted before the archiver read them: the cut
+    /// spanning them is not the whole history of its range (docs/storage.md).
+    pub async fn put_gap(&self, lost: CutRange) -> Result<(), StorageError> {
+        let path = Path::from(format!(
+            "archive/_gaps/{:020}-{:020}",
+            lost.first, lost.last
+        ));
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from_static(b""), options)
+            .await
+        {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The recorded gaps (see [`ArchiveStore::put_gap`]), ascending.
+    pub async fn gaps(&self) -> Result<Vec<CutRange>, StorageError> {
+        Ok(self
+            .names(&Path::from("archive/_gaps"))
+            .await?
+            .iter()
+            .filter_map(|n| {
+                let (first, last) = n.split_once('-')?;
+                Some(CutRange {
+                    first: first.parse().ok()?,
+                    last: last.parse().ok()?,
+                })
+            })
+            .collect())
+    }
+
+    /// The first recorded gap inside `after + 1..=through`: records of that range
+    /// are in neither the log nor the archive.
+    pub async fn gap_within(
+        &self,
+        after: u64,
+        through: u64,
+    ) -> Result<Option<CutRange>, StorageError> {
+        Ok(self
+            .gaps()
+            .await?
+            .into_iter()
+            .find(|g| g.last > after && g.first <= through))
+    }
+
     /// Every complete cut's end, ascending.
     pub async fn watermarks(&self) -> Result<Vec<u64>, StorageError> {
         Ok(self
