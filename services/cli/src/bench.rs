@@ -5,7 +5,10 @@
 //! * stream projection vs a bare ordered consumer draining the same stream;
 //! * freshness (ingest ack → row visible in query) at half the ingest rate;
 //! * the semantics fold on one core, and memory per remembered identity;
-//! * authoritative reads through the query service's part cache (`bench_query`).
+//! * authoritative reads through the query service's part cache (`bench_query`);
+//! * over a history longer than the dedup horizon, replays and a bootstrap from
+//!   committed replay states beside the same from the beginning of history, and
+//!   the encoded state's size (`bench_history`).
 //!
 //! Both JetStream settings are measured: `sync_interval: always` (what the
 //! platform runs with) and nats-server's default flush.
@@ -62,6 +65,8 @@ pub struct BenchArgs {
     pub only: Vec<Section>,
     #[command(flatten)]
     pub query: crate::bench_query::QueryBenchArgs,
+    #[command(flatten)]
+    pub history: crate::bench_history::HistoryBenchArgs,
 }
 
 /// The parts of the benchmark.
@@ -75,6 +80,9 @@ pub enum Section {
     Query,
     /// Replay on 1 and 2 workers beside DuckDB.
     Replay,
+    /// Over a long history: the nightly replay and a bootstrap from committed
+    /// states beside the same from genesis, and state bytes.
+    History,
 }
 
 impl BenchArgs {
@@ -627,6 +635,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.python.clone(),
         )
         .await?;
+    }
+    if args.runs(Section::History) {
+        crate::bench_history::run(&mut report, &args.history).await?;
     }
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;

@@ -21,35 +21,79 @@ use crate::generate::{GenConfig, Generator};
 const CUT_RECORDS: usize = 200_000;
 
 /// What was archived.
-struct History {
-    last_seq: u64,
-    first_day: Day,
-    last_day: Day,
+pub(crate) struct History {
+    pub last_seq: u64,
+    pub first_day: Day,
+    pub last_day: Day,
+    /// With cuts at midnight: each day of ingest and the watermark that closes it.
+    pub day_ends: Vec<(Day, u64)>,
+}
+
+/// How a generated history is laid out in the archive.
+pub(crate) struct HistoryPlan {
+    pub events: usize,
+    pub merchants: usize,
+    /// Ingest time of the first events; the history spans `days` days from it.
+    pub start_us: i64,
+    pub days: u32,
+    /// Events generated at one ingest time.
+    pub batch: usize,
+    /// Also close a cut where ingest time passes midnight UTC, so that every day
+    /// ends at a watermark as a nightly replay's cutoff does.
+    pub cut_at_midnight: bool,
 }
 
 /// Writes `events` generated events spread over `days` days straight to the
 /// archive, in cuts as the archiver writes them, with a watermark after each.
 async fn write_history(store: &str, events: usize, days: u32) -> anyhow::Result<History> {
+    let span_us = i64::from(days) * 86_400_000_000;
+    write_history_as(
+        store,
+        &HistoryPlan {
+            events,
+            merchants: 20_000,
+            start_us: crate::bench::now_us() - span_us,
+            days,
+            batch: 10_000,
+            cut_at_midnight: false,
+        },
+    )
+    .await
+}
+
+/// Writes the history of `plan` straight to the archive: cuts of at most
+/// [`CUT_RECORDS`] records, each closed by a watermark.
+pub(crate) async fn write_history_as(store: &str, plan: &HistoryPlan) -> anyhow::Result<History> {
     let settings = Settings::default();
     let archive = ArchiveStore::new(open_store(store)?, RecordedStream::new(settings.stream()));
     let mut generator = Generator::new(GenConfig {
         seed: 5,
-        merchants: 20_000,
+        merchants: plan.merchants,
         duplicate_pct: 1.0,
         conflict_pct: 0.5,
         correction_pct: 1.0,
         late_pct: 3.0,
         ..GenConfig::default()
     });
-    let span_us = i64::from(days) * 86_400_000_000;
-    let start_us = crate::bench::now_us() - span_us;
+    let (events, start_us) = (plan.events, plan.start_us);
+    let span_us = i64::from(plan.days) * 86_400_000_000;
     let mut buffers: Vec<Vec<Record>> = vec![Vec::new(); settings.partitions as usize];
     let (mut seq, mut cut_after, mut buffered) = (0u64, 0u64, 0usize);
+    let mut day_ends = Vec::new();
+    let mut cut_day = None;
     let bar = indicatif::ProgressBar::new(events as u64);
-    const BATCH: usize = 10_000;
-    for first in (0..events).step_by(BATCH) {
+    for first in (0..events).step_by(plan.batch) {
         let now = start_us + (span_us as f64 * first as f64 / events as f64) as i64;
-        for event in generator.batch(BATCH.min(events - first), now) {
+        let today = Day::of_micros(now);
+        if let Some(day) = cut_day.filter(|d| plan.cut_at_midnight && *d != today)
+            && buffered > 0
+        {
+            close_cut(&archive, &mut buffers, cut_after, seq).await?;
+            day_ends.push((day, seq));
+            (cut_after, buffered) = (seq, 0);
+        }
+        cut_day = Some(today);
+        for event in generator.batch(plan.batch.min(events - first), now) {
             // Ingest would refuse what the generator gets wrong now and then (a
             // conflicting copy of a -1 correction is a zero correction): skip it.
             let Ok(fact) = payledger_proto::fact_from_event(&event) else {
@@ -64,28 +108,45 @@ async fn write_history(store: &str, events: usize, days: u32) -> anyhow::Result<
             });
             buffered += 1;
         }
-        bar.inc(BATCH as u64);
-        if buffered >= CUT_RECORDS || first + BATCH >= events {
-            let cut = CutRange {
-                first: cut_after + 1,
-                last: seq,
-            };
-            for (p, records) in buffers.iter_mut().enumerate() {
-                if !records.is_empty() {
-                    archive.put_events(p as u32, cut, records).await?;
-                    records.clear();
-                }
-            }
-            archive.put_watermark(seq).await?;
+        bar.inc(plan.batch as u64);
+        if buffered >= CUT_RECORDS || first + plan.batch >= events {
+            close_cut(&archive, &mut buffers, cut_after, seq).await?;
             (cut_after, buffered) = (seq, 0);
         }
+    }
+    if plan.cut_at_midnight
+        && let Some(day) = cut_day
+    {
+        day_ends.push((day, seq));
     }
     bar.finish_and_clear();
     Ok(History {
         last_seq: seq,
         first_day: Day::of_micros(start_us - 3 * 86_400_000_000),
         last_day: Day::of_micros(crate::bench::now_us()),
+        day_ends,
     })
+}
+
+/// Writes the buffered records as the cut `(after, last]` and its watermark.
+async fn close_cut(
+    archive: &ArchiveStore,
+    buffers: &mut [Vec<Record>],
+    after: u64,
+    last: u64,
+) -> anyhow::Result<()> {
+    let cut = CutRange {
+        first: after + 1,
+        last,
+    };
+    for (p, records) in buffers.iter_mut().enumerate() {
+        if !records.is_empty() {
+            archive.put_events(p as u32, cut, records).await?;
+            records.clear();
+        }
+    }
+    archive.put_watermark(last).await?;
+    Ok(())
 }
 
 /// Coordinator plus `workers` replay workers in this process; returns the time

@@ -3,6 +3,7 @@
 //! and benchmarks share with the binary.
 
 pub mod bench;
+pub mod bench_history;
 pub mod bench_query;
 mod bench_replay;
 pub mod check;

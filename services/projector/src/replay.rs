@@ -88,7 +88,8 @@ async fn partition_segments(
 /// Applies `segments` of the state's partition in order, calling `on_segment`
 /// with each segment's record count. The fold runs on the blocking pool so that a
 /// long replay never starves the server's other tasks (health checks, progress).
-pub(crate) async fn fold_segments(
+/// Public so that a measurement of a replay or a bootstrap folds exactly as they do.
+pub async fn fold_segments(
     archive: &ArchiveStore,
     mut state: PartitionState,
     segments: &[CutRange],
