@@ -59,15 +59,20 @@ pub(crate) struct Refused {
 
 /// The newest checkpoint of the partition that decodes under `settings`, else
 /// the newest committed replay state that does, else an empty state.
+/// Returns the state, where it came from, and the sequence through which it holds
+/// the partition's records (a replay state's cutoff may lie past its last record).
 pub(crate) async fn restore(
     partition: u32,
     settings: &Settings,
     checkpoints: &CheckpointStore,
     stores: &ReplayStores,
-) -> anyhow::Result<(PartitionState, Source)> {
+) -> anyhow::Result<(PartitionState, Source, u64)> {
     if let Some(stored) = checkpoints.latest(partition).await? {
         match PartitionState::decode(&stored.bytes, settings, partition) {
-            Ok(state) => return Ok((state, Source::Checkpoint(stored.path))),
+            Ok(state) => {
+                let covered = state.last_seq();
+                return Ok((state, Source::Checkpoint(stored.path), covered));
+            }
             Err(e) => tracing::warn!(
                 partition,
                 checkpoint = %stored.path,
@@ -78,8 +83,12 @@ pub(crate) async fn restore(
     }
     // Any day will do: the stream writes rows as they change.
     match starting_state(stores, settings, partition, u64::MAX, None).await? {
-        Some((from, state)) => Ok((state, Source::ReplayState(from.path))),
-        None => Ok((PartitionState::new(partition, *settings), Source::Genesis)),
+        Some((from, state)) => Ok((state, Source::ReplayState(from.path), from.cutoff)),
+        None => Ok((
+            PartitionState::new(partition, *settings),
+            Source::Genesis,
+            0,
+        )),
     }
 }
 
@@ -89,13 +98,13 @@ pub(crate) async fn restore(
 pub(crate) async fn catch_up(
     mut state: PartitionState,
     source: &Source,
+    mut covered: u64,
     stream: &mut jetstream::stream::Stream,
     stores: &ReplayStores,
     metrics: &ProjectorMetrics,
 ) -> Result<(PartitionState, u64), anyhow::Error> {
     let partition = state.partition();
     // Records of the partition through `covered` are in the state.
-    let mut covered = state.last_seq();
     let mut segments_read = 0u64;
     loop {
         let log_first = stream.info().await?.state.first_sequence;

@@ -356,7 +356,7 @@ pub(crate) async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let partition = ctx.partition;
-    let (mut state, source) =
+    let (mut state, source, covered) =
         bootstrap::restore(partition, &ctx.settings, &ctx.checkpoints, &ctx.stores).await?;
     // Rows are written as they change, so no final day need stay in memory.
     state.keep_final_days_from(Day(i32::MAX));
@@ -369,18 +369,26 @@ pub(crate) async fn run(
         "restored partition"
     );
     let mut stream = ctx.js.get_stream(STREAM).await?;
-    let (state, covered) =
-        match bootstrap::catch_up(state, &source, &mut stream, &ctx.stores, &ctx.metrics).await {
-            Ok(caught_up) => caught_up,
-            Err(e) => {
-                if let Some(refused) = e.downcast_ref::<Refused>() {
-                    tracing::error!(partition, error = %refused, "partition refused");
-                    ctx.metrics.refused(partition, true);
-                    report_refused(&ctx, refused).await;
-                }
-                return Err(e);
+    let (state, covered) = match bootstrap::catch_up(
+        state,
+        &source,
+        covered,
+        &mut stream,
+        &ctx.stores,
+        &ctx.metrics,
+    )
+    .await
+    {
+        Ok(caught_up) => caught_up,
+        Err(e) => {
+            if let Some(refused) = e.downcast_ref::<Refused>() {
+                tracing::error!(partition, error = %refused, "partition refused");
+                ctx.metrics.refused(partition, true);
+                report_refused(&ctx, refused).await;
             }
-        };
+            return Err(e);
+        }
+    };
     ctx.metrics.refused(partition, false);
     // Rows the state holds that the tables may lack: every row after a start from
     // anything but its own checkpoint, after reading the archive, or into empty

@@ -293,11 +293,7 @@ pub async fn run_shard(
                 tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
             }
         }
-        let rows: Vec<_> = state
-            .daily_rows()
-            .into_iter()
-            .filter(|r| shard.from_day <= r.day && r.day <= shard.to_day)
-            .collect();
+        let rows = state.daily_rows_between(shard.from_day, shard.to_day);
         let part = stores
             .snapshots
             .put_part(&shard.snapshot_id, partition, &rows)

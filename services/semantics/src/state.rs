@@ -514,10 +514,21 @@ impl PartitionState {
 
     /// Every daily row of the partition, sorted by (merchant_id, day, currency).
     pub fn daily_rows(&self) -> Vec<DailyRow> {
+        self.rows_between(Day(i32::MIN), None)
+    }
+
+    /// The daily rows of days `from..=to`, sorted like [`PartitionState::daily_rows`]:
+    /// a replay publishes a day range, and building the others costs as much as
+    /// the state is large.
+    pub fn daily_rows_between(&self, from: Day, to: Day) -> Vec<DailyRow> {
+        self.rows_between(from, Some(to))
+    }
+
+    fn rows_between(&self, from: Day, to: Option<Day>) -> Vec<DailyRow> {
         let mut rows = Vec::new();
         for (merchant_id, merchant) in &self.merchants {
             for book in &merchant.books {
-                rows.extend(self.rows_of_book(merchant_id, book, Day(i32::MIN), None));
+                rows.extend(self.rows_of_book(merchant_id, book, from, to));
             }
         }
         rows.sort_by(|a, b| {
