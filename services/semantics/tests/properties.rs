@@ -735,25 +735,34 @@ proptest! {
         (t_original, t_correction) in (0..4 * DAY, 0..4 * DAY),
     ) {
         let log = build_log(&s, &steps);
+        let p = partition_of(MERCHANTS[merchant], s.partitions);
+        let (i, j) = { let (a, b) = (i % (log.len() + 1), j % (log.len() + 1)); (a.min(b), a.max(b)) };
+        // Event times from half a horizon before the partition's clock at the later
+        // slot on: no day of theirs is final (R11) at either slot, so both apply.
+        let clock_at_j = log[..j]
+            .iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, r)| r.ingest_time_us)
+            .max()
+            .unwrap_or(T0);
+        let earliest = clock_at_j - s.dedup_horizon_us / 2;
         let original = Fact {
             event_id: "original".into(),
             merchant_id: MERCHANTS[merchant].into(),
             kind: KINDS[kind],
             amount_minor: amount,
             currency: cur(currency),
-            event_time_us: T0 + t_original,
+            event_time_us: earliest + t_original,
             corrects_event_id: None,
         };
         let fix = Fact {
             event_id: "fix".into(),
             kind: EventKind::Correction,
             amount_minor: fix,
-            event_time_us: T0 + t_correction,
+            event_time_us: earliest + t_correction,
             corrects_event_id: Some("original".into()),
             ..original.clone()
         };
-        let p = partition_of_fact(&original, &s);
-        let (i, j) = { let (a, b) = (i % (log.len() + 1), j % (log.len() + 1)); (a.min(b), a.max(b)) };
         // Two slots (between log records i-1 and i, and j-1 and j) that keep
         // their sequence and ingest_time whichever fact goes in them.
         // The slots read at an ingest_time that moves no clock of the merchant
