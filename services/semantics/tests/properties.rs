@@ -765,12 +765,17 @@ proptest! {
         };
         // Two slots (between log records i-1 and i, and j-1 and j) that keep
         // their sequence and ingest_time whichever fact goes in them.
-        // The slots read at an ingest_time that moves no clock of the merchant
-        // (its highest so far, else the lowest of the log), so that every other
-        // record has the same outcome with or without the pair.
+        // The slots read at an ingest_time that moves no clock of the merchant or
+        // the partition (the merchant's highest so far, else the lowest of the log),
+        // so that every other record has the same outcome with or without the pair.
         let lowest = log.iter().map(|(_, r)| r.ingest_time_us).min().unwrap();
         let slot = |at: usize, extra: u64| -> (u64, i64) {
             let seq = at as u64 * SEQ_STEP + extra;
+            // Before the partition's first record any time would start its clock,
+            // which decides closure and finality (R5, R11) of the next record.
+            if !log[..at].iter().any(|(q, _)| *q == p) {
+                return (seq, i64::MIN);
+            }
             let ingest = log[..at]
                 .iter()
                 .filter(|(_, r)| fact_of(r).is_some_and(|f| f.merchant_id == original.merchant_id))
