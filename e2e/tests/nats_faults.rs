@@ -95,9 +95,11 @@ async fn query_rides_out_a_nats_server_crash_and_serves_what_follows() -> anyhow
     .await?;
 
     h.restart_nats_hard()?;
+    let restarted = Instant::now();
 
     // Keep writing until the query service says it re-created what the crash took
-    // from it, and rounds written after the restart were accepted.
+    // from it (or has had time to), and rounds written after the restart were
+    // accepted.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut round = 1;
     let mut accepted_after_restart = 0;
@@ -119,8 +121,12 @@ async fn query_rides_out_a_nats_server_crash_and_serves_what_follows() -> anyhow
             Err(e) => eprintln!("round {round} after the restart: {e}"),
         }
         round += 1;
+        // Whether a follower saw the loss depends on how fast the server came
+        // back (async-nats re-creates some consumers by itself); what must hold
+        // either way is checked below: query up, serving what came after.
         let resumed = query.log().contains("re-created");
-        if resumed && accepted_after_restart >= 3 {
+        let settled = restarted.elapsed() > Duration::from_secs(15);
+        if (resumed || settled) && accepted_after_restart >= 3 {
             break;
         }
         anyhow::ensure!(

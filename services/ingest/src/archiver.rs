@@ -96,6 +96,9 @@ impl Progress {
     }
 }
 
+/// How long a stopping archiver goes on reading what the stream holds.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One cut being collected.
 #[derive(Default)]
 struct Cut {
@@ -232,7 +235,7 @@ pub async fn run(
     }
     tracing::info!(watermark, "archiver resuming after the highest watermark");
 
-    let stream = js.get_stream(STREAM).await?;
+    let mut stream = js.get_stream(STREAM).await?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             // Every subject of the stream: partitions and dimensions.
@@ -248,14 +251,29 @@ pub async fn run(
     let mut next_seq = watermark + 1;
     let mut cut = Cut::default();
     let mut flush_at: Option<tokio::time::Instant> = None;
+    // Once asked to stop: read through the stream's last sequence at that moment
+    // (what this process appended included), for at most DRAIN_TIMEOUT.
+    let mut drain: Option<(u64, tokio::time::Instant)> = None;
     loop {
         // A cut that was cut short is completed with exactly its old range.
         let forced_end = resume_cut.filter(|end| *end > watermark);
         let deadline =
             flush_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let drained_by = drain.map_or_else(tokio::time::Instant::now, |(_, by)| by);
         let next = tokio::select! {
             biased;
-            _ = stop.changed() => break,
+            _ = stop.changed(), if drain.is_none() => {
+                let last = stream.info().await.map(|i| i.state.last_sequence).unwrap_or(0);
+                if last < next_seq {
+                    break;
+                }
+                drain = Some((last, tokio::time::Instant::now() + DRAIN_TIMEOUT));
+                continue;
+            }
+            _ = tokio::time::sleep_until(drained_by), if drain.is_some() => {
+                tracing::warn!(read_through = next_seq - 1, "stopping before the stream's last record was read; the next archiver archives the rest");
+                break;
+            }
             _ = tokio::time::sleep_until(deadline), if flush_at.is_some() && forced_end.is_none() => None,
             next = messages.next() => Some(next),
         };
@@ -279,6 +297,11 @@ pub async fn run(
                     &message.payload,
                 );
                 flush_at.get_or_insert_with(|| tokio::time::Instant::now() + tuning.flush_interval);
+                if drain.is_some_and(|(last, _)| info.stream_sequence >= last)
+                    && forced_end.is_none()
+                {
+                    break;
+                }
                 let complete = match forced_end {
                     Some(end) => cut.last >= end,
                     None => cut.records >= tuning.max_cut_records,

@@ -181,8 +181,10 @@ pub async fn run(
     let local: SocketAddr = listener.local_addr()?;
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::IngestMetrics::register(&mut registry);
+    // Heartbeats stop first, so that the archiver's last cut holds everything
+    // this process appended.
     let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
-    let archiver_stopped = background_stopped.clone();
+    let (stop_archiver, archiver_stopped) = tokio::sync::watch::channel(false);
     let heartbeat = (!config.heartbeat_interval.is_zero()).then(|| {
         tokio::spawn(heartbeat::run(
             publisher.clone(),
@@ -269,6 +271,7 @@ pub async fn run(
     if let Some(task) = heartbeat {
         let _ = task.await;
     }
+    let _ = stop_archiver.send(true);
     if let Some((archiver, retention)) = archiver {
         let _ = archiver.await;
         let _ = retention.await;
