@@ -517,7 +517,13 @@ impl ArchiveStore {
 
     /// Marks the cut ending at `last` complete; written after all its segments.
     pub async fn put_watermark(&self, last: u64) -> Result<(), StorageError> {
-        let path = Path::from(format!("archive/_watermarks/{last:020}"));
+        self.put_marker(Path::from(format!("archive/_watermarks/{last:020}")))
+            .await
+    }
+
+    /// An empty object whose name is the fact: put-if-absent, so a rewrite after a
+    /// crash is a no-op.
+    async fn put_marker(&self, path: Path) -> Result<(), StorageError> {
         let options = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -555,22 +561,11 @@ impl ArchiveStore {
     /// Records that the stream had deleted before the archiver read them: the cut
     /// spanning them is not the whole history of its range (docs/storage.md).
     pub async fn put_gap(&self, lost: CutRange) -> Result<(), StorageError> {
-        let path = Path::from(format!(
+        self.put_marker(Path::from(format!(
             "archive/_gaps/{:020}-{:020}",
             lost.first, lost.last
-        ));
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from_static(b""), options)
-            .await
-        {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        )))
+        .await
     }
 
     /// The recorded gaps (see [`ArchiveStore::put_gap`]), ascending.
