@@ -549,7 +549,7 @@ pub async fn run(report: &mut String, args: &HistoryBenchArgs) -> anyhow::Result
         ),
         ("fold", split_nightly.fold, split_genesis.fold),
         (
-            "build every daily row, keep the day's",
+            "build the day's rows",
             split_nightly.rows,
             split_genesis.rows,
         ),
