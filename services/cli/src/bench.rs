@@ -627,6 +627,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "| resident bytes per remembered identity ({identities} identities) | {per_identity:.1} | | | ≤ 48 |"
         )?;
     }
+    if args.runs(Section::Query) {
+        crate::bench_query::write_rows(&args.query, &mut report).await?;
+    }
     if args.runs(Section::Replay) {
         crate::bench_replay::run(
             &mut report,

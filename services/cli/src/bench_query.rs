@@ -60,6 +60,9 @@ fn snapshot_row(m: usize, day: Day) -> DailyRow {
     }
 }
 
+/// The log cutoff of the benchmark's commit.
+const BENCH_CUTOFF: u64 = 10_000_000;
+
 /// Writes and commits the benchmark snapshot; returns its days.
 async fn write_snapshot(
     store: &str,
@@ -74,7 +77,16 @@ async fn write_snapshot(
         let p = partition_of(&merchant(m), settings.partitions) as usize;
         parts[p].extend((from.0..=to.0).map(|d| snapshot_row(m, Day(d))));
     }
-    let snapshots = SnapshotStore::new(open_store(store)?);
+    let objects = open_store(store)?;
+    // The query service answers a commit only once the archive (its FX and risk
+    // records) reaches its cutoff: an archive of that one empty cut.
+    payledger_storage::ArchiveStore::new(
+        objects.clone(),
+        payledger_semantics::RecordedStream::new(settings.stream()),
+    )
+    .put_watermark(BENCH_CUTOFF)
+    .await?;
+    let snapshots = SnapshotStore::new(objects);
     let mut refs = Vec::new();
     for (p, rows) in parts.iter().enumerate() {
         refs.push(ObjectRef::from(
@@ -87,7 +99,7 @@ async fn write_snapshot(
             replay_id: "bench".into(),
             from_day: from,
             to_day: to,
-            log_cutoff: 10_000_000,
+            log_cutoff: BENCH_CUTOFF,
             semantics_version: SEMANTICS_VERSION,
             version_key: settings.version_key(),
             partitions: settings.partitions,
