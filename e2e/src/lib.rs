@@ -134,7 +134,7 @@ impl Harness {
     /// stack and was stopped would be found.
     pub fn start_from(fixture: &Path) -> anyhow::Result<Harness> {
         let dir = tempfile::tempdir()?;
-        copy_dir(fixture, dir.path())?;
+        payledger_cli::bench_history::copy_dir(fixture, dir.path())?;
         let nats = LocalNats::start(&dir.path().join("nats"))?;
         Ok(Harness {
             dir,
@@ -168,6 +168,25 @@ impl Harness {
         }
         self.nats = LocalNats::start_on(&dir, port)?;
         Ok(())
+    }
+
+    /// Ingest archiving to `store` in cuts of 200 ms, heartbeats off (the log then
+    /// holds exactly the accepted events), plus `extra`.
+    pub async fn spawn_archiving_ingest(
+        &mut self,
+        store: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Service> {
+        let mut args = vec![
+            "--archive-store",
+            store,
+            "--archive-flush-interval",
+            "200ms",
+            "--heartbeat-interval",
+            "0s",
+        ];
+        args.extend_from_slice(extra);
+        self.spawn("payledger-ingest", &args).await
     }
 
     /// Starts `binary` with `args` plus `--listen` and `--nats-url`, and waits for
@@ -226,20 +245,6 @@ impl Harness {
         wait_serving(&mut service, &health).await?;
         Ok(service)
     }
-}
-
-fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), target)?;
-        }
-    }
-    Ok(())
 }
 
 /// Waits until the gRPC server at `url` answers health checks with SERVING (for

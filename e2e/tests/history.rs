@@ -39,19 +39,7 @@ fn stores(store: &str) -> anyhow::Result<ReplayStores> {
 async fn stack() -> anyhow::Result<Stack> {
     let mut h = Harness::start()?;
     let store = h.store();
-    let ingest = h
-        .spawn(
-            "payledger-ingest",
-            &[
-                "--archive-store",
-                &store,
-                "--archive-flush-interval",
-                "200ms",
-                "--heartbeat-interval",
-                "0s",
-            ],
-        )
-        .await?;
+    let ingest = h.spawn_archiving_ingest(&store, &[]).await?;
     let query = h.spawn("payledger-query", &["--store", &store]).await?;
     Ok(Stack {
         h,

@@ -6,9 +6,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use payledger_e2e::{
-    Harness, assert_converges, binary, ingest_client, now_us, query_client, read_log, wait_healthy,
+    Harness, Service, assert_converges, binary, ingest_client, now_us, query_client, read_log,
+    wait_healthy,
 };
-use payledger_proto::v1::{self, EventKind, ingest_service_client::IngestServiceClient};
+use payledger_proto::v1::{
+    self, EventKind, ingest_service_client::IngestServiceClient,
+    query_service_client::QueryServiceClient,
+};
 use payledger_semantics::{Exposure, Settings};
 use payledger_server_common::local_nats::free_port;
 use tonic::transport::Channel;
@@ -71,21 +75,30 @@ async fn oracle_of_log(nats_url: &str) -> anyhow::Result<Exposure> {
     Ok(exposure)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn query_rides_out_a_nats_server_crash_and_serves_what_follows() -> anyhow::Result<()> {
+/// Ingest, a projector and query on one nats-server, a first round of events
+/// served.
+struct Stack {
+    h: Harness,
+    _ingest: Service,
+    projector: Service,
+    query: Service,
+    client: IngestServiceClient<Channel>,
+    q: QueryServiceClient<Channel>,
+}
+
+async fn stack() -> anyhow::Result<Stack> {
     let mut h = Harness::start()?;
     let ingest = h.spawn("payledger-ingest", &INGEST_ARGS).await?;
     let store = h.store();
-    let mut projector = h
+    let projector = h
         .spawn(
             "payledger-projector",
             &["--store", &store, "--checkpoint-interval", "500ms"],
         )
         .await?;
-    let mut query = h.spawn("payledger-query", &[]).await?;
+    let query = h.spawn("payledger-query", &[]).await?;
     let mut client = ingest_client(&ingest.url()).await?;
     let mut q = query_client(&query.url()).await?;
-
     publish_round(&mut client, 0).await?;
     assert_converges(
         &mut q,
@@ -93,6 +106,26 @@ async fn query_rides_out_a_nats_server_crash_and_serves_what_follows() -> anyhow
         Duration::from_secs(30),
     )
     .await?;
+    Ok(Stack {
+        h,
+        _ingest: ingest,
+        projector,
+        query,
+        client,
+        q,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_rides_out_a_nats_server_crash_and_serves_what_follows() -> anyhow::Result<()> {
+    let Stack {
+        mut h,
+        _ingest,
+        mut projector,
+        mut query,
+        mut client,
+        mut q,
+    } = stack().await?;
 
     h.restart_nats_hard()?;
     let restarted = Instant::now();
@@ -159,25 +192,14 @@ async fn query_rides_out_a_nats_server_crash_and_serves_what_follows() -> anyhow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_stops_cleanly_when_its_buckets_come_back_empty() -> anyhow::Result<()> {
-    let mut h = Harness::start()?;
-    let ingest = h.spawn("payledger-ingest", &INGEST_ARGS).await?;
-    let store = h.store();
-    let _projector = h
-        .spawn(
-            "payledger-projector",
-            &["--store", &store, "--checkpoint-interval", "500ms"],
-        )
-        .await?;
-    let mut query = h.spawn("payledger-query", &[]).await?;
-    let mut client = ingest_client(&ingest.url()).await?;
-    let mut q = query_client(&query.url()).await?;
-    publish_round(&mut client, 0).await?;
-    assert_converges(
-        &mut q,
-        &oracle_of_log(&h.nats.url()).await?,
-        Duration::from_secs(30),
-    )
-    .await?;
+    let Stack {
+        mut h,
+        _ingest,
+        projector: _projector,
+        mut query,
+        client: _client,
+        q: _q,
+    } = stack().await?;
 
     // The node comes back empty: the rows the query service holds are in no bucket.
     h.restart_nats_wiped()?;

@@ -38,19 +38,7 @@ struct Stack {
 async fn stack(workers: usize) -> anyhow::Result<Stack> {
     let mut h = Harness::start()?;
     let store = h.store();
-    let ingest = h
-        .spawn(
-            "payledger-ingest",
-            &[
-                "--archive-store",
-                &store,
-                "--archive-flush-interval",
-                "200ms",
-                "--heartbeat-interval",
-                "0s",
-            ],
-        )
-        .await?;
+    let ingest = h.spawn_archiving_ingest(&store, &[]).await?;
     let projector_store = format!("{store}-projector");
     let projector = h
         .spawn(

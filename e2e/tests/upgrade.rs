@@ -28,23 +28,11 @@ async fn a_first_release_stack_keeps_working_and_converges() -> anyhow::Result<(
     let before = stream_messages(&h.nats.url()).await?;
     assert_eq!(before, 2988, "the fixture's log");
 
+    // The first release's retention: the fixture's records were written on a fixed
+    // day, and a shorter max_age would delete them once that day is far enough
+    // behind, while this test reads the whole log.
     let mut ingest = h
-        .spawn(
-            "payledger-ingest",
-            &[
-                "--archive-store",
-                &store,
-                "--archive-flush-interval",
-                "200ms",
-                "--heartbeat-interval",
-                "0s",
-                // The first release's retention: the fixture's records were written
-                // on a fixed day, and a shorter max_age would delete them once that
-                // day is far enough behind, while this test reads the whole log.
-                "--stream-max-age",
-                "36d",
-            ],
-        )
+        .spawn_archiving_ingest(&store, &["--stream-max-age", "36d"])
         .await?;
     let projector = h.spawn("payledger-projector", &["--store", &store]).await?;
     let query = h

@@ -61,7 +61,8 @@ fn range(times: &[f64]) -> String {
     format!("{min:.2}–{max:.2}")
 }
 
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Copies the directory tree `from` into `to` (created if missing).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
