@@ -18,7 +18,9 @@ use payledger_semantics::{CurrentRow, DailyRow, Exposure, Fact, Record, RecordBo
 use payledger_server_common::local_nats::{LocalNats, free_port};
 use tonic::transport::Channel;
 
+pub mod cluster;
 pub mod convergence;
+pub mod faults;
 pub mod seaweed;
 
 /// The workspace's debug binaries; `just test` builds them before the tests run.
@@ -568,7 +570,7 @@ impl LogEntry {
 /// delete messages, so the sequences from first to last are all present).
 pub async fn read_log(nats_url: &str) -> anyhow::Result<Vec<LogEntry>> {
     use prost::Message;
-    let client = async_nats::connect(nats_url).await?;
+    let client = connect_nats(nats_url).await?;
     let js = async_nats::jetstream::new(client);
     let mut stream = js
         .get_stream(payledger_server_common::topology::STREAM)
@@ -592,6 +594,15 @@ pub async fn read_log(nats_url: &str) -> anyhow::Result<Vec<LogEntry>> {
         });
     }
     Ok(entries)
+}
+
+/// A NATS client on `urls`, one server or a comma-separated list of a cluster's.
+pub async fn connect_nats(urls: &str) -> anyhow::Result<async_nats::Client> {
+    let servers = urls
+        .split(',')
+        .map(|u| u.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(async_nats::connect(servers).await?)
 }
 
 pub fn now_us() -> i64 {

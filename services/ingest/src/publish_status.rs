@@ -81,11 +81,25 @@ pub(crate) enum Failure {
     NoAck(String),
     /// Nothing listens on the subject (what was sent where): no stream takes it.
     NoStream(String),
+    /// Nothing listened on the subject although the stream exists: its replica
+    /// group has no leader for the moment (a cluster electing one after losing
+    /// a node), so nothing was stored.
+    Leaderless(String),
     /// Refused before reaching JetStream, for a reason a retry does not change.
     Broken(String),
 }
 
 impl Failure {
+    /// A [`Failure::NoStream`] once JetStream said the stream exists (or could
+    /// not say: its API waits for the same election), else `self`. Only a
+    /// stream JetStream reports missing makes the write's refusal permanent.
+    pub(crate) fn given_stream_exists(self, exists: Option<bool>) -> Self {
+        match (self, exists) {
+            (Failure::NoStream(what), Some(true) | None) => Failure::Leaderless(what),
+            (failure, _) => failure,
+        }
+    }
+
     pub(crate) fn of_batch(e: &BatchError) -> Self {
         match e {
             BatchError::Rejected {
@@ -136,7 +150,7 @@ impl Failure {
     pub(crate) fn class(&self) -> Class {
         match self {
             Failure::Refused { err_code, .. } => row(*err_code).map_or(Class::Permanent, |r| r.1),
-            Failure::NoAck(_) => Class::Transient,
+            Failure::NoAck(_) | Failure::Leaderless(_) => Class::Transient,
             Failure::NoStream(_) | Failure::Broken(_) => Class::Permanent,
         }
     }
@@ -151,6 +165,10 @@ impl Failure {
             Failure::NoStream(what) => {
                 format!("{what}: the stream {STREAM} is missing or does not take it")
             }
+            Failure::Leaderless(what) => format!(
+                "{what}: the stream {STREAM} exists but has no leader right now, as while a \
+                 cluster elects one after losing a node"
+            ),
             Failure::Broken(reason) => reason.clone(),
         };
         let hint = match self {
@@ -183,11 +201,13 @@ fn row(err_code: u64) -> Option<&'static (ErrorCode, Class, &'static str)> {
     TABLE.iter().find(|(code, _, _)| code.0 == err_code)
 }
 
-pub(crate) fn of_batch(e: &BatchError) -> Status {
+#[cfg(test)]
+fn of_batch(e: &BatchError) -> Status {
     Failure::of_batch(e).to_status()
 }
 
-pub(crate) fn of_publish(e: &PublishError) -> Status {
+#[cfg(test)]
+fn of_publish(e: &PublishError) -> Status {
     Failure::of_publish(e).to_status()
 }
 
@@ -303,6 +323,28 @@ mod tests {
             assert_eq!(status.code(), Code::Unavailable, "{status:?}");
             assert!(status.message().contains("safe to retry"), "{status:?}");
         }
+    }
+
+    #[test]
+    fn no_stream_is_unavailable_unless_jetstream_says_the_stream_is_missing() {
+        let no_stream = || Failure::of_batch(&BatchError::NoStream("payledger.events.p3".into()));
+        for (exists, code) in [
+            (Some(true), Code::Unavailable),
+            (None, Code::Unavailable),
+            (Some(false), Code::Internal),
+        ] {
+            let status = no_stream().given_stream_exists(exists).to_status();
+            assert_eq!(status.code(), code, "stream exists: {exists:?}: {status:?}");
+        }
+        let leaderless = no_stream().given_stream_exists(Some(true)).to_status();
+        assert!(
+            leaderless.message().contains("no leader")
+                && leaderless.message().contains("safe to retry"),
+            "{leaderless:?}"
+        );
+        // Other failures keep their class whatever is known of the stream.
+        let busy = Failure::NoAck("timed out".into()).given_stream_exists(Some(false));
+        assert_eq!(busy.to_status().code(), Code::Unavailable);
     }
 
     #[test]

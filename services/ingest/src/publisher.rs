@@ -15,14 +15,14 @@ use payledger_semantics::{Fact, StreamSettings};
 use payledger_server_common::atomic_batch::{
     BatchError, BatchMessage, ERR_DUPLICATE_MSG_ID, MAX_BATCH_MESSAGES, publish_atomic,
 };
-use payledger_server_common::topology::event_subject;
+use payledger_server_common::topology::{STREAM, event_subject};
 use payledger_server_common::trace_context::{TraceHeaders, exported_span};
 use prost::Message;
 use tonic::Status;
 use tracing::Instrument;
 
 use crate::IngestConfig;
-use crate::publish_status;
+use crate::publish_status::Failure;
 
 /// `Nats-Msg-Id`: a 128-bit hash of identity *and* content (docs/failure-contract.md),
 /// so an exact resend is absorbed while a conflicting event still reaches the log.
@@ -249,7 +249,7 @@ impl Publisher {
                     parts.push(b.to_vec());
                     parts.push(a.to_vec());
                 }
-                Err(e) => return Err(publish_status::of_batch(&e)),
+                Err(e) => return Err(self.status_of(Failure::of_batch(&e)).await),
             }
         }
         Ok(())
@@ -267,19 +267,27 @@ impl Publisher {
             headers.insert("Nats-Msg-Id", event.msg_id.as_str());
             trace.add_to_nats(&mut headers);
             acks.push(
-                self.js
+                match self
+                    .js
                     .publish_with_headers(
                         event_subject(event.partition),
                         headers,
                         event.payload.clone(),
                     )
                     .await
-                    .map_err(|e| publish_status::of_publish(&e))?,
+                    .map_err(|e| Failure::of_publish(&e))
+                {
+                    Ok(ack) => ack,
+                    Err(failure) => return Err(self.status_of(failure).await),
+                },
             );
         }
         let mut out = Vec::with_capacity(acks.len());
         for ack in acks {
-            let ack = ack.await.map_err(|e| publish_status::of_publish(&e))?;
+            let ack = match ack.await {
+                Ok(ack) => ack,
+                Err(e) => return Err(self.status_of(Failure::of_publish(&e)).await),
+            };
             out.push(if ack.duplicate {
                 Appended::Duplicate(ack.sequence)
             } else {
@@ -299,18 +307,52 @@ impl Publisher {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
         TraceHeaders::current().add_to_nats(&mut headers);
-        let ack = self
+        let acked = match self
             .js
             .publish_with_headers(subject.to_string(), headers, payload)
             .await
-            .map_err(|e| publish_status::of_publish(&e))?
-            .await
-            .map_err(|e| publish_status::of_publish(&e))?;
+        {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        let ack = match acked {
+            Ok(ack) => ack,
+            Err(e) => return Err(self.status_of(Failure::of_publish(&e)).await),
+        };
         Ok(if ack.duplicate {
             Appended::Duplicate(ack.sequence)
         } else {
             Appended::Stored(ack.sequence)
         })
+    }
+
+    /// The status of a failed write. "Nothing listens" is told apart by asking
+    /// JetStream whether the stream exists: in a cluster it also happens for a
+    /// moment while the stream's replicas elect a new leader.
+    async fn status_of(&self, failure: Failure) -> Status {
+        let failure = match failure {
+            Failure::NoStream(_) => failure.given_stream_exists(self.stream_exists().await),
+            other => other,
+        };
+        failure.to_status()
+    }
+
+    /// Whether JetStream has the stream; None when it does not answer within
+    /// a second (it answers only once a leader is elected).
+    async fn stream_exists(&self) -> Option<bool> {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        match tokio::time::timeout(Duration::from_secs(1), self.js.get_stream(STREAM)).await {
+            Ok(Ok(_)) => Some(true),
+            Ok(Err(e)) => match e.kind() {
+                GetStreamErrorKind::JetStream(api)
+                    if api.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Some(false)
+                }
+                _ => None,
+            },
+            Err(_) => None,
+        }
     }
 
     /// Partitions with no record since `quiet_since_us` (ingest clock).

@@ -1,0 +1,586 @@
+//! The fault matrix's parts: a stack on one nats-server or a 3-node cluster, a
+//! paced client that retries as docs/failure-contract.md says a client should,
+//! and the end checks every row makes (each acknowledged event in the log and
+//! the archive exactly once, the archive tiled, the stream's rows equal to a fold
+//! of the archive, a replay's commit equal to both).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use payledger_proto::v1;
+use payledger_semantics::{DailyRow, Settings};
+use payledger_storage::{ArchiveStore, SnapshotStore, open_store, verify_tiling};
+use tokio::sync::Mutex;
+
+use crate::cluster::{NatsCluster, Network};
+use crate::{Harness, Service, ingest_client, now_us, query_client, read_log};
+
+const MINUTE_US: i64 = 60_000_000;
+
+/// Where the stack's NATS runs.
+pub enum Nats {
+    Single,
+    Cluster(Network),
+}
+
+/// Ingest (archiving to the local store), a stream projector, query, and on
+/// demand a replay worker and coordinator, on one nats-server or a cluster.
+pub struct FaultStack {
+    pub h: Harness,
+    pub cluster: Option<NatsCluster>,
+    pub store: String,
+    pub ingest: Service,
+    pub projector: Service,
+    pub query: Service,
+    /// Extra flags every service got (replicas in a cluster).
+    replicas: Vec<&'static str>,
+}
+
+impl FaultStack {
+    pub async fn start(nats: Nats) -> anyhow::Result<FaultStack> {
+        Self::start_with(nats, &[]).await
+    }
+
+    /// [`FaultStack::start`] with `ingest_extra` flags for ingest.
+    pub async fn start_with(nats: Nats, ingest_extra: &[&str]) -> anyhow::Result<FaultStack> {
+        let mut h = Harness::start()?;
+        let cluster = match nats {
+            Nats::Single => None,
+            Nats::Cluster(network) => {
+                let cluster = NatsCluster::start(&h.dir.path().join("cluster"), 3, network)?;
+                cluster.wait_healthy(Duration::from_secs(60)).await?;
+                Some(cluster)
+            }
+        };
+        let replicas = match cluster {
+            Some(_) => vec!["--kv-replicas", "3"],
+            None => Vec::new(),
+        };
+        let urls = match &cluster {
+            Some(c) => c.urls(),
+            None => h.nats.url(),
+        };
+        let store = h.store();
+        let mut ingest_args = vec![
+            "--archive-store",
+            store.as_str(),
+            "--archive-flush-interval",
+            "200ms",
+            "--heartbeat-interval",
+            "0s",
+        ];
+        if cluster.is_some() {
+            ingest_args.extend(["--stream-replicas", "3"]);
+        }
+        ingest_args.extend_from_slice(ingest_extra);
+        let ingest = h
+            .spawn_with_nats_url("payledger-ingest", &urls, &ingest_args, &[])
+            .await?;
+        let projector_store = format!("{store}-projector");
+        let mut projector_args = vec![
+            "--store",
+            projector_store.as_str(),
+            "--checkpoint-interval",
+            "1s",
+        ];
+        projector_args.extend(replicas.iter().copied());
+        let projector = h
+            .spawn_with_nats_url("payledger-projector", &urls, &projector_args, &[])
+            .await?;
+        let mut query_args = vec!["--store", store.as_str(), "--commit-poll-interval", "100ms"];
+        query_args.extend(replicas.iter().copied());
+        let query = h
+            .spawn_with_nats_url("payledger-query", &urls, &query_args, &[])
+            .await?;
+        Ok(FaultStack {
+            h,
+            cluster,
+            store,
+            ingest,
+            projector,
+            query,
+            replicas,
+        })
+    }
+
+    /// `--nats-url` of the services.
+    pub fn nats_urls(&self) -> String {
+        match &self.cluster {
+            Some(c) => c.urls(),
+            None => self.h.nats.url(),
+        }
+    }
+
+    pub fn archive(&self) -> anyhow::Result<ArchiveStore> {
+        Ok(ArchiveStore::new(
+            open_store(&self.store)?,
+            payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
+        ))
+    }
+
+    /// Fails if a platform process has exited: the matrix's faults are all
+    /// meant to be ridden out, none to stop a service.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        for service in [&mut self.ingest, &mut self.projector, &mut self.query] {
+            if let Some(status) = service.exited()? {
+                anyhow::bail!("{} exited with {status}:\n{}", service.name, service.log());
+            }
+        }
+        Ok(())
+    }
+
+    /// The end checks of a row, after the client acknowledged `acked`: returns
+    /// how long the stream's rows took to equal the archive's fold.
+    pub async fn verify(&mut self, acked: &Acknowledged) -> anyhow::Result<Verified> {
+        self.ensure_running()?;
+        let urls = self.nats_urls();
+        let log = read_log(&urls).await?;
+        let mut in_log: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for entry in &log {
+            if let Some(v1::log_record::Body::Fact(event)) = &entry.record.body {
+                in_log
+                    .entry(event.event_id.clone())
+                    .or_default()
+                    .push(entry.seq);
+            }
+        }
+        check_exactly_once("log", acked, &in_log)?;
+
+        let last = log.last().map(|e| e.seq).unwrap_or(0);
+        let archive = self.archive()?;
+        crate::wait_until_archived(&archive, last).await?;
+        let in_archive = archived_event_ids(&archive).await?;
+        check_exactly_once("archive", acked, &in_archive)?;
+
+        let started = Instant::now();
+        let cutoff = payledger_projector::replay::latest_cutoff(&archive).await?;
+        let partitions: Vec<u32> = (0..Settings::default().partitions).collect();
+        let folded = payledger_projector::replay::fold_partitions(
+            &archive,
+            Settings::default(),
+            &partitions,
+            cutoff,
+        )
+        .await?;
+        let mut q = query_client(&self.query.url()).await?;
+        crate::assert_converges(&mut q, &folded, Duration::from_secs(90)).await?;
+        Ok(Verified {
+            log_records: log.len(),
+            cutoff,
+            converged_in: started.elapsed(),
+            archive_rows: folded.daily_rows(),
+        })
+    }
+
+    /// Runs a replay of every day the client wrote through a worker and a
+    /// coordinator, and checks its committed snapshot equals the archive's fold
+    /// (and so the stream's rows, which [`FaultStack::verify`] compared).
+    pub async fn verify_replay(&mut self, verified: &Verified) -> anyhow::Result<()> {
+        let urls = self.nats_urls();
+        let own = format!("{}-worker", self.store);
+        let mut worker_args = vec![
+            "--mode",
+            "replay",
+            "--store",
+            own.as_str(),
+            "--archive-store",
+            self.store.as_str(),
+        ];
+        worker_args.extend(self.replicas.iter().copied());
+        let worker = self
+            .h
+            .spawn_with_nats_url("payledger-projector", &urls, &worker_args, &[])
+            .await?;
+        let workers = worker.url();
+        let mut coordinator_args = vec![
+            "--store",
+            self.store.as_str(),
+            "--workers",
+            workers.as_str(),
+            "--reconcile-wait",
+            "60s",
+        ];
+        coordinator_args.extend(self.replicas.iter().copied());
+        let coordinator = self
+            .h
+            .spawn_with_nats_url(
+                "payledger-replay-coordinator",
+                &urls,
+                &coordinator_args,
+                &[],
+            )
+            .await?;
+        let (from, to) = match (
+            verified.archive_rows.iter().map(|r| r.day).min(),
+            verified.archive_rows.iter().map(|r| r.day).max(),
+        ) {
+            (Some(from), Some(to)) => (from, to),
+            _ => anyhow::bail!("no rows to replay"),
+        };
+        let mut client = v1::replay_coordinator_client::ReplayCoordinatorClient::new(
+            tonic::transport::Channel::from_shared(coordinator.url())?
+                .connect()
+                .await?,
+        );
+        let started = client
+            .start_replay(v1::StartReplayRequest {
+                from_day: from.to_string(),
+                to_day: to.to_string(),
+                reason: "fault matrix".into(),
+                cutoff: verified.cutoff,
+                from_genesis: false,
+            })
+            .await?
+            .into_inner();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let done = loop {
+            let replay = client
+                .get_replay(v1::GetReplayRequest {
+                    replay_id: started.replay_id.clone(),
+                })
+                .await?
+                .into_inner();
+            if replay.state == v1::ReplayState::Succeeded as i32 {
+                break replay;
+            }
+            anyhow::ensure!(
+                replay.state != v1::ReplayState::Failed as i32,
+                "the replay failed: {replay:?}\n{}",
+                coordinator.log()
+            );
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the replay did not succeed within 120 s: {replay:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let snapshots = SnapshotStore::new(open_store(&self.store)?);
+        let mut committed = Vec::new();
+        for p in 0..Settings::default().partitions {
+            committed.extend(snapshots.read_part(&done.snapshot_id, p).await?);
+        }
+        let mut expected: Vec<DailyRow> = verified
+            .archive_rows
+            .iter()
+            .filter(|r| from <= r.day && r.day <= to)
+            .cloned()
+            .collect();
+        let key = |r: &DailyRow| (r.merchant_id.clone(), r.day, r.currency);
+        committed.sort_by_key(key);
+        expected.sort_by_key(key);
+        anyhow::ensure!(
+            committed == expected,
+            "the replay committed {} rows, the archive's fold has {}; first difference {:#?}",
+            committed.len(),
+            expected.len(),
+            committed.iter().zip(&expected).find(|(a, b)| a != b)
+        );
+        Ok(())
+    }
+}
+
+/// What [`FaultStack::verify`] found.
+pub struct Verified {
+    pub log_records: usize,
+    pub cutoff: u64,
+    pub converged_in: Duration,
+    pub archive_rows: Vec<DailyRow>,
+}
+
+fn check_exactly_once(
+    place: &str,
+    acked: &Acknowledged,
+    found: &BTreeMap<String, Vec<u64>>,
+) -> anyhow::Result<()> {
+    for (id, seq) in &acked.sequences {
+        match found.get(id).map(Vec::as_slice) {
+            Some([only]) if only == seq => {}
+            Some([only]) => anyhow::bail!(
+                "{place}: event {id} was acknowledged at sequence {seq} but is at {only}"
+            ),
+            Some(many) => anyhow::bail!(
+                "{place}: event {id} is there {} times: {many:?}",
+                many.len()
+            ),
+            None => anyhow::bail!("{place}: acknowledged event {id} (sequence {seq}) is missing"),
+        }
+    }
+    // Every event the client sent was acknowledged in the end, so nothing else
+    // may be there: an extra one was stored twice under another identity.
+    if let Some(extra) = found.keys().find(|id| !acked.sequences.contains_key(*id)) {
+        anyhow::bail!("{place}: event {extra} is there but was never acknowledged");
+    }
+    Ok(())
+}
+
+/// Each archived event's sequences, the archive's tiling checked on the way.
+async fn archived_event_ids(archive: &ArchiveStore) -> anyhow::Result<BTreeMap<String, Vec<u64>>> {
+    let watermarks = archive.watermarks().await?;
+    let top = watermarks.last().copied().unwrap_or(0);
+    let mut ids: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for p in 0..Settings::default().partitions {
+        let segments = archive.event_segments(p).await?;
+        verify_tiling(&segments, &watermarks, top)
+            .map_err(|e| anyhow::anyhow!("archive partition {p}: {e}"))?;
+        for cut in segments.into_iter().filter(|s| s.last <= top) {
+            for record in archive.read_events(p, cut).await? {
+                if let payledger_semantics::RecordBody::Fact(fact) = &record.body {
+                    ids.entry(fact.event_id.clone())
+                        .or_default()
+                        .push(record.seq);
+                }
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Every event the client got an answer for, with the sequence it was given
+/// (an accepted event's own, or the sequence of the copy a retry found).
+#[derive(Default, Debug)]
+pub struct Acknowledged {
+    pub sequences: BTreeMap<String, u64>,
+}
+
+/// What the client saw: per gRPC code how many calls ended with it, the longest
+/// a call took, and the longest time between two acknowledged batches.
+#[derive(Default, Debug)]
+pub struct ClientReport {
+    pub acked: Acknowledged,
+    pub codes: BTreeMap<String, usize>,
+    pub calls: usize,
+    pub retries: usize,
+    pub longest_call: Duration,
+    /// The longest stretch without an acknowledged batch: how long the fault
+    /// kept the client from writing.
+    pub longest_outage: Duration,
+}
+
+impl ClientReport {
+    pub fn codes_line(&self) -> String {
+        self.codes
+            .iter()
+            .map(|(code, n)| format!("{code} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A client writing `batches` batches of `batch` events, one every `pace`,
+/// retrying each batch until acknowledged as docs/failure-contract.md says:
+/// UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED and a lost connection are
+/// retried with the same event ids (dedup makes that safe), anything else is an
+/// error of the row.
+pub struct PacedClient {
+    pub ingest_url: String,
+    pub batches: usize,
+    pub batch: usize,
+    pub pace: Duration,
+    /// Name prefix of the event ids, unique per row.
+    pub tag: String,
+    /// How long one batch may take to be acknowledged, retries included.
+    pub give_up_after: Duration,
+}
+
+/// The client's progress, readable while it runs.
+#[derive(Clone, Default)]
+pub struct Progress(Arc<AtomicUsize>);
+
+impl Progress {
+    pub fn batches_acked(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` batches are acknowledged.
+    pub async fn wait_for(&self, n: usize, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while self.batches_acked() < n {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} of {n} batches acknowledged within {within:?}",
+                self.batches_acked()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+}
+
+impl PacedClient {
+    pub fn new(ingest_url: String, tag: &str, batches: usize) -> PacedClient {
+        PacedClient {
+            ingest_url,
+            batches,
+            batch: 20,
+            pace: Duration::from_millis(100),
+            tag: tag.to_string(),
+            give_up_after: Duration::from_secs(120),
+        }
+    }
+
+    fn events(&self, batch: usize, now: i64) -> Vec<v1::Event> {
+        (0..self.batch)
+            .map(|i| v1::Event {
+                event_id: format!("{}-{batch}-{i}", self.tag),
+                merchant_id: format!("m-{}", (batch * 7 + i) % 40),
+                kind: v1::EventKind::PaymentCaptured as i32,
+                amount_minor: 100 + (batch * self.batch + i) as i64,
+                currency: "EUR".to_string(),
+                event_time_us: now - MINUTE_US,
+                corrects_event_id: String::new(),
+            })
+            .collect()
+    }
+
+    /// Starts the client; the progress counts acknowledged batches.
+    pub fn spawn(
+        self,
+    ) -> (
+        Progress,
+        tokio::task::JoinHandle<anyhow::Result<ClientReport>>,
+    ) {
+        let progress = Progress::default();
+        let counter = progress.clone();
+        (
+            progress,
+            tokio::spawn(async move { self.run(counter).await }),
+        )
+    }
+
+    async fn run(self, progress: Progress) -> anyhow::Result<ClientReport> {
+        let report = Arc::new(Mutex::new(ClientReport::default()));
+        let mut last_ack = Instant::now();
+        for batch in 0..self.batches {
+            let events = self.events(batch, now_us());
+            let deadline = Instant::now() + self.give_up_after;
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let call = Instant::now();
+                let outcome = self.publish_once(&events).await;
+                let mut r = report.lock().await;
+                r.calls += 1;
+                r.longest_call = r.longest_call.max(call.elapsed());
+                match outcome {
+                    Ok(results) => {
+                        *r.codes.entry("OK".into()).or_default() += 1;
+                        for (event, result) in events.iter().zip(&results) {
+                            let seq = match &result.outcome {
+                                Some(v1::publish_result::Outcome::Accepted(a)) => a.sequence,
+                                Some(v1::publish_result::Outcome::Duplicate(d)) => d.sequence,
+                                other => anyhow::bail!(
+                                    "event {} of a valid batch answered {other:?}",
+                                    event.event_id
+                                ),
+                            };
+                            if let Some(before) =
+                                r.acked.sequences.insert(event.event_id.clone(), seq)
+                            {
+                                anyhow::ensure!(
+                                    before == seq,
+                                    "event {} acknowledged at {before} and then at {seq}",
+                                    event.event_id
+                                );
+                            }
+                        }
+                        r.longest_outage = r.longest_outage.max(last_ack.elapsed());
+                        last_ack = Instant::now();
+                        break;
+                    }
+                    Err(status) => {
+                        eprintln!("batch {batch}: {:?} {}", status.code(), status.message());
+                        *r.codes.entry(format!("{:?}", status.code())).or_default() += 1;
+                        let retryable = matches!(
+                            status.code(),
+                            tonic::Code::Unavailable
+                                | tonic::Code::ResourceExhausted
+                                | tonic::Code::DeadlineExceeded
+                                | tonic::Code::Unknown
+                        );
+                        anyhow::ensure!(
+                            retryable,
+                            "batch {batch}: {:?} is not retryable by the contract: {}",
+                            status.code(),
+                            status.message()
+                        );
+                        anyhow::ensure!(
+                            Instant::now() < deadline,
+                            "batch {batch} not acknowledged within {:?}; last answer {:?}: {}",
+                            self.give_up_after,
+                            status.code(),
+                            status.message()
+                        );
+                        r.retries += 1;
+                    }
+                }
+                drop(r);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            progress.0.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(self.pace).await;
+        }
+        let report = Arc::try_unwrap(report)
+            .map_err(|_| anyhow::anyhow!("report still shared"))?
+            .into_inner();
+        Ok(report)
+    }
+
+    async fn publish_once(
+        &self,
+        events: &[v1::Event],
+    ) -> Result<Vec<v1::PublishResult>, tonic::Status> {
+        // A call a fault leaves hanging counts as unanswered: the client's own
+        // deadline, longer than ingest's ack timeout.
+        let call = async {
+            let mut client = ingest_client(&self.ingest_url)
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
+            client
+                .publish(v1::PublishRequest {
+                    events: events.to_vec(),
+                })
+                .await
+                .map(|r| r.into_inner().results)
+        };
+        match tokio::time::timeout(Duration::from_secs(15), call).await {
+            Ok(result) => result,
+            Err(_) => Err(tonic::Status::deadline_exceeded("no answer within 15 s")),
+        }
+    }
+}
+
+/// One line of the README's fault matrix, written to
+/// `target/fault-matrix/{row}.md` for `just faults` to gather.
+pub struct MatrixLine<'a> {
+    pub row: &'a str,
+    pub nats: &'a str,
+    pub fault: &'a str,
+    pub report: &'a ClientReport,
+    pub verified: &'a Verified,
+    pub recovery: Duration,
+}
+
+impl MatrixLine<'_> {
+    pub fn write(&self) -> anyhow::Result<()> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fault-matrix");
+        std::fs::create_dir_all(&dir)?;
+        let line = format!(
+            "| {} | {} | {} | {} | {} | {:.1} s | {:.1} s | {:.1} s | {} |\n",
+            self.row,
+            self.nats,
+            self.fault,
+            self.report.acked.sequences.len(),
+            self.verified.log_records,
+            self.recovery.as_secs_f64(),
+            self.report.longest_outage.as_secs_f64(),
+            self.verified.converged_in.as_secs_f64(),
+            self.report.codes_line(),
+        );
+        eprint!("{line}");
+        std::fs::write(dir.join(format!("{}.md", self.row)), line)?;
+        Ok(())
+    }
+}
