@@ -186,3 +186,59 @@ async fn cluster_follower_sigkill() -> anyhow::Result<()> {
 async fn cluster_connected_node_sigkill() -> anyhow::Result<()> {
     cluster_node_killed("connected", "ingest's node SIGKILL", Victim::IngestsNode).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_rolling_restart() -> anyhow::Result<()> {
+    let mut stack = FaultStack::start(Nats::Cluster(Network::Loopback)).await?;
+    let (progress, client) = client_running(&stack, "rolling").await?;
+    let began = Instant::now();
+    let cluster = stack.cluster.as_mut().expect("a cluster");
+    for node in 0..cluster.len() {
+        // One at a time, each back and current before the next goes, as a
+        // StatefulSet's rolling update does.
+        cluster.stop(node)?;
+        cluster.start_node(node)?;
+        cluster.wait_healthy(Duration::from_secs(60)).await?;
+    }
+    let rolled = began.elapsed();
+    let recovered = recovery(&stack, &progress, Instant::now()).await?;
+    stack.ensure_running()?;
+    finish(
+        stack,
+        client,
+        "rolling restart",
+        "3 nodes, R3",
+        &format!(
+            "SIGTERM + restart n0, n1, n2 in turn ({:.0} s)",
+            rolled.as_secs_f64()
+        ),
+        recovered,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_partition_of_the_stream_leader_heals() -> anyhow::Result<()> {
+    let mut stack = FaultStack::start(Nats::Cluster(Network::Isolated)).await?;
+    let (progress, client) = client_running(&stack, "partition").await?;
+    let node = pick(&stack, Victim::StreamLeader).await?;
+    let cluster = stack.cluster.as_ref().expect("a cluster");
+    cluster.partition(node)?;
+    let cut = Instant::now();
+    let recovered = recovery(&stack, &progress, cut).await?;
+    // Stay cut off well past the point the majority went on without it.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let cluster = stack.cluster.as_ref().expect("a cluster");
+    cluster.heal(node)?;
+    cluster.wait_healthy(Duration::from_secs(60)).await?;
+    let name = cluster.name(node).to_string();
+    finish(
+        stack,
+        client,
+        "partition of the stream leader",
+        "3 nodes, R3, a netns each",
+        &format!("{name}'s link down ≥ 10 s, then up"),
+        recovered,
+    )
+    .await
+}

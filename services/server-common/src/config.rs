@@ -72,13 +72,26 @@ pub struct NatsArgs {
     /// NATS credentials file (.creds), if the server requires one.
     #[arg(long = "nats-creds", env = "PAYLEDGER_NATS_CREDS")]
     pub creds: Option<std::path::PathBuf>,
+    /// How often the client pings its server. A server that stops answering (a
+    /// partition: no error, just silence) is left for another after two missed
+    /// pings, so this bounds how long calls wait on a node that is cut off.
+    #[arg(
+        long = "nats-ping-interval",
+        env = "PAYLEDGER_NATS_PING_INTERVAL",
+        default_value = NATS_PING_INTERVAL,
+        value_parser = parse_duration
+    )]
+    pub ping_interval: Duration,
 }
+
+const NATS_PING_INTERVAL: &str = "2s";
 
 impl NatsArgs {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             creds: None,
+            ping_interval: parse_duration(NATS_PING_INTERVAL).expect("a valid default"),
         }
     }
 
@@ -107,8 +120,13 @@ impl NatsArgs {
 
     pub async fn connect(&self, name: &str) -> anyhow::Result<async_nats::Client> {
         let servers = self.servers()?;
+        anyhow::ensure!(
+            !self.ping_interval.is_zero(),
+            "--nats-ping-interval must be longer than 0 (it bounds how long a cut-off server is trusted)"
+        );
         let mut options = async_nats::ConnectOptions::new()
             .name(name)
+            .ping_interval(self.ping_interval)
             .retry_on_initial_connect();
         if let Some(creds) = &self.creds {
             options = options.credentials_file(creds).await?;
