@@ -2,20 +2,13 @@
 //! rows for the same log prefix, field for field (on the local filesystem; `s3.rs`
 //! runs the same scenario against a real S3 server).
 
-use payledger_e2e::Harness;
-use payledger_e2e::convergence::{self, Stores};
+use payledger_e2e::Archive;
+use payledger_e2e::convergence;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_of_the_archive_equals_the_stream_rows() -> anyhow::Result<()> {
-    let mut h = Harness::start()?;
-    let store = h.store();
-    let stores = Stores {
-        projector_store: format!("{store}-projector"),
-        store,
-        env: Vec::new(),
-    };
-    let outcome =
-        convergence::replay_of_the_archive_equals_the_stream_rows(&mut h, &stores, 40).await?;
+    let (_stack, outcome) =
+        convergence::replay_of_the_archive_equals_the_stream_rows(Archive::Fs, 40).await?;
     assert_eq!(outcome.commit.number, 1);
     Ok(())
 }

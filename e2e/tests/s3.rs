@@ -12,8 +12,8 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use payledger_e2e::Harness;
-use payledger_e2e::convergence::{Stores, replay_of_the_archive_equals_the_stream_rows};
+use payledger_e2e::Archive;
+use payledger_e2e::convergence::replay_of_the_archive_equals_the_stream_rows;
 use payledger_e2e::seaweed::SeaweedFs;
 use payledger_semantics::{Currency, DailyRow, Day};
 use payledger_storage::{
@@ -180,17 +180,11 @@ async fn racing_commits_take_contiguous_numbers_once_each() -> anyhow::Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_of_the_archive_on_s3_equals_the_stream_rows() -> anyhow::Result<()> {
-    let s3 = SeaweedFs::start().await?;
-    let mut h = Harness::start()?;
-    let stores = Stores {
-        store: s3.s3_url("lake"),
-        projector_store: s3.s3_url("projector"),
-        env: s3.envs(),
-    };
-    let outcome = replay_of_the_archive_equals_the_stream_rows(&mut h, &stores, 10).await?;
+    let (stack, outcome) = replay_of_the_archive_equals_the_stream_rows(Archive::S3, 10).await?;
+    let s3 = stack.s3().expect("an S3 stack");
 
     // The commit reads back from S3, parts and all.
-    let snapshots = SnapshotStore::new(open(&s3, "lake")?);
+    let snapshots = SnapshotStore::new(stack.object_store()?);
     assert_eq!(snapshots.commits().await?, vec![outcome.commit.clone()]);
     let draft = &outcome.commit.draft;
     assert_eq!(draft.log_cutoff, outcome.cutoff);
