@@ -9,7 +9,7 @@ use bytes::{Buf, BufMut, Bytes};
 use payledger_cli::generate::{GenConfig, Generator};
 use payledger_e2e::{
     AcceptedLog, Stack, assert_converges, ingest_client, now_us, query_client, read_log,
-    served_current_rows, served_daily_rows, stream_messages,
+    stream_messages,
 };
 use payledger_ingest::message_id;
 use payledger_proto::fact_from_event;
@@ -525,15 +525,11 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() -> anyhow::Result
         read_log(&h.nats.url()).await?
     );
     let mut q = query_client(&query.url()).await?;
-    // Give the projector a moment to show anything it might (wrongly) have found.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(served_daily_rows(&mut q).await?, vec![]);
-    assert_eq!(
-        served_current_rows(&mut q, ["m-bad:1".to_string()]).await?,
-        vec![]
-    );
 
-    // The pipeline was live all along: one valid event shows up.
+    // The pipeline was live all along: one valid event, of the merchant the bad
+    // input named, sent after it. Once it is served the projector has read past
+    // everything before it, and every row served (daily and that merchant's
+    // current) must be the fold of that one event alone.
     let mut log = AcceptedLog::default();
     log.publish(&mut client, vec![valid("ev-ok", now)]).await?;
     assert_eq!(log.records.len(), 1);

@@ -3,13 +3,15 @@
 //! oracle's fold of the accepted events, field for field — also when the
 //! projector is killed with SIGKILL in the middle of ingest.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use payledger_cli::generate::{GenConfig, Generator};
 use payledger_e2e::{
     AcceptedLog, Stack, assert_converges, ingest_client, now_us, query_client, stream_messages,
 };
-use payledger_semantics::Settings;
+use payledger_proto::v1;
+use payledger_semantics::{Settings, partition_of};
 
 const EVENTS: usize = 50_000;
 const BATCH: usize = 500;
@@ -155,15 +157,75 @@ async fn projector_killed_three_times_mid_ingest_loses_and_doubles_nothing() -> 
     assert_converges(&mut query_client, &oracle, Duration::from_secs(120)).await?;
 
     // A clean stop writes a final checkpoint; a restart then re-applies nothing.
+    // One new event per partition: each partition's first applied record after
+    // the restart must be that event (a partition applies its records in log
+    // order, so any record re-applied would come first).
     projector.terminate().await?;
     let projector = stack.spawn_projector(&[]).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !projector.log().contains("resumed partition"),
-        "nothing left to apply:\n{}",
+    let partitions = Settings::default().partitions;
+    let fresh = one_event_per_partition(partitions);
+    let before = log.records.len();
+    log.publish(&mut client, fresh).await?;
+    assert_eq!(log.records.len(), before + partitions as usize);
+    let new_seqs: BTreeSet<u64> = log
+        .records
+        .keys()
+        .rev()
+        .take(partitions as usize)
+        .copied()
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let first_applied = loop {
+        let first_applied: BTreeSet<u64> = projector
+            .log()
+            .lines()
+            .filter(|l| l.contains("resumed partition"))
+            .filter_map(|l| field(l, "first_applied_seq"))
+            .collect();
+        if first_applied.len() >= partitions as usize {
+            break first_applied;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "not every partition applied its new event within 30 s:\n{}",
+            projector.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        first_applied,
+        new_seqs,
+        "after a clean restart each partition's first applied record is the new one:\n{}",
         projector.log()
     );
+    let oracle = log.fold(Settings::default())?;
     assert_converges(&mut query_client, &oracle, Duration::from_secs(10)).await
+}
+
+/// One captured event for each of `partitions` partitions.
+fn one_event_per_partition(partitions: u32) -> Vec<v1::Event> {
+    let mut by_partition = BTreeMap::new();
+    for i in 0.. {
+        let merchant_id = format!("m-after-restart-{i}");
+        by_partition
+            .entry(partition_of(&merchant_id, partitions))
+            .or_insert(merchant_id);
+        if by_partition.len() == partitions as usize {
+            break;
+        }
+    }
+    by_partition
+        .into_values()
+        .map(|merchant_id| v1::Event {
+            event_id: format!("ev-{merchant_id}"),
+            merchant_id,
+            kind: v1::EventKind::PaymentCaptured as i32,
+            amount_minor: 100,
+            currency: "EUR".into(),
+            event_time_us: now_us() - 1_000_000,
+            corrects_event_id: String::new(),
+        })
+        .collect()
 }
 
 /// Watches every update of the two row buckets and records any that carries a
