@@ -2,7 +2,7 @@
 //! path and a replay of the archive give the same rows for the same log prefix, field
 //! for field, and a committed replay becomes what the query service answers.
 //!
-//! `tests/convergence.rs` runs it on the local filesystem, `tests/s3.rs` on a real
+//! `tests/convergence.rs` runs it on the local filesystem and on a real
 //! S3-compatible server.
 
 use std::time::Duration;
