@@ -2,7 +2,7 @@
 //! path and a replay of the archive give the same rows for the same log prefix, field
 //! for field, and a committed replay becomes what the query service answers.
 //!
-//! `tests/convergence.rs` runs it on the local filesystem, `tests/s3.rs` on a real
+//! `tests/convergence.rs` runs it on the local filesystem and on a real
 //! S3-compatible server.
 
 use std::time::Duration;
@@ -11,10 +11,10 @@ use payledger_cli::generate::{GenConfig, Generator};
 use payledger_projector::replay::{fold_dimensions, fold_partitions, latest_cutoff};
 use payledger_proto::v1;
 use payledger_semantics::{Day, Settings, to_reporting};
-use payledger_storage::{ArchiveStore, Commit, open_store_with_env};
+use payledger_storage::Commit;
 
 use crate::{
-    AcceptedLog, Harness, assert_converges, daily_answer_from, ingest_client, now_us, query_client,
+    AcceptedLog, Archive, Stack, assert_converges, daily_answer_from, now_us, query_client,
     stream_messages,
 };
 
@@ -67,30 +67,6 @@ pub async fn publish_history(
     Ok(log)
 }
 
-/// Where the scenario keeps its objects.
-pub struct Stores {
-    /// Ingest's archive and the query service's tables: one location, as deployed.
-    pub store: String,
-    /// The projector's checkpoints.
-    pub projector_store: String,
-    /// Environment the stores need (endpoint, credentials), given to every child
-    /// process and used to open the stores in the test process too.
-    pub env: Vec<(String, String)>,
-}
-
-impl Stores {
-    /// Opens `location` as a child started with [`Stores::env`] would.
-    pub fn open(
-        &self,
-        location: &str,
-    ) -> anyhow::Result<std::sync::Arc<dyn object_store::ObjectStore>> {
-        Ok(open_store_with_env(
-            location,
-            std::env::vars().chain(self.env.iter().cloned()),
-        )?)
-    }
-}
-
 /// What the scenario published and committed, for further checks.
 pub struct Outcome {
     pub cutoff: u64,
@@ -100,7 +76,7 @@ pub struct Outcome {
 }
 
 /// Publishes `batches` batches of 500 generated events (plus FX and risk records)
-/// through ingest archiving to `stores.store`, stops ingest cleanly, replays the
+/// through ingest archiving to `archive`, stops ingest cleanly, replays the
 /// archive at its highest watermark and checks that:
 /// - the archive holds the whole log;
 /// - the stream rows the query service serves equal the replay's, field for field,
@@ -110,42 +86,23 @@ pub struct Outcome {
 ///   stream, and reconciliation finds every row equal;
 /// - an event past the cutoff makes AUTO answer from the stream again.
 pub async fn replay_of_the_archive_equals_the_stream_rows(
-    h: &mut Harness,
-    stores: &Stores,
+    archive: Archive,
     batches: usize,
-) -> anyhow::Result<Outcome> {
-    let store = stores.store.as_str();
-    let env = stores.env.as_slice();
-    let mut ingest = h
-        .spawn_with_env(
-            "payledger-ingest",
-            &[
-                "--archive-store",
-                store,
-                "--archive-flush-interval",
-                "200ms",
-                "--heartbeat-interval",
-                "1s",
-            ],
-            env,
-        )
+) -> anyhow::Result<(Stack, Outcome)> {
+    let mut stack = Stack::builder()
+        .archive(archive)
+        .heartbeats("1s")
+        .projector(&[])
+        .query(&["--commit-poll-interval", "100ms"])
+        .start()
         .await?;
-    let _projector = h
-        .spawn_with_env(
-            "payledger-projector",
-            &["--store", stores.projector_store.as_str()],
-            env,
-        )
-        .await?;
-    let query = h
-        .spawn_with_env(
-            "payledger-query",
-            &["--store", store, "--commit-poll-interval", "100ms"],
-            env,
-        )
-        .await?;
+    let outcome = converge(&mut stack, batches).await?;
+    Ok((stack, outcome))
+}
 
-    let mut client = ingest_client(&ingest.url()).await?;
+async fn converge(stack: &mut Stack, batches: usize) -> anyhow::Result<Outcome> {
+    let query = stack.query().url();
+    let mut client = stack.ingest_client().await?;
     let history = GenConfig {
         seed: 11,
         merchants: 120,
@@ -156,16 +113,13 @@ pub async fn replay_of_the_archive_equals_the_stream_rows(
     // Quiet partitions get heartbeats; they are archived and replayed too.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     // A clean stop writes the cut in progress.
-    ingest.terminate().await?;
+    stack.ingest.terminate().await?;
 
-    let archive = ArchiveStore::new(
-        stores.open(store)?,
-        payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
-    );
+    let archive = stack.archive()?;
     let cutoff = latest_cutoff(&archive).await?;
     assert_eq!(
         cutoff,
-        stream_messages(&h.nats.url()).await?,
+        stream_messages(&stack.h.nats.url()).await?,
         "the archive holds the whole log"
     );
     let partitions: Vec<u32> = (0..Settings::default().partitions).collect();
@@ -178,7 +132,7 @@ pub async fn replay_of_the_archive_equals_the_stream_rows(
             .any(|r| r.conflicts > 0 && r.late > 0)
     );
 
-    let mut query = query_client(&query.url()).await?;
+    let mut query = query_client(&query).await?;
     assert_converges(&mut query, &replay, Duration::from_secs(60)).await?;
 
     // Dimensions too: the reporting view of a merchant-day agrees.
@@ -301,10 +255,10 @@ pub async fn replay_of_the_archive_equals_the_stream_rows(
     assert_eq!(report.snapshot_ids, vec![commit.draft.snapshot_id.clone()]);
 
     // New events after the cutoff: the stream has moved on, AUTO answers from it.
-    let ingest = h
-        .spawn_with_env("payledger-ingest", &["--heartbeat-interval", "0s"], env)
+    stack.ingest = stack
+        .spawn("payledger-ingest", &["--heartbeat-interval", "0s"])
         .await?;
-    let mut client = ingest_client(&ingest.url()).await?;
+    let mut client = stack.ingest_client().await?;
     let late = v1::Event {
         event_id: "after-the-cutoff".into(),
         merchant_id: target.merchant_id.clone(),

@@ -3,7 +3,8 @@
 //! folds accepted events with the semantics crate.
 //!
 //! Every process and directory belongs to a [`Harness`]; dropping it (also when a
-//! test fails) kills the processes and removes the directories.
+//! test fails) kills the processes and removes the directories. [`Stack`] starts
+//! the services the tests share on one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,9 @@ pub mod cluster;
 pub mod convergence;
 pub mod faults;
 pub mod seaweed;
+pub mod stack;
+
+pub use stack::{Archive, Stack};
 
 /// The workspace's debug binaries; `just test` builds them before the tests run.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
@@ -170,25 +174,6 @@ impl Harness {
         }
         self.nats = LocalNats::start_on(&dir, port)?;
         Ok(())
-    }
-
-    /// Ingest archiving to `store` in cuts of 200 ms, heartbeats off (the log then
-    /// holds exactly the accepted events), plus `extra`.
-    pub async fn spawn_archiving_ingest(
-        &mut self,
-        store: &str,
-        extra: &[&str],
-    ) -> anyhow::Result<Service> {
-        let mut args = vec![
-            "--archive-store",
-            store,
-            "--archive-flush-interval",
-            "200ms",
-            "--heartbeat-interval",
-            "0s",
-        ];
-        args.extend_from_slice(extra);
-        self.spawn("payledger-ingest", &args).await
     }
 
     /// Starts `binary` with `args` plus `--listen` and `--nats-url`, and waits for

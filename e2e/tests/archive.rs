@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use payledger_cli::generate::{GenConfig, Generator};
-use payledger_e2e::{AcceptedLog, Harness, ingest_client, now_us, stream_messages};
+use payledger_e2e::{AcceptedLog, Archive, Stack, ingest_client, now_us, stream_messages};
 use payledger_proto::v1;
 use payledger_storage::{ArchiveStore, open_store, verify_tiling};
 
@@ -65,18 +65,13 @@ async fn publish_retrying(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archiver_killed_mid_ingest_archives_every_record_exactly_once() -> anyhow::Result<()> {
-    let mut h = Harness::start()?;
-    let store = h.store();
-    let args = [
-        "--archive-store",
-        store.as_str(),
-        "--archive-flush-interval",
-        "150ms",
-        "--archive-cut-records",
-        "2500",
-    ];
-    let mut ingest = h.spawn("payledger-ingest", &args).await?;
-    let mut url = ingest.url();
+    let mut stack = Stack::builder()
+        .archive(Archive::Fs)
+        .archive_flush_interval("150ms")
+        .ingest(&["--archive-cut-records", "2500"])
+        .start()
+        .await?;
+    let mut url = stack.ingest.url();
     let mut traffic = Generator::new(GenConfig {
         seed: 5,
         merchants: 100,
@@ -95,18 +90,15 @@ async fn archiver_killed_mid_ingest_archives_every_record_exactly_once() -> anyh
     for batch in 0..batches {
         if batch == 20 || batch == 40 {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            ingest.kill_hard();
-            ingest = h.spawn("payledger-ingest", &args).await?;
-            url = ingest.url();
+            stack.ingest.kill_hard();
+            stack.ingest = stack.spawn_ingest(&[]).await?;
+            url = stack.ingest.url();
         }
         let events = traffic.batch(500, now_us());
         publish_retrying(&url, &mut log, events).await?;
     }
-    let total = stream_messages(&h.nats.url()).await?;
-    let archive = ArchiveStore::new(
-        open_store(&store)?,
-        payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
-    );
+    let total = stream_messages(&stack.h.nats.url()).await?;
+    let archive = stack.archive()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let (top, seqs) = loop {
         let (top, seqs) = archived_sequences(&archive).await?;
@@ -130,7 +122,8 @@ async fn archiver_killed_mid_ingest_archives_every_record_exactly_once() -> anyh
     for seq in log.records.keys() {
         assert!(unique.contains(seq), "accepted event {seq} not archived");
     }
-    let restarts = ingest
+    let restarts = stack
+        .ingest
         .log()
         .matches("archiver resuming after the highest watermark")
         .count();
@@ -140,12 +133,13 @@ async fn archiver_killed_mid_ingest_archives_every_record_exactly_once() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_short_is_completed_with_the_same_range() -> anyhow::Result<()> {
-    let mut h = Harness::start()?;
-    let store = h.store();
     // First, a log without an archiver.
-    let plain = h
-        .spawn("payledger-ingest", &["--heartbeat-interval", "0s"])
-        .await?;
+    let Stack {
+        ingest: plain,
+        mut h,
+        store,
+        ..
+    } = Stack::builder().start().await?;
     let mut traffic = Generator::new(GenConfig {
         seed: 8,
         merchants: 40,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use payledger_cli::generate::{GenConfig, Generator};
-use payledger_e2e::{AcceptedLog, Harness, ingest_client, now_us};
+use payledger_e2e::{AcceptedLog, Archive, Stack, ingest_client, now_us};
 use payledger_projector::replay::{ReplayRequest, replay_and_commit};
 use payledger_semantics::{Day, Settings};
 use payledger_storage::{ArchiveStore, SnapshotStore, open_store};
@@ -18,21 +18,12 @@ fn python() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duckdb_closing_balances_from_the_archive_match_the_snapshot() -> anyhow::Result<()> {
-    let mut h = Harness::start()?;
-    let store = h.store();
-    let mut ingest = h
-        .spawn(
-            "payledger-ingest",
-            &[
-                "--archive-store",
-                store.as_str(),
-                "--archive-flush-interval",
-                "100ms",
-                "--heartbeat-interval",
-                "0s",
-            ],
-        )
+    let mut stack = Stack::builder()
+        .archive(Archive::Fs)
+        .archive_flush_interval("100ms")
+        .start()
         .await?;
+    let (store, ingest) = (stack.store.clone(), &mut stack.ingest);
     let mut traffic = Generator::new(GenConfig {
         seed: 21,
         merchants: 60,

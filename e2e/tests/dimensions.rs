@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use payledger_e2e::{
-    AcceptedLog, Harness, Service, assert_converges, ingest_client, now_us, query_client,
+    AcceptedLog, Archive, Service, Stack, assert_converges, ingest_client, now_us, query_client,
 };
 use payledger_projector::replay::{
     ReplayRequest, fold_dimensions, latest_cutoff, replay_and_commit,
@@ -19,9 +19,9 @@ use payledger_proto::v1::{
     self, ingest_service_client::IngestServiceClient, publish_dimension_request::Record,
     query_service_client::QueryServiceClient,
 };
-use payledger_semantics::{Day, RecordedStream, Settings, StreamSettings, to_reporting};
+use payledger_semantics::{Day, Settings, to_reporting};
 use payledger_server_common::topology::{DIMS_SUBJECTS, FX_SUBJECT, RISK_SUBJECT, STREAM};
-use payledger_storage::{ArchiveStore, Commit, open_store};
+use payledger_storage::{ArchiveStore, Commit};
 use tonic::transport::Channel;
 
 /// The response metadata a stream answer carries while it withholds reporting values.
@@ -187,11 +187,9 @@ struct Recorded {
     authoritative: v1::DailyExposure,
 }
 
-struct Stack {
-    h: Harness,
-    store: String,
-    ingest: Service,
-    _projector: Service,
+/// The stack with a committed replay, and the answers recorded before.
+struct Committed {
+    stack: Stack,
     query: Service,
     commit: Commit,
     recorded: Vec<Recorded>,
@@ -200,17 +198,12 @@ struct Stack {
     dims: u64,
 }
 
-impl Stack {
-    fn archive(&self) -> anyhow::Result<ArchiveStore> {
-        Ok(ArchiveStore::new(
-            open_store(&self.store)?,
-            RecordedStream::new(StreamSettings::default()),
-        ))
-    }
+payledger_e2e::deref_to_stack!(Committed);
 
+impl Committed {
     async fn restart_query(&mut self) -> anyhow::Result<QueryServiceClient<Channel>> {
         self.query.terminate().await?;
-        self.query = spawn_query(&mut self.h, &self.store).await?;
+        self.query = self.stack.spawn_query(&[]).await?;
         query_client(&self.query.url()).await
     }
 
@@ -257,55 +250,26 @@ impl Stack {
     }
 }
 
-async fn spawn_query(h: &mut Harness, store: &str) -> anyhow::Result<Service> {
-    h.spawn(
-        "payledger-query",
-        &["--store", store, "--commit-poll-interval", "100ms"],
-    )
-    .await
-}
-
-async fn spawn_archiving_ingest(h: &mut Harness, store: &str) -> anyhow::Result<Service> {
-    h.spawn(
-        "payledger-ingest",
-        &[
-            "--archive-store",
-            store,
-            "--archive-flush-interval",
-            "200ms",
-            "--heartbeat-interval",
-            "0s",
-        ],
-    )
-    .await
-}
-
 /// Ingests events and several FX and risk versions over two archive cuts, commits a
 /// replay at the archive's highest watermark (the end of the log) and records every
 /// merchant-day's provisional and authoritative answers, checked against the
 /// archive's dimension records and, for one merchant-day, against values worked out
 /// by hand.
-async fn committed_stack() -> anyhow::Result<Stack> {
-    let mut h = Harness::start()?;
-    let store = h.store();
-    let ingest = spawn_archiving_ingest(&mut h, &store).await?;
-    let projector = h
-        .spawn(
-            "payledger-projector",
-            &["--store", &format!("{store}-projector")],
-        )
+async fn committed_stack() -> anyhow::Result<Committed> {
+    let mut stack = Stack::builder()
+        .archive(Archive::Fs)
+        .projector(&[])
+        .query(&["--commit-poll-interval", "100ms"])
+        .start()
         .await?;
-    let query = spawn_query(&mut h, &store).await?;
-    let archive = ArchiveStore::new(
-        open_store(&store)?,
-        RecordedStream::new(StreamSettings::default()),
-    );
-    let nats_url = h.nats.url();
+    let query = stack.query.take().expect("query");
+    let archive = stack.archive()?;
+    let nats_url = stack.h.nats.url();
 
     let at = now_us() - 60_000_000;
     let today = Day::of_micros(at);
     let yesterday = Day(today.0 - 1);
-    let mut client = ingest_client(&ingest.url()).await?;
+    let mut client = stack.ingest_client().await?;
     let mut log = AcceptedLog::default();
     let first = vec![
         fx("EUR", "1.08", yesterday, 1),
@@ -456,11 +420,8 @@ async fn committed_stack() -> anyhow::Result<Stack> {
         (reporting.risk_tier.as_str(), reporting.risk_version),
         ("medium", Some(2))
     );
-    Ok(Stack {
-        h,
-        store,
-        ingest,
-        _projector: projector,
+    Ok(Committed {
+        stack,
         query,
         commit,
         recorded,
@@ -584,7 +545,7 @@ async fn records_lost_past_the_archive_withhold_reporting_values() -> anyhow::Re
     // two lost records are lost to replays too, so the values are those recorded.
     let mut ingest = ingest;
     ingest.terminate().await?;
-    stack.ingest = spawn_archiving_ingest(&mut stack.h, &stack.store).await?;
+    stack.ingest = stack.spawn_ingest(&[]).await?;
     let mut client = ingest_client(&stack.ingest.url()).await?;
     AcceptedLog::default()
         .publish(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use payledger_cli::generate::GenConfig;
 use payledger_e2e::convergence::{history_config, publish_history};
 use payledger_e2e::{
-    AcceptedLog, Harness, Service, assert_converges, ingest_client, metric_value, now_us,
+    AcceptedLog, Archive, Service, Stack, assert_converges, ingest_client, metric_value, now_us,
     query_client, scrape_metrics, wait_until_archived,
 };
 use payledger_projector::replay::{ReplayRequest, ReplayStores, replay_and_commit};
@@ -21,13 +21,13 @@ use payledger_storage::open_store;
 
 const WITHIN: Duration = Duration::from_secs(90);
 
-struct Stack {
-    h: Harness,
-    store: String,
-    ingest: Service,
-    query: Service,
+/// The stack, and what ingest accepted.
+struct History {
+    stack: Stack,
     log: AcceptedLog,
 }
+
+payledger_e2e::deref_to_stack!(History);
 
 fn stores(store: &str) -> anyhow::Result<ReplayStores> {
     Ok(ReplayStores::at(
@@ -36,21 +36,18 @@ fn stores(store: &str) -> anyhow::Result<ReplayStores> {
     ))
 }
 
-async fn stack() -> anyhow::Result<Stack> {
-    let mut h = Harness::start()?;
-    let store = h.store();
-    let ingest = h.spawn_archiving_ingest(&store, &[]).await?;
-    let query = h.spawn("payledger-query", &["--store", &store]).await?;
-    Ok(Stack {
-        h,
-        store,
-        ingest,
-        query,
+async fn stack() -> anyhow::Result<History> {
+    Ok(History {
+        stack: Stack::builder()
+            .archive(Archive::Fs)
+            .query(&[])
+            .start()
+            .await?,
         log: AcceptedLog::default(),
     })
 }
 
-impl Stack {
+impl History {
     /// Publishes generated batches and waits until the archive holds all of them.
     async fn publish(&mut self, seed: u64, batches: usize) -> anyhow::Result<u64> {
         let mut client = ingest_client(&self.ingest.url()).await?;
@@ -75,7 +72,8 @@ impl Stack {
 
     async fn projector(&mut self, own: &str, metrics: &str) -> anyhow::Result<Service> {
         let own_store = format!("{}-{own}", self.store);
-        self.h
+        self.stack
+            .h
             .spawn(
                 "payledger-projector",
                 &[
@@ -84,7 +82,7 @@ impl Stack {
                     "--store",
                     &own_store,
                     "--archive-store",
-                    &self.store,
+                    &self.stack.store,
                     "--checkpoint-interval",
                     "500ms",
                     "--metrics-listen",
@@ -180,7 +178,7 @@ async fn bootstraps_to_the_whole_history(from_state: bool) -> anyhow::Result<()>
         assert_eq!(commit.draft.states.len(), 16);
     }
     let late = s.publish(43, 6).await?;
-    let mut query = query_client(&s.query.url()).await?;
+    let mut query = query_client(&s.query().url()).await?;
     assert_converges(&mut query, &s.log.fold(Settings::default())?, WITHIN).await?;
 
     // A new deployment: the old projector and its checkpoints gone, the rows and
@@ -292,7 +290,7 @@ async fn records_in_neither_the_log_nor_the_archive_refuse_the_partitions() -> a
     assert!(log.contains("Restore the archive"), "{log}");
 
     // No partial rows: none written, and the stream side of query refuses.
-    let mut query = query_client(&s.query.url()).await?;
+    let mut query = query_client(&s.query().url()).await?;
     let merchant = s.log.facts().next().expect("a fact").merchant_id.clone();
     let deadline = Instant::now() + WITHIN;
     let refused = loop {
@@ -320,19 +318,7 @@ async fn records_in_neither_the_log_nor_the_archive_refuse_the_partitions() -> a
     // cuts past them. The archive now reaches the log, but not across the gap: a
     // new projector refuses as well, and so does a replay through it.
     s.ingest.terminate().await?;
-    s.ingest =
-        s.h.spawn(
-            "payledger-ingest",
-            &[
-                "--archive-store",
-                &s.store,
-                "--archive-flush-interval",
-                "200ms",
-                "--heartbeat-interval",
-                "0s",
-            ],
-        )
-        .await?;
+    s.ingest = s.spawn_ingest(&[]).await?;
     let stores = stores(&s.store)?;
     wait_until_archived(&stores.archive, last).await?;
     let gaps = stores.archive.gaps().await?;

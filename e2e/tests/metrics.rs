@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use payledger_e2e::{
-    AcceptedLog, Harness, Service, daily_answer_from, ingest_client, now_us, query_client,
+    AcceptedLog, Archive, Stack, daily_answer_from, ingest_client, now_us, query_client,
     stream_messages,
 };
 use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
@@ -25,71 +25,47 @@ impl Scraped {
     }
 }
 
-async fn spawn(
-    h: &mut Harness,
-    binary: &str,
-    metrics: &Scraped,
-    args: &[&str],
-) -> anyhow::Result<Service> {
-    let mut all = vec!["--metrics-listen", metrics.address.as_str()];
-    all.extend_from_slice(args);
-    h.spawn(binary, &all).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_exports_its_metrics() -> anyhow::Result<()> {
-    let mut h = Harness::start()?;
-    let store = h.store();
     let (ingest_m, projector_m, query_m, coordinator_m) = (
         Scraped::new()?,
         Scraped::new()?,
         Scraped::new()?,
         Scraped::new()?,
     );
-    let ingest = spawn(
-        &mut h,
-        "payledger-ingest",
-        &ingest_m,
-        &[
-            "--archive-store",
-            &store,
-            "--archive-flush-interval",
-            "200ms",
-            "--heartbeat-interval",
-            "0s",
-        ],
-    )
-    .await?;
-    let projector_store = format!("{store}-projector");
-    let projector = spawn(
-        &mut h,
-        "payledger-projector",
-        &projector_m,
-        &[
-            "--store",
-            &projector_store,
-            "--archive-store",
-            &store,
+    let mut stack = Stack::builder()
+        .archive(Archive::Fs)
+        .ingest(&["--metrics-listen", &ingest_m.address])
+        .projector(&[
+            "--metrics-listen",
+            &projector_m.address,
             "--checkpoint-interval",
             "200ms",
-        ],
-    )
-    .await?;
-    let query = spawn(
-        &mut h,
-        "payledger-query",
-        &query_m,
-        &["--store", &store, "--commit-poll-interval", "100ms"],
-    )
-    .await?;
-    let coordinator = spawn(
-        &mut h,
-        "payledger-replay-coordinator",
-        &coordinator_m,
-        &["--store", &store, "--workers", &projector.url()],
-    )
-    .await?;
-
+        ])
+        .projector_reads_the_archive()
+        .query(&[
+            "--metrics-listen",
+            &query_m.address,
+            "--commit-poll-interval",
+            "100ms",
+        ])
+        .start()
+        .await?;
+    let (store, worker) = (stack.store.clone(), stack.projector().url());
+    let coordinator = stack
+        .spawn(
+            "payledger-replay-coordinator",
+            &[
+                "--metrics-listen",
+                &coordinator_m.address,
+                "--store",
+                &store,
+                "--workers",
+                &worker,
+            ],
+        )
+        .await?;
+    let (h, ingest, query) = (&stack.h, &stack.ingest, stack.query());
     let mut client = ingest_client(&ingest.url()).await?;
     let event = |id: usize, amount: i64| v1::Event {
         event_id: format!("ev-{id}"),

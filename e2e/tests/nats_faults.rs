@@ -87,16 +87,20 @@ struct Stack {
 }
 
 async fn stack() -> anyhow::Result<Stack> {
-    let mut h = Harness::start()?;
-    let ingest = h.spawn("payledger-ingest", &INGEST_ARGS).await?;
-    let store = h.store();
-    let projector = h
-        .spawn(
-            "payledger-projector",
-            &["--store", &store, "--checkpoint-interval", "500ms"],
-        )
-        .await?;
-    let query = h.spawn("payledger-query", &[]).await?;
+    let payledger_e2e::Stack {
+        h,
+        ingest,
+        projector: Some(projector),
+        query: Some(query),
+        ..
+    } = payledger_e2e::Stack::builder()
+        .projector(&["--checkpoint-interval", "500ms"])
+        .query(&[])
+        .start()
+        .await?
+    else {
+        unreachable!("the stack was built with a projector and query")
+    };
     let mut client = ingest_client(&ingest.url()).await?;
     let mut q = query_client(&query.url()).await?;
     publish_round(&mut client, 0).await?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use payledger_cli::generate::GenConfig;
 use payledger_e2e::convergence::{history_config, publish_history};
 use payledger_e2e::{
-    AcceptedLog, Harness, Service, ingest_client, now_us, query_client, stream_messages,
+    AcceptedLog, Archive, Service, Stack, ingest_client, now_us, query_client, stream_messages,
     wait_until_archived,
 };
 use payledger_projector::replay::fold_partitions;
@@ -21,59 +21,27 @@ use tonic::transport::Channel;
 /// when the test kills its worker, fast enough to keep the test short.
 const PACE: &str = "400";
 
-struct Stack {
-    h: Harness,
-    store: String,
-    ingest: Service,
-    _projector: Service,
-    query: Service,
-    workers: Vec<Service>,
+/// The stack, what ingest accepted and the archive's watermark at its end.
+struct Replays {
+    stack: Stack,
     log: AcceptedLog,
     cutoff: u64,
 }
 
+payledger_e2e::deref_to_stack!(Replays);
+
 /// Ingest (archiving), a stream projector, `workers` replay workers and query, with
 /// a generated history of several days (duplicates, conflicts, late events,
 /// corrections, FX and risk versions) fully archived.
-async fn stack(workers: usize) -> anyhow::Result<Stack> {
-    let mut h = Harness::start()?;
-    let store = h.store();
-    let ingest = h.spawn_archiving_ingest(&store, &[]).await?;
-    let projector_store = format!("{store}-projector");
-    let projector = h
-        .spawn(
-            "payledger-projector",
-            &["--mode", "stream", "--store", &projector_store],
-        )
+async fn stack(workers: usize) -> anyhow::Result<Replays> {
+    let stack = Stack::builder()
+        .archive(Archive::Fs)
+        .projector(&["--mode", "stream"])
+        .workers(workers, &["--replay-max-records-per-sec", PACE])
+        .query(&["--commit-poll-interval", "100ms"])
+        .start()
         .await?;
-    let mut worker_services = Vec::new();
-    for i in 0..workers {
-        let own = format!("{store}-worker-{i}");
-        worker_services.push(
-            h.spawn(
-                "payledger-projector",
-                &[
-                    "--mode",
-                    "replay",
-                    "--store",
-                    &own,
-                    "--archive-store",
-                    &store,
-                    "--replay-max-records-per-sec",
-                    PACE,
-                ],
-            )
-            .await?,
-        );
-    }
-    let query = h
-        .spawn(
-            "payledger-query",
-            &["--store", &store, "--commit-poll-interval", "100ms"],
-        )
-        .await?;
-
-    let mut client = ingest_client(&ingest.url()).await?;
+    let mut client = stack.ingest_client().await?;
     let history = GenConfig {
         seed: 29,
         merchants: 80,
@@ -86,15 +54,10 @@ async fn stack(workers: usize) -> anyhow::Result<Stack> {
     };
     // Pauses spread the log over many cuts, so that shards have several segments.
     let log = publish_history(&mut client, history, 16, Duration::from_millis(150)).await?;
-    let messages = stream_messages(&h.nats.url()).await?;
-    wait_until_archived(&archive(&store)?, messages).await?;
-    Ok(Stack {
-        h,
-        store,
-        ingest,
-        _projector: projector,
-        query,
-        workers: worker_services,
+    let messages = stream_messages(&stack.h.nats.url()).await?;
+    wait_until_archived(&stack.archive()?, messages).await?;
+    Ok(Replays {
+        stack,
         log,
         cutoff: messages,
     })
@@ -107,22 +70,11 @@ fn archive(store: &str) -> anyhow::Result<ArchiveStore> {
     ))
 }
 
-impl Stack {
+impl Replays {
     async fn coordinator(&mut self, extra: &[&str]) -> anyhow::Result<Service> {
-        let urls: Vec<String> = self.workers.iter().map(Service::url).collect();
-        let urls = urls.join(",");
-        let mut args = vec![
-            "--store",
-            self.store.as_str(),
-            "--workers",
-            urls.as_str(),
-            "--shard-stall-timeout",
-            "10s",
-            "--reconcile-wait",
-            "60s",
-        ];
+        let mut args = vec!["--shard-stall-timeout", "10s", "--reconcile-wait", "60s"];
         args.extend_from_slice(extra);
-        self.h.spawn("payledger-replay-coordinator", &args).await
+        self.spawn_coordinator(&args).await
     }
 
     fn first_day(&self) -> Day {
@@ -442,7 +394,7 @@ async fn replays_survive_a_coordinator_restart_and_racing_replays_both_commit() 
 
     // The nightly commit of today leaves earlier days' authoritative rows in place:
     // an earlier day answers from a commit covering it, with the same rows.
-    let mut query = query_client(&s.query.url()).await?;
+    let mut query = query_client(&s.query().url()).await?;
     let earlier = all_days
         .iter()
         .find(|r| r.day < today)

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
-use payledger_e2e::{Harness, Service, binary};
+use payledger_e2e::{Service, Stack, binary};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -212,11 +212,17 @@ async fn listed_services(service: &Service) -> anyhow::Result<BTreeSet<String>> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_answers_health_and_reflection_and_stops_on_sigterm() -> anyhow::Result<()> {
-    let mut h = Harness::start()?;
-    let mut ingest = h.spawn("payledger-ingest", &[]).await?;
-    let store = h.store();
-    let mut projector = h.spawn("payledger-projector", &["--store", &store]).await?;
-    let mut query = h.spawn("payledger-query", &[]).await?;
+    let Stack {
+        mut ingest,
+        projector: Some(mut projector),
+        query: Some(mut query),
+        mut h,
+        store,
+        ..
+    } = Stack::builder().projector(&[]).query(&[]).start().await?
+    else {
+        unreachable!("the stack was built with a projector and query")
+    };
     let mut coordinator = h
         .spawn(
             "payledger-replay-coordinator",

@@ -3,13 +3,15 @@
 //! oracle's fold of the accepted events, field for field — also when the
 //! projector is killed with SIGKILL in the middle of ingest.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use payledger_cli::generate::{GenConfig, Generator};
 use payledger_e2e::{
-    AcceptedLog, Harness, assert_converges, ingest_client, now_us, query_client, stream_messages,
+    AcceptedLog, Stack, assert_converges, ingest_client, now_us, query_client, stream_messages,
 };
-use payledger_semantics::Settings;
+use payledger_proto::v1;
+use payledger_semantics::{Settings, partition_of};
 
 const EVENTS: usize = 50_000;
 const BATCH: usize = 500;
@@ -27,35 +29,22 @@ fn generator() -> Generator {
     })
 }
 
-/// Ingest without heartbeats, so that the log holds exactly the accepted events.
-const INGEST_ARGS: [&str; 2] = ["--heartbeat-interval", "0s"];
-
-fn projector_args(store: &str) -> Vec<String> {
-    [
-        "--store",
-        store,
-        "--checkpoint-interval",
-        "200ms",
-        "--checkpoint-every",
-        "2000",
-    ]
-    .map(String::from)
-    .to_vec()
-}
+/// Checkpoints often, so that a restarted projector resumes from one.
+const PROJECTOR_ARGS: [&str; 4] = [
+    "--checkpoint-interval",
+    "200ms",
+    "--checkpoint-every",
+    "2000",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_thousand_events_served_rows_equal_the_oracle() -> anyhow::Result<()> {
-    let mut h = Harness::start()?;
-    let ingest = h.spawn("payledger-ingest", &INGEST_ARGS).await?;
-    let store = h.store();
-    let args = projector_args(&store);
-    let _projector = h
-        .spawn(
-            "payledger-projector",
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
+    let stack = Stack::builder()
+        .projector(&PROJECTOR_ARGS)
+        .query(&[])
+        .start()
         .await?;
-    let query = h.spawn("payledger-query", &[]).await?;
+    let (h, ingest, query) = (&stack.h, &stack.ingest, stack.query());
 
     let mut traffic = generator();
     let mut client = ingest_client(&ingest.url()).await?;
@@ -109,19 +98,16 @@ fn field(line: &str, key: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projector_killed_three_times_mid_ingest_loses_and_doubles_nothing() -> anyhow::Result<()> {
-    let mut h = Harness::start()?;
-    let ingest = h.spawn("payledger-ingest", &INGEST_ARGS).await?;
-    let store = h.store();
     // The container restarts inside its pod: the same pod name, so the new process
     // takes the partition leases of its killed predecessor back at once.
-    let mut args = projector_args(&store);
-    args.extend(["--pod-name", "payledger-projector-0", "--replicas", "1"].map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut projector = h.spawn("payledger-projector", &args).await?;
-    let query = h.spawn("payledger-query", &[]).await?;
+    let mut args = PROJECTOR_ARGS.to_vec();
+    args.extend(["--pod-name", "payledger-projector-0", "--replicas", "1"]);
+    let mut stack = Stack::builder().projector(&args).query(&[]).start().await?;
+    let mut projector = stack.projector.take().expect("a projector");
+    let query = stack.query.take().expect("query");
 
     let mut traffic = generator();
-    let mut client = ingest_client(&ingest.url()).await?;
+    let mut client = stack.ingest_client().await?;
     let mut log = AcceptedLog::default();
     let batches = EVENTS / BATCH;
     let kill_at = [batches / 5, batches / 2, batches * 4 / 5];
@@ -131,7 +117,7 @@ async fn projector_killed_three_times_mid_ingest_loses_and_doubles_nothing() -> 
             // Let the projector make some progress and checkpoint before the kill.
             tokio::time::sleep(Duration::from_millis(600)).await;
             projector.kill_hard();
-            projector = h.spawn("payledger-projector", &args).await?;
+            projector = stack.spawn_projector(&[]).await?;
             restarts += 1;
             // Wait for the restarted projector to report where it resumed.
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -171,15 +157,75 @@ async fn projector_killed_three_times_mid_ingest_loses_and_doubles_nothing() -> 
     assert_converges(&mut query_client, &oracle, Duration::from_secs(120)).await?;
 
     // A clean stop writes a final checkpoint; a restart then re-applies nothing.
+    // One new event per partition: each partition's first applied record after
+    // the restart must be that event (a partition applies its records in log
+    // order, so any record re-applied would come first).
     projector.terminate().await?;
-    let projector = h.spawn("payledger-projector", &args).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !projector.log().contains("resumed partition"),
-        "nothing left to apply:\n{}",
+    let projector = stack.spawn_projector(&[]).await?;
+    let partitions = Settings::default().partitions;
+    let fresh = one_event_per_partition(partitions);
+    let before = log.records.len();
+    log.publish(&mut client, fresh).await?;
+    assert_eq!(log.records.len(), before + partitions as usize);
+    let new_seqs: BTreeSet<u64> = log
+        .records
+        .keys()
+        .rev()
+        .take(partitions as usize)
+        .copied()
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let first_applied = loop {
+        let first_applied: BTreeSet<u64> = projector
+            .log()
+            .lines()
+            .filter(|l| l.contains("resumed partition"))
+            .filter_map(|l| field(l, "first_applied_seq"))
+            .collect();
+        if first_applied.len() >= partitions as usize {
+            break first_applied;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "not every partition applied its new event within 30 s:\n{}",
+            projector.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        first_applied,
+        new_seqs,
+        "after a clean restart each partition's first applied record is the new one:\n{}",
         projector.log()
     );
+    let oracle = log.fold(Settings::default())?;
     assert_converges(&mut query_client, &oracle, Duration::from_secs(10)).await
+}
+
+/// One captured event for each of `partitions` partitions.
+fn one_event_per_partition(partitions: u32) -> Vec<v1::Event> {
+    let mut by_partition = BTreeMap::new();
+    for i in 0.. {
+        let merchant_id = format!("m-after-restart-{i}");
+        by_partition
+            .entry(partition_of(&merchant_id, partitions))
+            .or_insert(merchant_id);
+        if by_partition.len() == partitions as usize {
+            break;
+        }
+    }
+    by_partition
+        .into_values()
+        .map(|merchant_id| v1::Event {
+            event_id: format!("ev-{merchant_id}"),
+            merchant_id,
+            kind: v1::EventKind::PaymentCaptured as i32,
+            amount_minor: 100,
+            currency: "EUR".into(),
+            event_time_us: now_us() - 1_000_000,
+            corrects_event_id: String::new(),
+        })
+        .collect()
 }
 
 /// Watches every update of the two row buckets and records any that carries a
@@ -280,28 +326,23 @@ async fn publish_until_leased_by(
 async fn two_projectors_in_a_stalled_rolling_update_never_move_a_row_backwards()
 -> anyhow::Result<()> {
     const TTL: Duration = Duration::from_secs(2);
-    let mut h = Harness::start()?;
-    let ingest = h.spawn("payledger-ingest", &INGEST_ARGS).await?;
-    let store = h.store();
-    let mut args = projector_args(&store);
-    args.extend([
-        "--partition-lease-ttl".to_string(),
-        format!("{}s", TTL.as_secs()),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let old = h.spawn("payledger-projector", &args).await?;
-    let query = h.spawn("payledger-query", &[]).await?;
+    let ttl = format!("{}s", TTL.as_secs());
+    let mut args = PROJECTOR_ARGS.to_vec();
+    args.extend(["--partition-lease-ttl", &ttl]);
+    let mut stack = Stack::builder().projector(&args).query(&[]).start().await?;
+    let old = stack.projector.take().expect("a projector");
+    let query = stack.query.take().expect("query");
+    let nats_url = stack.h.nats.url();
     let backwards = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let watcher = tokio::spawn(watch_for_rows_moving_backwards(
-        h.nats.url(),
+        nats_url.clone(),
         backwards.clone(),
         seen.clone(),
     ));
 
-    let nats_url = h.nats.url();
     let mut traffic = generator();
-    let mut client = ingest_client(&ingest.url()).await?;
+    let mut client = stack.ingest_client().await?;
     let mut log = AcceptedLog::default();
     let mut publish = async || -> anyhow::Result<()> {
         log.publish(&mut client, traffic.batch(BATCH, now_us()))
@@ -311,7 +352,7 @@ async fn two_projectors_in_a_stalled_rolling_update_never_move_a_row_backwards()
     for _ in 0..10 {
         publish().await?;
     }
-    let mut new = h.spawn("payledger-projector", &args).await?;
+    let mut new = stack.spawn_projector(&[]).await?;
     for _ in 0..10 {
         publish().await?;
     }

@@ -432,14 +432,30 @@ async fn a_replay_is_one_trace_with_a_span_per_shard() -> anyhow::Result<()> {
 async fn spans_buffered_at_sigterm_are_exported_before_exit() -> anyhow::Result<()> {
     let receiver = Receiver::default();
     // Ten minutes between exports: only the shutdown can send these spans.
-    let env = otel_env(&receiver.start().await?, 600_000);
+    let endpoint = receiver.start().await?;
+    let env = otel_env(&endpoint, 600_000);
     let mut h = Harness::start()?;
     let mut ingest = h
         .spawn_with_env(INGEST, &["--heartbeat-interval", "0s"], &env)
         .await?;
     let (trace_id, _, traceparent) = client_context(5);
     publish_traced(&ingest, event("e-flushed-1", "m-flushed"), &traceparent).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Evidence that spans ended by now have had time to arrive: a second ingest,
+    // exporting every 50 ms, gets the spans of a later call to the receiver.
+    let eager = h
+        .spawn_with_env(
+            INGEST,
+            &["--heartbeat-interval", "0s"],
+            &otel_env(&endpoint, 50),
+        )
+        .await?;
+    let (eager_trace, _, eager_parent) = client_context(6);
+    publish_traced(&eager, event("e-flushed-2", "m-flushed"), &eager_parent).await?;
+    receiver
+        .wait_for(&eager_trace, Duration::from_secs(10), |spans| {
+            has(spans, INGEST, "payledger.v1.IngestService/Publish")
+        })
+        .await?;
     assert!(
         receiver.of_trace(&trace_id).is_empty(),
         "exported before the shutdown"

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use payledger_cli::generate::{GenConfig, Generator};
 use payledger_e2e::{
-    Harness, assert_converges, ingest_client, now_us, query_client, stream_messages,
+    Archive, Stack, assert_converges, ingest_client, now_us, query_client, stream_messages,
     wait_until_archived,
 };
 use payledger_projector::replay::{
@@ -23,24 +23,22 @@ use payledger_storage::{ArchiveStore, SnapshotStore, open_store};
 #[tokio::test]
 async fn a_first_release_stack_keeps_working_and_converges() -> anyhow::Result<()> {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v1-stack");
-    let mut h = Harness::start_from(&fixture)?;
-    let store = h.store();
-    let before = stream_messages(&h.nats.url()).await?;
-    assert_eq!(before, 2988, "the fixture's log");
-
     // The first release's retention: the fixture's records were written on a fixed
     // day, and a shorter max_age would delete them once that day is far enough
     // behind, while this test reads the whole log.
-    let mut ingest = h
-        .spawn_archiving_ingest(&store, &["--stream-max-age", "36d"])
+    let mut stack = Stack::builder()
+        .fixture(fixture)
+        .archive(Archive::Fs)
+        .ingest(&["--stream-max-age", "36d"])
+        .projector(&[])
+        .query(&["--commit-poll-interval", "100ms"])
+        .start()
         .await?;
-    let projector = h.spawn("payledger-projector", &["--store", &store]).await?;
-    let query = h
-        .spawn(
-            "payledger-query",
-            &["--store", &store, "--commit-poll-interval", "100ms"],
-        )
-        .await?;
+    let projector = stack.projector.take().expect("a projector");
+    let query = stack.query.take().expect("query");
+    let (h, store, ingest) = (&stack.h, stack.store.clone(), &mut stack.ingest);
+    let before = stream_messages(&h.nats.url()).await?;
+    assert_eq!(before, 2988, "the fixture's log");
 
     // The first release's commit still answers for its day, from its snapshot.
     let snapshots = SnapshotStore::new(open_store(&store)?);

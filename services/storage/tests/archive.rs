@@ -1,12 +1,12 @@
-//! The archive against a real object store (the local filesystem backend).
+//! The archive's checks that need no second backend: tiling, and segments of
+//! another stream or of the first releases (the round trips, rewrites and listings
+//! are in the conformance suite, e2e/tests/storage.rs, on every backend).
 
 use payledger_semantics::{
-    Currency, Day, EventKind, Fact, FxRecord, Rate, Record, RecordBody, RecordedStream, RiskRecord,
-    StreamSettings,
+    Currency, EventKind, Fact, Record, RecordBody, RecordedStream, StreamSettings,
 };
 use payledger_storage::{
-    ArchiveStore, ArchivedDim, CutRange, DimRecord, StorageError, TilingError, open_store,
-    verify_tiling,
+    ArchiveStore, CutRange, StorageError, TilingError, open_store, verify_tiling,
 };
 
 fn store() -> (tempfile::TempDir, ArchiveStore) {
@@ -36,91 +36,6 @@ fn fact(seq: u64, id: &str, amount: i64, corrects: Option<&str>) -> Record {
             corrects_event_id: corrects.map(str::to_string),
         }),
     }
-}
-
-#[tokio::test]
-async fn event_segments_round_trip_with_heartbeats_and_corrections() {
-    let (_dir, archive) = store();
-    let cut = CutRange { first: 1, last: 10 };
-    let records = vec![
-        fact(2, "a", 100, None),
-        Record {
-            seq: 5,
-            ingest_time_us: 1_700_000_000_000_005,
-            body: RecordBody::Heartbeat,
-        },
-        fact(9, "b", -40, Some("a")),
-    ];
-    let info = archive.put_events(3, cut, &records).await.unwrap();
-    assert_eq!(info.rows, 3);
-    assert_eq!(
-        info.path,
-        "archive/events/p3/00000000000000000001-00000000000000000010.parquet"
-    );
-    assert_eq!(archive.read_events(3, cut).await.unwrap(), records);
-    assert_eq!(archive.event_segments(3).await.unwrap(), vec![cut]);
-    assert!(archive.event_segments(4).await.unwrap().is_empty());
-}
-
-#[tokio::test]
-async fn dimension_segments_round_trip() {
-    let (_dir, archive) = store();
-    let cut = CutRange {
-        first: 11,
-        last: 20,
-    };
-    let records = vec![
-        ArchivedDim {
-            seq: 12,
-            ingest_time_us: 7,
-            record: DimRecord::Fx(FxRecord {
-                currency: Currency::parse("JPY").unwrap(),
-                rate: Rate::parse("0.006712").unwrap(),
-                effective_day: Day(19_700),
-                version: 2,
-            }),
-        },
-        ArchivedDim {
-            seq: 15,
-            ingest_time_us: 8,
-            record: DimRecord::Risk(RiskRecord {
-                merchant_id: "m:1".into(),
-                tier: "high".into(),
-                reserve_bps: 2500,
-                effective_day: Day(19_701),
-                version: 1,
-            }),
-        },
-    ];
-    archive.put_dims(cut, &records).await.unwrap();
-    assert_eq!(archive.read_dims(cut).await.unwrap(), records);
-    assert_eq!(archive.dim_segments().await.unwrap(), vec![cut]);
-}
-
-#[tokio::test]
-async fn rewriting_a_segment_is_idempotent_and_a_different_rewrite_is_refused() {
-    let (_dir, archive) = store();
-    let cut = CutRange { first: 1, last: 4 };
-    let records = vec![fact(1, "a", 100, None), fact(4, "b", 5, None)];
-    let first = archive.put_events(0, cut, &records).await.unwrap();
-    assert_eq!(archive.put_events(0, cut, &records).await.unwrap(), first);
-    let other = vec![fact(1, "a", 101, None), fact(4, "b", 5, None)];
-    match archive.put_events(0, cut, &other).await {
-        Err(StorageError::Corrupt { message, .. }) => {
-            assert!(message.contains("already holds 2 rows"), "{message}")
-        }
-        other => panic!("expected a refused rewrite, got {other:?}"),
-    }
-    assert_eq!(archive.read_events(0, cut).await.unwrap(), records);
-}
-
-#[tokio::test]
-async fn watermarks_list_in_order_and_repeat_harmlessly() {
-    let (_dir, archive) = store();
-    for w in [40, 7, 1000, 40] {
-        archive.put_watermark(w).await.unwrap();
-    }
-    assert_eq!(archive.watermarks().await.unwrap(), vec![7, 40, 1000]);
 }
 
 #[test]
