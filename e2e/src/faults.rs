@@ -357,9 +357,48 @@ pub struct ClientReport {
     /// The longest stretch without an acknowledged batch: how long the fault
     /// kept the client from writing.
     pub longest_outage: Duration,
+    /// How long each acknowledged call took.
+    pub latencies: Vec<Duration>,
+    /// The first message of each code other than OK.
+    pub messages: BTreeMap<String, String>,
 }
 
 impl ClientReport {
+    /// Several clients' reports as one.
+    pub fn merge(reports: Vec<ClientReport>) -> anyhow::Result<ClientReport> {
+        let mut all = ClientReport::default();
+        for r in reports {
+            for (id, seq) in r.acked.sequences {
+                anyhow::ensure!(
+                    all.acked.sequences.insert(id.clone(), seq).is_none(),
+                    "event {id} acknowledged to two clients"
+                );
+            }
+            for (code, n) in r.codes {
+                *all.codes.entry(code).or_default() += n;
+            }
+            for (code, message) in r.messages {
+                all.messages.entry(code).or_insert(message);
+            }
+            all.calls += r.calls;
+            all.retries += r.retries;
+            all.longest_call = all.longest_call.max(r.longest_call);
+            all.longest_outage = all.longest_outage.max(r.longest_outage);
+            all.latencies.extend(r.latencies);
+        }
+        Ok(all)
+    }
+
+    /// The `q` quantile of acknowledged calls' latency.
+    pub fn latency_quantile(&self, q: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        match sorted.len() {
+            0 => Duration::ZERO,
+            n => sorted[((n - 1) as f64 * q).round() as usize],
+        }
+    }
+
     pub fn codes_line(&self) -> String {
         self.codes
             .iter()
@@ -486,12 +525,17 @@ impl PacedClient {
                             }
                         }
                         r.longest_outage = r.longest_outage.max(last_ack.elapsed());
+                        r.latencies.push(call.elapsed());
                         last_ack = Instant::now();
                         break;
                     }
                     Err(status) => {
                         eprintln!("batch {batch}: {:?} {}", status.code(), status.message());
-                        *r.codes.entry(format!("{:?}", status.code())).or_default() += 1;
+                        let code = format!("{:?}", status.code());
+                        r.messages
+                            .entry(code.clone())
+                            .or_insert_with(|| status.message().to_string());
+                        *r.codes.entry(code).or_default() += 1;
                         let retryable = matches!(
                             status.code(),
                             tonic::Code::Unavailable

@@ -43,12 +43,17 @@ pub struct IngestConfig {
     /// Largest gRPC request accepted, in bytes.
     #[arg(long, env = "PAYLEDGER_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_bytes: usize,
-    /// Publish calls handled at once; more wait up to --admission-timeout, then get RESOURCE_EXHAUSTED.
-    /// JetStream allows 50 atomic batches in flight per stream.
+    /// Publish calls handled at once. JetStream allows 50 atomic batches in
+    /// flight per stream.
     #[arg(long, env = "PAYLEDGER_MAX_CONCURRENT_BATCHES", default_value_t = 32)]
     pub max_concurrent_batches: usize,
-    /// How long a call may wait for a publishing slot before it is shed.
-    #[arg(long, env = "PAYLEDGER_ADMISSION_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    /// Calls that may wait for a slot while --max-concurrent-batches are in
+    /// flight; one more is refused at once with RESOURCE_EXHAUSTED, so that an
+    /// overload is shed before it becomes latency for everyone.
+    #[arg(long, env = "PAYLEDGER_MAX_QUEUED_BATCHES", default_value_t = 16)]
+    pub max_queued_batches: usize,
+    /// How long a queued call may wait for a slot before it is shed.
+    #[arg(long, env = "PAYLEDGER_ADMISSION_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
     pub admission_timeout: Duration,
     /// How long to wait for JetStream's acknowledgement of a batch.
     #[arg(long, env = "PAYLEDGER_ACK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -103,7 +108,8 @@ impl IngestConfig {
             max_batch_events: 1000,
             max_request_bytes: 4 * 1024 * 1024,
             max_concurrent_batches: 32,
-            admission_timeout: Duration::from_secs(2),
+            max_queued_batches: 16,
+            admission_timeout: Duration::from_millis(250),
             ack_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(60),
             stream_replicas: 1,

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use payledger_proto::v1::ingest_service_server::{IngestService, IngestServiceServer};
@@ -26,6 +27,9 @@ pub(crate) struct IngestApi {
     clock: Arc<dyn Clock>,
     admission: Arc<Semaphore>,
     admission_timeout: Duration,
+    limits: AdmissionLimits,
+    /// Calls waiting for a slot now.
+    queued: Arc<AtomicUsize>,
     max_batch_events: usize,
     metrics: Arc<crate::metrics::IngestMetrics>,
 }
@@ -43,6 +47,11 @@ impl IngestApi {
             clock,
             admission: Arc::new(Semaphore::new(config.max_concurrent_batches)),
             admission_timeout: config.admission_timeout,
+            limits: AdmissionLimits {
+                in_flight: config.max_concurrent_batches,
+                queued: config.max_queued_batches,
+            },
+            queued: Arc::new(AtomicUsize::new(0)),
             max_batch_events: config.max_batch_events,
         }
     }
@@ -52,20 +61,71 @@ impl IngestApi {
         Routes::new(RequestErrors::new(service, Some("--max-request-bytes")))
     }
 
-    /// Sheds load instead of queueing without bound.
+    /// Sheds load instead of queueing without bound: a call gets a slot, or
+    /// waits for one among at most `--max-queued-batches` others for at most
+    /// `--admission-timeout`, or is refused at once.
     async fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
-        tokio::time::timeout(
+        match self.admission.clone().try_acquire_owned() {
+            Ok(permit) => return Ok(permit),
+            Err(tokio::sync::TryAcquireError::Closed) => {
+                return Err(Status::unavailable("ingest is shutting down"));
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => {}
+        }
+        let queue = QueueSlot::take(&self.queued, self.limits.queued)
+            .ok_or_else(|| self.limits.refusal("none may wait"))?;
+        let waited = tokio::time::timeout(
             self.admission_timeout,
             self.admission.clone().acquire_owned(),
         )
-        .await
-        .map_err(|_| {
-            Status::resource_exhausted(format!(
-                "ingest is at its limit of {} concurrent publish calls; retry with backoff",
-                self.admission.available_permits().max(1)
-            ))
-        })?
-        .map_err(|_| Status::unavailable("ingest is shutting down"))
+        .await;
+        drop(queue);
+        match waited {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(Status::unavailable("ingest is shutting down")),
+            Err(_) => Err(self.limits.refusal(&format!(
+                "none freed within --admission-timeout {}",
+                payledger_server_common::config::format_duration(self.admission_timeout)
+            ))),
+        }
+    }
+}
+
+/// The limits a Publish call is admitted under, named in its refusal.
+#[derive(Clone, Copy, Debug)]
+struct AdmissionLimits {
+    in_flight: usize,
+    queued: usize,
+}
+
+impl AdmissionLimits {
+    fn refusal(&self, why: &str) -> Status {
+        Status::resource_exhausted(format!(
+            "ingest is at its limit: {} publish calls in flight (--max-concurrent-batches) and \
+             {} waiting (--max-queued-batches), {why}; nothing of this call was written, \
+             retry with backoff",
+            self.in_flight, self.queued
+        ))
+    }
+}
+
+/// One of the queue's places, given back when dropped.
+struct QueueSlot<'a>(&'a AtomicUsize);
+
+impl<'a> QueueSlot<'a> {
+    fn take(queued: &'a AtomicUsize, limit: usize) -> Option<QueueSlot<'a>> {
+        queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| QueueSlot(queued))
+    }
+}
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
