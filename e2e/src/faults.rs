@@ -23,13 +23,92 @@ const MINUTE_US: i64 = 60_000_000;
 /// Where the stack's NATS runs.
 pub enum Nats {
     Single,
+    /// One nats-server whose JetStream store is a tmpfs of this many MiB, so
+    /// that a test can fill it.
+    SingleOnTmpfs {
+        mebibytes: u32,
+    },
     Cluster(Network),
+}
+
+/// A tmpfs mounted on a temporary directory (needs root), unmounted and removed
+/// when dropped, after the processes that used it.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(mebibytes: u32) -> anyhow::Result<Tmpfs> {
+        let dir = tempfile::tempdir()?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mebibytes}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .map_err(|e| anyhow::anyhow!("running mount: {e}"))?;
+        anyhow::ensure!(status.success(), "mount -t tmpfs failed (it needs root)");
+        Ok(Tmpfs { dir })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Writes a file of zeros until the tmpfs has no room left.
+    pub fn fill(&self) -> anyhow::Result<PathBuf> {
+        use std::io::Write;
+        let path = self.dir.path().join("filler");
+        let mut file = std::fs::File::create(&path)?;
+        let block = vec![0u8; 64 * 1024];
+        loop {
+            match file.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Whatever the page cache still holds must hit the tmpfs too.
+        let _ = file.sync_all();
+        Ok(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The health status `service` of the gRPC server at `url` reports, None when
+/// it does not answer.
+pub async fn health_of(url: &str, service: &str) -> Option<i32> {
+    let channel = tonic::transport::Channel::from_shared(url.to_string())
+        .ok()?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .ok()?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(2),
+        health.check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_string(),
+        }),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(answer.into_inner().status)
 }
 
 /// Ingest (archiving to the local store), a stream projector, query, and on
 /// demand a replay worker and coordinator, on one nats-server or a cluster.
 pub struct FaultStack {
     pub h: Harness,
+    /// The store of a [`Nats::SingleOnTmpfs`] server; dropped after `h`'s processes.
     pub cluster: Option<NatsCluster>,
     pub store: String,
     pub ingest: Service,
@@ -37,6 +116,7 @@ pub struct FaultStack {
     pub query: Service,
     /// Extra flags every service got (replicas in a cluster).
     replicas: Vec<&'static str>,
+    pub tmpfs: Option<Tmpfs>,
 }
 
 impl FaultStack {
@@ -47,8 +127,16 @@ impl FaultStack {
     /// [`FaultStack::start`] with `ingest_extra` flags for ingest.
     pub async fn start_with(nats: Nats, ingest_extra: &[&str]) -> anyhow::Result<FaultStack> {
         let mut h = Harness::start()?;
+        let mut tmpfs = None;
         let cluster = match nats {
             Nats::Single => None,
+            Nats::SingleOnTmpfs { mebibytes } => {
+                let disk = Tmpfs::mount(mebibytes)?;
+                h.nats.stop();
+                h.nats = payledger_server_common::local_nats::LocalNats::start(disk.path())?;
+                tmpfs = Some(disk);
+                None
+            }
             Nats::Cluster(network) => {
                 let cluster = NatsCluster::start(&h.dir.path().join("cluster"), 3, network)?;
                 cluster.wait_healthy(Duration::from_secs(60)).await?;
@@ -103,6 +191,7 @@ impl FaultStack {
             projector,
             query,
             replicas,
+            tmpfs,
         })
     }
 
@@ -424,13 +513,45 @@ pub struct PacedClient {
     pub give_up_after: Duration,
 }
 
-/// The client's progress, readable while it runs.
+/// The client's progress, readable while it runs: batches acknowledged, and
+/// when the last one was.
 #[derive(Clone, Default)]
-pub struct Progress(Arc<AtomicUsize>);
+pub struct Progress {
+    acked: Arc<AtomicUsize>,
+    last_ack: Arc<std::sync::Mutex<Option<Instant>>>,
+}
 
 impl Progress {
     pub fn batches_acked(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    fn acked_one(&self) {
+        *self.last_ack.lock().expect("progress lock") = Some(Instant::now());
+        self.acked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Waits for a batch acknowledged after `since`; returns how long after
+    /// `since` it was. A client that has finished counts as recovered when its
+    /// last batch was.
+    pub async fn first_ack_after(
+        &self,
+        since: Instant,
+        within: Duration,
+    ) -> anyhow::Result<Duration> {
+        loop {
+            if let Some(at) = *self.last_ack.lock().expect("progress lock")
+                && at > since
+            {
+                return Ok(at - since);
+            }
+            anyhow::ensure!(
+                since.elapsed() < within,
+                "no batch acknowledged within {within:?} ({} acknowledged so far)",
+                self.batches_acked()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until `n` batches are acknowledged.
@@ -563,7 +684,7 @@ impl PacedClient {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
-            progress.0.fetch_add(1, Ordering::Relaxed);
+            progress.acked_one();
             tokio::time::sleep(self.pace).await;
         }
         let report = Arc::try_unwrap(report)

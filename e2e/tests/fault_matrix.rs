@@ -42,37 +42,38 @@ async fn recovery(
     progress: &Progress,
     since: Instant,
 ) -> anyhow::Result<Duration> {
-    let before = progress.batches_acked();
-    if let Err(e) = progress
-        .wait_for(before + 1, Duration::from_secs(120))
+    match progress
+        .first_ack_after(since, Duration::from_secs(120))
         .await
     {
-        let log = stack.ingest.log();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        let mut nodes = String::new();
-        if let Some(cluster) = &stack.cluster {
-            for i in 0..cluster.len() {
-                let log = cluster.log(i);
-                // Route redials repeat every second while a node is down.
-                let tail: Vec<&str> = log
-                    .lines()
-                    .rev()
-                    .filter(|l| !l.contains("Error trying to connect to route"))
-                    .take(25)
-                    .collect();
-                nodes += &format!(
-                    "\n{}:\n{}",
-                    cluster.name(i),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
+        Ok(took) => Ok(took),
+        Err(e) => {
+            let log = stack.ingest.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let mut nodes = String::new();
+            if let Some(cluster) = &stack.cluster {
+                for i in 0..cluster.len() {
+                    let log = cluster.log(i);
+                    // Route redials repeat every second while a node is down.
+                    let tail: Vec<&str> = log
+                        .lines()
+                        .rev()
+                        .filter(|l| !l.contains("Error trying to connect to route"))
+                        .take(25)
+                        .collect();
+                    nodes += &format!(
+                        "\n{}:\n{}",
+                        cluster.name(i),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
             }
+            anyhow::bail!(
+                "{e}; ingest's log ends:\n{}{nodes}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
-        anyhow::bail!(
-            "{e}; ingest's log ends:\n{}{nodes}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
     }
-    Ok(since.elapsed())
 }
 
 async fn finish(
@@ -311,4 +312,125 @@ async fn overload_at_twice_the_admitted_calls() -> anyhow::Result<()> {
         recovery: Duration::ZERO,
     }
     .write()
+}
+
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+/// Waits until `service` of the server at `url` reports `status`; the time it took.
+async fn wait_health(
+    url: &str,
+    service: &str,
+    status: i32,
+    within: Duration,
+) -> anyhow::Result<Duration> {
+    let began = Instant::now();
+    loop {
+        let now = payledger_e2e::faults::health_of(url, service).await;
+        if now == Some(status) {
+            return Ok(began.elapsed());
+        }
+        anyhow::ensure!(
+            began.elapsed() < within,
+            "{service} at {url} is {now:?}, not {status}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The JetStream store fills up mid-ingest and is freed: no platform process
+/// exits, liveness stays SERVING, readiness turns NOT_SERVING and back, and
+/// nothing acknowledged is lost. If nats-server stays unable to write once space
+/// is free, the metric says so and a restart of nats-server (the runbook's step)
+/// brings the services back by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_and_freed() -> anyhow::Result<()> {
+    let metrics = format!(
+        "127.0.0.1:{}",
+        payledger_server_common::local_nats::free_port()?
+    );
+    let mut stack = FaultStack::start_with(
+        Nats::SingleOnTmpfs { mebibytes: 96 },
+        &["--metrics-listen", &metrics],
+    )
+    .await?;
+    let (progress, client) = client_running(&stack, "disk").await?;
+    let filler = stack.tmpfs.as_ref().expect("a tmpfs").fill()?;
+    let filled = Instant::now();
+    let readiness: [(&str, String); 2] = [
+        ("payledger.v1.IngestService", stack.ingest.url()),
+        ("payledger.v1.ProjectorService", stack.projector.url()),
+    ];
+    let mut not_ready_after = Duration::ZERO;
+    for (service, url) in &readiness {
+        let took = wait_health(url, service, NOT_SERVING, Duration::from_secs(30)).await?;
+        not_ready_after = not_ready_after.max(took);
+    }
+    let not_ready_after = not_ready_after.max(filled.elapsed().min(not_ready_after));
+    // Full for a while: liveness stays up, nothing exits.
+    let full_until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < full_until {
+        for (_, url) in &readiness {
+            anyhow::ensure!(
+                payledger_e2e::faults::health_of(url, "").await == Some(SERVING),
+                "liveness of {url} went down while the disk was full"
+            );
+        }
+        stack.ensure_running()?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    std::fs::remove_file(&filler)?;
+    let freed = Instant::now();
+    let by_itself = wait_health(
+        &stack.ingest.url(),
+        readiness[0].0,
+        SERVING,
+        Duration::from_secs(30),
+    )
+    .await;
+    let outcome = match by_itself {
+        Ok(took) => format!(
+            "writes resumed by themselves {:.1} s after space was freed",
+            took.as_secs_f64()
+        ),
+        Err(_) => {
+            let text = payledger_e2e::scrape_metrics(&metrics).await?;
+            anyhow::ensure!(
+                payledger_e2e::metric_value(
+                    &text,
+                    "payledger_readiness_failing{condition=\"jetstream_write\"}"
+                ) == Some(1.0),
+                "nats-server cannot write, and the metric does not say so:\n{text}"
+            );
+            // The runbook: restart that nats-server.
+            let port = stack.h.nats.port();
+            let dir = stack.tmpfs.as_ref().expect("a tmpfs").path().to_path_buf();
+            stack.h.nats.stop();
+            stack.h.nats = payledger_server_common::local_nats::LocalNats::start_on(&dir, port)?;
+            let restarted = Instant::now();
+            for (service, url) in &readiness {
+                wait_health(url, service, SERVING, Duration::from_secs(60)).await?;
+            }
+            format!(
+                "nats-server kept refusing writes after space was freed (metric and alert fired); \
+                 after its restart the services were ready again in {:.1} s",
+                restarted.elapsed().as_secs_f64()
+            )
+        }
+    };
+    let recovered = recovery(&stack, &progress, freed).await?;
+    stack.ensure_running()?;
+    eprintln!("readiness NOT_SERVING {not_ready_after:?} after the disk filled; {outcome}");
+    finish(
+        stack,
+        client,
+        "JetStream store full, then freed",
+        "1 node, store on a 96 MiB tmpfs",
+        &format!(
+            "filled ≥ 8 s; readiness NOT_SERVING after {:.1} s, liveness up; {outcome}",
+            not_ready_after.as_secs_f64()
+        ),
+        recovered,
+    )
+    .await
 }

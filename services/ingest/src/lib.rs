@@ -178,6 +178,8 @@ pub async fn run(
         }
     }
 
+    let probe_client = client.clone();
+    let (stop_probe, stop_probe_rx) = tokio::sync::watch::channel(false);
     let publisher = Arc::new(publisher::Publisher::new(
         client,
         js.clone(),
@@ -187,6 +189,8 @@ pub async fn run(
     let local: SocketAddr = listener.local_addr()?;
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::IngestMetrics::register(&mut registry);
+    let readiness = payledger_server_common::readiness::Readiness::new();
+    readiness.register(&mut registry);
     // Heartbeats stop first, so that the archiver's last cut holds everything
     // this process appended.
     let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
@@ -258,6 +262,15 @@ pub async fn run(
         .metrics
         .serve(registry, std::future::pending())
         .await?;
+    let probe = readiness.spawn_probe(
+        probe_client,
+        Some(payledger_server_common::readiness::ProbeWriter::new(
+            "ingest",
+            config.stream_replicas,
+        )),
+        &config.server.readiness,
+        stop_probe_rx,
+    );
     let service = service::IngestApi::new(publisher, clock, &config, metrics);
     let result = serve_grpc(
         Some(service.into_routes(config.max_request_bytes)),
@@ -268,11 +281,13 @@ pub async fn run(
             concurrency_per_connection: 256,
             tokens: config.server.access.tokens()?,
             tls: config.server.tls.clone(),
-            serving_while: Vec::new(),
+            serving_while: vec![("payledger.v1.IngestService", readiness.watch())],
         },
         shutdown,
     )
     .await;
+    let _ = stop_probe.send(true);
+    let _ = probe.await;
     let _ = stop_background.send(true);
     if let Some(task) = heartbeat {
         let _ = task.await;

@@ -219,6 +219,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::ProjectorMetrics::register(&mut registry);
+    let readiness = payledger_server_common::readiness::Readiness::new();
+    readiness.register(&mut registry);
     let metrics_server = config
         .server
         .metrics
@@ -325,6 +327,16 @@ pub async fn run(
         (None, &[][..])
     };
     tracing::info!(mode = ?config.mode, partitions = ?owned, store = %config.store, version_key = %settings.version_key(), local = %listener.local_addr()?, "projector running");
+    // Rows, leases and progress are JetStream writes: the probe writes too.
+    let probe = readiness.spawn_probe(
+        client.clone(),
+        Some(payledger_server_common::readiness::ProbeWriter::new(
+            "projector",
+            config.kv_replicas,
+        )),
+        &config.server.readiness,
+        stop.subscribe(),
+    );
     let served = serve_grpc(
         routes,
         served_names,
@@ -334,12 +346,14 @@ pub async fn run(
             concurrency_per_connection: 64,
             tokens: config.server.access.tokens()?,
             tls: config.server.tls.clone(),
-            serving_while: Vec::new(),
+            // The readiness probe's name in every mode (docs/operations.md).
+            serving_while: vec![("payledger.v1.ProjectorService", readiness.watch())],
         },
         shutdown,
     )
     .await;
     let _ = stop.send(true);
+    let _ = probe.await;
     for task in tasks {
         let _ = task.await;
     }

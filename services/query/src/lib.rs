@@ -127,13 +127,15 @@ pub async fn run_with_counters(
 ) -> anyhow::Result<()> {
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::QueryMetrics::register(&mut registry, counters.clone());
+    let readiness = payledger_server_common::readiness::Readiness::new();
+    readiness.register(&mut registry);
     let metrics_server = config
         .server
         .metrics
         .serve(registry, std::future::pending())
         .await?;
     let client = config.server.nats.connect("payledger-query").await?;
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(client.clone());
     let (recorded, settings) = wait_for_settings(&js, config.projection.settings()?).await?;
     ensure_buckets(&js, config.kv_replicas).await?;
     let tables = Arc::new(tables::Tables::default());
@@ -199,12 +201,15 @@ pub async fn run_with_counters(
         metrics,
     };
     tracing::info!(local = %listener.local_addr()?, "query serving");
+    // Query writes nothing to NATS: ready while connected to it.
+    let (stop_probe, probe_stopped) = tokio::sync::watch::channel(false);
+    let probe = readiness.spawn_probe(client, None, &config.server.readiness, probe_stopped);
     let limits = ServerOptions {
         max_request_bytes: 1 << 20,
         concurrency_per_connection: config.max_concurrent_requests,
         tokens: config.server.access.tokens()?,
         tls: config.server.tls.clone(),
-        serving_while: Vec::new(),
+        serving_while: vec![("payledger.v1.QueryService", readiness.watch())],
     };
     // Followers ride out NATS restarts; one that still stops has tables it can no
     // longer keep right, so the service stops with its reason rather than serve them.
@@ -242,6 +247,8 @@ pub async fn run_with_counters(
     // disk directory's lock) once `run` returns: a restart in the same process, as in
     // tests and benchmarks, can open the directory again.
     followers.shutdown().await;
+    let _ = stop_probe.send(true);
+    let _ = probe.await;
     if let Some(auth) = authoritative {
         authoritative::log_cache_stats(&auth.cache_stats());
         auth.close().await;

@@ -341,6 +341,8 @@ pub struct ServerArgs {
     pub tls: crate::tls::TlsArgs,
     #[command(flatten)]
     pub metrics: crate::metrics::MetricsArgs,
+    #[command(flatten)]
+    pub readiness: crate::readiness::ReadinessArgs,
 }
 
 impl ServerArgs {
@@ -350,6 +352,7 @@ impl ServerArgs {
             access: AccessArgs::default(),
             tls: Default::default(),
             metrics: Default::default(),
+            readiness: Default::default(),
         }
     }
 }

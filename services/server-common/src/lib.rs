@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod local_nats;
 pub mod metrics;
+pub mod readiness;
 mod reload;
 pub mod request_errors;
 pub mod serve;
