@@ -594,12 +594,7 @@ pub async fn read_log(nats_url: &str) -> anyhow::Result<Vec<LogEntry>> {
     Ok(entries)
 }
 
-pub fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
+pub use payledger_server_common::clock::now_us;
 
 /// The Prometheus text a service serves on its --metrics-listen address.
 pub async fn scrape_metrics(address: &str) -> anyhow::Result<String> {
