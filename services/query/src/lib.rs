@@ -10,6 +10,7 @@ mod authoritative;
 mod dims;
 mod metrics;
 pub mod part_cache;
+mod routing;
 mod tables;
 
 use std::future::Future;
