@@ -603,7 +603,6 @@ fn encode_token(merchant_id: &str, day: Day) -> String {
 }
 
 fn decode_token(token: &str) -> Result<Option<(String, Day)>, Status> {
-    use base64::Engine;
     if token.is_empty() {
         return Ok(None);
     }
@@ -611,10 +610,7 @@ fn decode_token(token: &str) -> Result<Option<(String, Day)>, Status> {
         Status::invalid_argument("page_token: not a token this service issued; start without one")
     };
     let (m, d) = token.rsplit_once('.').ok_or_else(bad)?;
-    let merchant = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(m)
-        .map_err(|_| bad())?;
-    let merchant = String::from_utf8(merchant).map_err(|_| bad())?;
+    let merchant = payledger_server_common::topology::decode_id(m).map_err(|_| bad())?;
     Ok(Some((merchant, Day::parse(d).map_err(|_| bad())?)))
 }
 
