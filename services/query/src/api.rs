@@ -263,7 +263,10 @@ impl QueryApi {
                         .replay_exposure(auth, merchant_id, day, &commit, snapshot_rows)
                         .await
                         .map(Some),
-                    _ => stream_answer(stream),
+                    (why, _) => {
+                        tracing::debug!(merchant_id, %day, ?why, "auto answers from the stream");
+                        stream_answer(stream)
+                    }
                 }
             }
         }
