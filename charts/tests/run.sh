@@ -8,6 +8,10 @@
 #     promises asserted (check_manifests.py);
 #   - values that break values.schema.json, or the chart's own cross-checks, rejected;
 #   - the in-chart NATS configuration parsed by nats-server itself;
+#   - the Grafana dashboard's ConfigMap, and every panel's PromQL naming only metrics
+#     the services export (check_dashboard.py, exported_metrics.txt);
+#   - every setting the default values give a server pod equal to that binary's own
+#     default, or listed with its reason (check_defaults.py);
 #   - the real binaries started as the rendered pods would start them, on this machine
 #     (pod_env_smoke.py): health, reflection, tokens, partition ownership, the nightly
 #     replay's command;
@@ -110,6 +114,13 @@ for scenario in "${scenarios[@]}"; do
     fi
 done
 
+render_dashboard() {
+    render "$work/dashboard.yaml" --set grafana.dashboard.enabled=true
+}
+if run "render: the Grafana dashboard" render_dashboard; then
+    run "dashboard: panels query exported metrics" \
+        python "$tests/check_dashboard.py" "$work/dashboard.yaml" "$work/default.yaml" "$tests/exported_metrics.txt" || true
+fi
 run "the checks catch planted mistakes" python "$tests/check_manifests.py" --self-test "$work/default.yaml" "${kube_versions[@]}" || true
 run "nats-server accepts the in-chart NATS configuration" nats_config_valid "$work/default.yaml" || true
 run "Kubernetes older than 1.30 is refused" \
@@ -132,6 +143,15 @@ for scenario in default backfill-5-replicas; do
         printf 'skip  the binaries run with the pods'"'"' environment: %s (none in %s; `just test` builds them)\n' "$scenario" "$bin_dir"
     fi
 done
+
+if [ -x "$bin_dir/payledger-ingest" ] && [ -x "$bin_dir/payledger-projector" ] \
+    && [ -x "$bin_dir/payledger-query" ] && [ -x "$bin_dir/payledger-replay-coordinator" ]; then
+    run "the default values set the binaries' own defaults, or say why not" \
+        python "$tests/check_defaults.py" "$work/default.yaml" "$bin_dir" || true
+else
+    skipped=$((skipped + 1))
+    printf 'skip  the default values set the binaries'"'"' own defaults (none in %s; `just test` builds them)\n' "$bin_dir"
+fi
 
 run "hadolint Dockerfile" hadolint Dockerfile || true
 run "image build context" python "$tests/check_image_context.py" . || true

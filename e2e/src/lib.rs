@@ -590,12 +590,7 @@ pub async fn connect_nats(urls: &str) -> anyhow::Result<async_nats::Client> {
     Ok(async_nats::connect(servers).await?)
 }
 
-pub fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
+pub use payledger_server_common::clock::now_us;
 
 /// The Prometheus text a service serves on its --metrics-listen address.
 pub async fn scrape_metrics(address: &str) -> anyhow::Result<String> {

@@ -91,12 +91,7 @@ impl BenchArgs {
     }
 }
 
-pub(crate) fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
+pub(crate) use payledger_server_common::clock::now_us;
 
 fn events(n: usize, seed: u64) -> Vec<v1::Event> {
     let mut generator = Generator::new(GenConfig {

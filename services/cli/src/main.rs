@@ -15,6 +15,7 @@ use payledger_cli::replay;
 use payledger_proto::v1::{
     self, ingest_service_client::IngestServiceClient, query_service_client::QueryServiceClient,
 };
+use payledger_server_common::clock::now_us;
 
 /// PayLedger: merchant exposure from one canonical log of payment facts.
 ///
@@ -303,13 +304,6 @@ impl ConsistencyArg {
 
 async fn channel(url: &str, what: &str) -> anyhow::Result<Conn> {
     payledger_cli::connect::connect(url, what).await
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 fn status_error(e: tonic::Status) -> anyhow::Error {

@@ -1,4 +1,5 @@
-//! Ingest's clock, injectable so that tests can move time across days.
+//! Ingest's clock, injectable so that tests can move time across days; the system
+//! one is the clock every service reads (`payledger_server_common::clock`).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -11,10 +12,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_us(&self) -> i64 {
-        let since = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("the system clock is after 1970");
-        since.as_micros() as i64
+        payledger_server_common::clock::now_us()
     }
 }
 

@@ -23,7 +23,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use payledger_server_common::config::{ServerArgs, StreamArgs, format_duration, parse_duration};
+use payledger_server_common::config::{
+    ServerArgs, StreamArgs, flag_defaults, format_duration, parse_duration,
+};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{STREAM, StreamOptions, ensure_stream, stream_max_age};
 use tokio::net::TcpListener;
@@ -101,26 +103,11 @@ pub struct IngestConfig {
 }
 
 impl IngestConfig {
+    /// The binary's defaults (its flags', see [`flag_defaults`]) with NATS at `nats_url`.
     pub fn new(nats_url: &str) -> Self {
-        Self {
-            server: ServerArgs::new(nats_url),
-            stream: StreamArgs::default(),
-            max_batch_events: 1000,
-            max_request_bytes: 4 * 1024 * 1024,
-            max_concurrent_batches: 32,
-            max_queued_batches: 16,
-            admission_timeout: Duration::from_millis(250),
-            ack_timeout: Duration::from_secs(10),
-            heartbeat_interval: Duration::from_secs(60),
-            stream_replicas: 1,
-            recent_ids_capacity: 1_000_000,
-            archive_store: None,
-            archive_flush_interval: Duration::from_secs(5),
-            archive_cut_records: 200_000,
-            duplicate_window: Duration::from_secs(120),
-            stream_max_age: Duration::from_secs(7 * 86_400),
-            max_message_bytes: 64 * 1024,
-        }
+        let mut config: Self = flag_defaults(&[]);
+        config.server.nats.url = nats_url.to_string();
+        config
     }
 
     fn validate(&self) -> anyhow::Result<()> {

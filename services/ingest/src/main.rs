@@ -32,3 +32,19 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, IngestConfig};
+
+    /// `payledger dev`, the bench and the in-process tests run `IngestConfig::new`:
+    /// it must be what this binary runs with no flags.
+    #[test]
+    fn the_library_config_is_what_the_binary_runs_without_flags() {
+        let cli = Cli::try_parse_from(["payledger-ingest"]).unwrap();
+        let library = IngestConfig::new(&cli.config.server.nats.url);
+        assert_eq!(format!("{library:?}"), format!("{:?}", cli.config));
+    }
+}

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use payledger_proto::v1;
+use payledger_server_common::clock::now_us;
 use payledger_server_common::config::format_duration;
 use payledger_server_common::topology::{STREAM, set_stream_max_age};
 use prost::Message;
@@ -224,13 +225,6 @@ async fn oldest_unarchived_age(
         .map_err(|e| anyhow::anyhow!("sequence {} is not a LogRecord: {e}", message.sequence))?;
     let age_us = now_us().saturating_sub(ingest_time_us).max(0);
     Ok(Some(Duration::from_micros(age_us as u64)))
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use payledger_proto::v1;
 use payledger_semantics::SEMANTICS_VERSION;
-use payledger_server_common::config::{ProjectionArgs, ServerArgs, parse_duration};
+use payledger_server_common::config::{ProjectionArgs, ServerArgs, flag_defaults, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, LEASE_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
@@ -129,27 +129,13 @@ pub struct ProjectorConfig {
 }
 
 impl ProjectorConfig {
+    /// The binary's defaults (its flags', see [`flag_defaults`]) with NATS at
+    /// `nats_url` and checkpoints in `store`.
     pub fn new(nats_url: &str, store: &str) -> Self {
-        Self {
-            server: ServerArgs::new(nats_url),
-            projection: ProjectionArgs::default(),
-            mode: Mode::Both,
-            store: store.to_string(),
-            archive_store: None,
-            max_concurrent_shards: 2,
-            replay_max_records_per_sec: 0,
-            own_partitions: String::new(),
-            pod_name: None,
-            replicas: None,
-            partition_lease_ttl: Duration::from_secs(10),
-            flush_rows: 2000,
-            flush_interval: Duration::from_millis(250),
-            checkpoint_every_records: 100_000,
-            checkpoint_interval: Duration::from_secs(10),
-            checkpoints_kept: 3,
-            kv_replicas: 1,
-            ack_timeout: Duration::from_secs(10),
-        }
+        let mut config: Self = flag_defaults(&[]);
+        config.server.nats.url = nats_url.to_string();
+        config.store = store.to_string();
+        config
     }
 }
 

@@ -31,3 +31,19 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, ProjectorConfig};
+
+    /// `payledger dev`, the bench and the in-process tests run `ProjectorConfig::new`:
+    /// it must be what this binary runs with no flags.
+    #[test]
+    fn the_library_config_is_what_the_binary_runs_without_flags() {
+        let cli = Cli::try_parse_from(["payledger-projector"]).unwrap();
+        let library = ProjectorConfig::new(&cli.config.server.nats.url, &cli.config.store);
+        assert_eq!(format!("{library:?}"), format!("{:?}", cli.config));
+    }
+}

@@ -134,12 +134,7 @@ impl PendingRows {
     }
 }
 
-pub(crate) fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or_default()
-}
+pub(crate) use payledger_server_common::clock::now_us;
 
 struct Projection {
     ctx: PartitionContext,

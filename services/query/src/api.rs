@@ -17,6 +17,7 @@ use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 use crate::authoritative::Authoritative;
+use crate::routing::{AutoSource, CoveringCommit, StreamRow, auto_source};
 use crate::tables::Tables;
 
 pub(crate) struct QueryApi {
@@ -196,9 +197,8 @@ impl QueryApi {
             .collect()
     }
 
-    /// One merchant-day from one source (docs/query-routing.md). AUTO answers from the
-    /// committed snapshot covering the day unless the stream has moved past its
-    /// cutoff there or knows a currency the snapshot lacks.
+    /// One merchant-day from one source (docs/query-routing.md); AUTO as
+    /// [`auto_source`] decides.
     async fn route(
         &self,
         merchant_id: &str,
@@ -234,24 +234,40 @@ impl QueryApi {
                 }
             }
             _ => {
-                if let Some(auth) = &self.authoritative
-                    && let Some(commit) = auth.commit_for(day, None)?
-                {
-                    let rows = auth.rows(&commit, partition, merchant_id, day).await?;
-                    let stream_moved_on = stream
-                        .iter()
-                        .any(|r| r.log_position > commit.draft.log_cutoff);
-                    let stream_only = stream
-                        .iter()
-                        .any(|s| !rows.iter().any(|r| r.currency.as_str() == s.currency));
-                    if !rows.is_empty() && !stream_moved_on && !stream_only {
-                        return self
-                            .replay_exposure(auth, merchant_id, day, &commit, rows)
-                            .await
-                            .map(Some);
+                let covering = match &self.authoritative {
+                    Some(auth) => auth.commit_for(day, None)?.map(|commit| (auth, commit)),
+                    None => None,
+                };
+                let snapshot_rows = match &covering {
+                    Some((auth, commit)) => auth.rows(commit, partition, merchant_id, day).await?,
+                    None => Vec::new(),
+                };
+                let currencies: Vec<&str> =
+                    snapshot_rows.iter().map(|r| r.currency.as_str()).collect();
+                let stream_rows: Vec<StreamRow> = stream
+                    .iter()
+                    .map(|r| StreamRow {
+                        currency: &r.currency,
+                        log_position: r.log_position,
+                    })
+                    .collect();
+                let route = auto_source(
+                    covering.as_ref().map(|(_, commit)| CoveringCommit {
+                        log_cutoff: commit.draft.log_cutoff,
+                        currencies: &currencies,
+                    }),
+                    &stream_rows,
+                );
+                match (route, covering) {
+                    (AutoSource::Snapshot, Some((auth, commit))) => self
+                        .replay_exposure(auth, merchant_id, day, &commit, snapshot_rows)
+                        .await
+                        .map(Some),
+                    (why, _) => {
+                        tracing::debug!(merchant_id, %day, ?why, "auto answers from the stream");
+                        stream_answer(stream)
                     }
                 }
-                stream_answer(stream)
             }
         }
     }
@@ -590,7 +606,6 @@ fn encode_token(merchant_id: &str, day: Day) -> String {
 }
 
 fn decode_token(token: &str) -> Result<Option<(String, Day)>, Status> {
-    use base64::Engine;
     if token.is_empty() {
         return Ok(None);
     }
@@ -598,10 +613,7 @@ fn decode_token(token: &str) -> Result<Option<(String, Day)>, Status> {
         Status::invalid_argument("page_token: not a token this service issued; start without one")
     };
     let (m, d) = token.rsplit_once('.').ok_or_else(bad)?;
-    let merchant = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(m)
-        .map_err(|_| bad())?;
-    let merchant = String::from_utf8(merchant).map_err(|_| bad())?;
+    let merchant = payledger_server_common::topology::decode_id(m).map_err(|_| bad())?;
     Ok(Some((merchant, Day::parse(d).map_err(|_| bad())?)))
 }
 

@@ -10,13 +10,14 @@ mod authoritative;
 mod dims;
 mod metrics;
 pub mod part_cache;
+mod routing;
 mod tables;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use payledger_server_common::config::{ProjectionArgs, ServerArgs};
+use payledger_server_common::config::{ProjectionArgs, ServerArgs, flag_defaults};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET, ensure_buckets, wait_for_settings,
@@ -92,20 +93,11 @@ impl QueryConfig {
         }
     }
 
+    /// The binary's defaults (its flags', see [`flag_defaults`]) with NATS at `nats_url`.
     pub fn new(nats_url: &str) -> Self {
-        Self {
-            server: ServerArgs::new(nats_url),
-            projection: ProjectionArgs::default(),
-            max_watch_merchants: 1000,
-            max_concurrent_requests: 256,
-            store: None,
-            archive_store: None,
-            commit_poll_interval: std::time::Duration::from_secs(2),
-            cache_memory_bytes: 256 << 20,
-            cache_disk_dir: None,
-            cache_disk_bytes: 1 << 30,
-            kv_replicas: 1,
-        }
+        let mut config: Self = flag_defaults(&[]);
+        config.server.nats.url = nats_url.to_string();
+        config
     }
 }
 

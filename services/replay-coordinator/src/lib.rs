@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use payledger_server_common::config::{ProjectionArgs, ServerArgs, parse_duration};
+use payledger_server_common::config::{ProjectionArgs, ServerArgs, flag_defaults, parse_duration};
 use payledger_server_common::serve::{ServerOptions, serve_grpc};
 use payledger_server_common::topology::{
     DAILY_BUCKET, PROGRESS_BUCKET, STREAM, ensure_buckets, wait_for_settings,
@@ -141,30 +141,16 @@ pub struct CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
+    /// The binary's defaults (its flags', see [`flag_defaults`]) with NATS at
+    /// `nats_url`, the archive and tables in `store`, and `workers` as the replay
+    /// workers.
     pub fn new(nats_url: &str, store: &str, workers: Vec<String>) -> Self {
-        Self {
-            server: ServerArgs::new(nats_url),
-            projection: ProjectionArgs::default(),
-            store: store.to_string(),
-            workers,
-            workers_service: None,
-            worker_tls: WorkerTlsArgs::default(),
-            namespace: None,
-            lease_name: None,
-            pod_name: None,
-            lease_duration: Duration::from_secs(15),
-            lease_renew_interval: Duration::from_secs(5),
-            kube_api: None,
-            max_shards_per_worker: 1,
-            partitions_per_shard: 1,
-            shard_attempts: 3,
-            shard_stall_timeout: Duration::from_secs(60),
-            worker_cooldown: Duration::from_secs(10),
-            max_active_replays: 4,
-            reconcile_wait: Duration::from_secs(60),
-            max_differences_stored: 10_000,
-            kv_replicas: 1,
-        }
+        // The flags need workers or a workers Service; the list given replaces them.
+        let mut config: Self = flag_defaults(&["--workers", "http://127.0.0.1:50053"]);
+        config.server.nats.url = nats_url.to_string();
+        config.store = store.to_string();
+        config.workers = workers;
+        config
     }
 }
 

@@ -34,3 +34,28 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, CoordinatorConfig};
+
+    /// `payledger dev`, the bench and the in-process tests run `CoordinatorConfig::new`:
+    /// it must be what this binary runs with only the workers given.
+    #[test]
+    fn the_library_config_is_what_the_binary_runs_with_only_its_workers() {
+        let cli = Cli::try_parse_from([
+            "payledger-replay-coordinator",
+            "--workers",
+            "http://w-0:50053,http://w-1:50053",
+        ])
+        .unwrap();
+        let library = CoordinatorConfig::new(
+            &cli.config.server.nats.url,
+            &cli.config.store,
+            cli.config.workers.clone(),
+        );
+        assert_eq!(format!("{library:?}"), format!("{:?}", cli.config));
+    }
+}

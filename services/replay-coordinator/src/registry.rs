@@ -38,11 +38,7 @@ pub(crate) fn is_terminal(state: i32) -> bool {
     )
 }
 
-pub(crate) fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
-}
+pub(crate) use payledger_server_common::clock::now_us;
 
 impl Registry {
     /// Opens the bucket and loads every replay.

@@ -54,6 +54,24 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     n.checked_mul(1u64 << shift).ok_or_else(|| bad("too large"))
 }
 
+/// What the flags of `A` give when none is set on the command line and no
+/// variable in the environment, given only `required` (flags `A` cannot do
+/// without). Each default is written once, in its flag's attribute: the binaries
+/// run with these values, and so do `payledger dev`, the bench and the tests that
+/// start a service in process, which take the library's config from here.
+///
+/// Panics if a flag's default does not pass its own parser, which the tests of
+/// every service's config catch.
+pub fn flag_defaults<A: clap::Args>(required: &[&str]) -> A {
+    let command = A::augment_args(clap::Command::new("defaults").no_binary_name(true))
+        .mut_args(|arg| arg.env(None::<&str>));
+    let matches = command
+        .try_get_matches_from(required)
+        .unwrap_or_else(|e| panic!("the flags' defaults do not parse: {e}"));
+    A::from_arg_matches(&matches)
+        .unwrap_or_else(|e| panic!("the flags' defaults do not parse: {e}"))
+}
+
 pub fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
@@ -159,19 +177,11 @@ pub struct StreamArgs {
 
 impl Default for StreamArgs {
     fn default() -> Self {
-        Self::from_settings(&StreamSettings::default())
+        flag_defaults(&[])
     }
 }
 
 impl StreamArgs {
-    pub fn from_settings(s: &StreamSettings) -> Self {
-        Self {
-            partitions: s.partitions,
-            dedup_horizon: duration_of(s.dedup_horizon_us),
-            max_clock_skew: duration_of(s.max_clock_skew_us),
-        }
-    }
-
     pub fn settings(&self) -> anyhow::Result<StreamSettings> {
         let settings = StreamSettings {
             partitions: self.partitions,
@@ -198,18 +208,11 @@ pub struct ProjectionArgs {
 
 impl Default for ProjectionArgs {
     fn default() -> Self {
-        Self::from_settings(&ProjectionSettings::default())
+        flag_defaults(&[])
     }
 }
 
 impl ProjectionArgs {
-    pub fn from_settings(s: &ProjectionSettings) -> Self {
-        Self {
-            allowed_lateness: duration_of(s.allowed_lateness_us),
-            bucket_width: duration_of(s.bucket_width_us),
-        }
-    }
-
     pub fn settings(&self) -> anyhow::Result<ProjectionSettings> {
         let settings = ProjectionSettings {
             allowed_lateness_us: micros(self.allowed_lateness),
@@ -218,10 +221,6 @@ impl ProjectionArgs {
         Settings::of(StreamSettings::default(), settings).validate()?;
         Ok(settings)
     }
-}
-
-fn duration_of(us: i64) -> Duration {
-    Duration::from_micros(us as u64)
 }
 
 /// Who may call a server: bearer tokens per role (see [`crate::auth`]).
@@ -259,7 +258,38 @@ impl AccessArgs {
 mod tests {
     use std::time::Duration;
 
-    use super::{NatsArgs, format_duration, parse_bytes, parse_duration};
+    use payledger_semantics::{ProjectionSettings, StreamSettings};
+
+    use super::{
+        NatsArgs, ProjectionArgs, ServerArgs, StreamArgs, flag_defaults, format_duration,
+        parse_bytes, parse_duration,
+    };
+
+    #[test]
+    fn the_flags_defaults_are_the_semantics_defaults() {
+        // The pure crate keeps its own copy (it has no clap); the table of
+        // docs/semantics.md R9 documents both.
+        assert_eq!(
+            StreamArgs::default().settings().unwrap(),
+            StreamSettings::default()
+        );
+        assert_eq!(
+            ProjectionArgs::default().settings().unwrap(),
+            ProjectionSettings::default()
+        );
+    }
+
+    #[test]
+    fn flag_defaults_ignore_the_environment_and_take_the_required_flags() {
+        // PAYLEDGER_NATS_URL, if the environment sets it, is not read.
+        let nats: NatsArgs = flag_defaults(&[]);
+        assert_eq!(nats.url, "nats://127.0.0.1:4222");
+        let nats: NatsArgs = flag_defaults(&["--nats-url", "nats://a:4222"]);
+        assert_eq!(nats.url, "nats://a:4222");
+        let server = ServerArgs::new("nats://b:4222");
+        assert_eq!(server.nats.url, "nats://b:4222");
+        assert!(server.access.tokens_dir.is_none() && server.tls.tls_cert.is_none());
+    }
 
     #[test]
     fn durations_are_shown_in_their_largest_whole_unit_and_read_back() {
@@ -346,13 +376,10 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
+    /// The flags' defaults, with NATS at `nats_url`.
     pub fn new(nats_url: &str) -> Self {
-        Self {
-            nats: NatsArgs::new(nats_url),
-            access: AccessArgs::default(),
-            tls: Default::default(),
-            metrics: Default::default(),
-            readiness: Default::default(),
-        }
+        let mut args: Self = flag_defaults(&[]);
+        args.nats.url = nats_url.to_string();
+        args
     }
 }

@@ -1,9 +1,10 @@
 //! What every PayLedger service shares: the NATS topology (stream, subjects, KV
 //! buckets, key encoding), gRPC serving with health and reflection, telemetry,
-//! and shutdown on SIGTERM.
+//! the wall clock and shutdown on SIGTERM.
 
 pub mod atomic_batch;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod local_nats;
 pub mod metrics;

@@ -41,14 +41,6 @@ pub struct ReadinessArgs {
 
 const READINESS_INTERVAL: &str = "1s";
 
-impl Default for ReadinessArgs {
-    fn default() -> Self {
-        Self {
-            interval: parse_duration(READINESS_INTERVAL).expect("a valid default"),
-        }
-    }
-}
-
 /// The conditions a service is not ready for, each with its reason.
 #[derive(Clone)]
 pub struct Readiness {

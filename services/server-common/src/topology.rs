@@ -46,6 +46,14 @@ pub fn encode_id(id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
 }
 
+/// The id [`encode_id`] encoded; an error for text it cannot have written.
+pub fn decode_id(encoded: &str) -> anyhow::Result<String> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .map_err(|e| anyhow::anyhow!("'{encoded}' is not an encoded id: {e}"))?;
+    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("'{encoded}' does not encode a UTF-8 id"))
+}
+
 pub fn current_key(merchant_id: &str, currency: Currency) -> String {
     format!("{}.{}", encode_id(merchant_id), currency)
 }
@@ -311,6 +319,45 @@ mod tests {
         let metadata = [(META_STREAM_SETTINGS.to_string(), "partitions=8".to_string())].into();
         let err = recorded_stream(&metadata).unwrap_err().to_string();
         assert!(err.contains("malformed stream settings"), "{err}");
+    }
+
+    #[test]
+    fn ids_decode_back_from_their_encoding() {
+        // Lengths 1 to 6 cover every base64 remainder; then ids with the characters
+        // keys cannot hold, multi-byte ones, and the longest merchant id.
+        let longest = "m".repeat(payledger_semantics::MAX_MERCHANT_ID_BYTES);
+        let ids = [
+            "a",
+            "ab",
+            "abc",
+            "abcd",
+            "abcde",
+            "abcdef",
+            "m:1..x",
+            "m.1/2=3",
+            "händler-ü€",
+            "\u{1F4B6}",
+        ];
+        for id in ids.iter().copied().chain([longest.as_str()]) {
+            let encoded = encode_id(id);
+            assert_eq!(decode_id(&encoded).unwrap(), id, "{encoded}");
+            assert!(!encoded.contains('.'), "{encoded}");
+        }
+    }
+
+    #[test]
+    fn text_no_encoding_gives_is_refused() {
+        for (text, reason) in [
+            ("a", "not an encoded id"),
+            ("ab=", "not an encoded id"),
+            ("a.b", "not an encoded id"),
+            ("a+b/", "not an encoded id"),
+            // 0xff 0xfe: valid base64url, not UTF-8.
+            ("__4", "UTF-8"),
+        ] {
+            let err = decode_id(text).unwrap_err().to_string();
+            assert!(err.contains(reason), "{text}: {err}");
+        }
     }
 
     #[test]

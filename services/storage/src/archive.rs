@@ -33,6 +33,7 @@ use payledger_semantics::{
 };
 
 use crate::StorageError;
+use crate::columns::{dims, events};
 
 const ROWS_KEY: &str = "payledger.row_count";
 const HASH_KEY: &str = "payledger.content_hash";
@@ -95,33 +96,33 @@ pub struct ArchiveStore {
 fn event_schema() -> SchemaRef {
     let utc = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     Arc::new(Schema::new(vec![
-        Field::new("seq", DataType::UInt64, false),
-        Field::new("partition", DataType::UInt32, false),
-        Field::new("record_type", DataType::Utf8, false),
-        Field::new("event_id", DataType::Utf8, true),
-        Field::new("merchant_id", DataType::Utf8, true),
-        Field::new("kind", DataType::Utf8, true),
-        Field::new("amount_minor", DataType::Int64, true),
-        Field::new("currency", DataType::Utf8, true),
-        Field::new("event_time", utc(), true),
-        Field::new("corrects_event_id", DataType::Utf8, true),
-        Field::new("ingest_time", utc(), false),
+        Field::new(events::SEQ, DataType::UInt64, false),
+        Field::new(events::PARTITION, DataType::UInt32, false),
+        Field::new(events::RECORD_TYPE, DataType::Utf8, false),
+        Field::new(events::EVENT_ID, DataType::Utf8, true),
+        Field::new(events::MERCHANT_ID, DataType::Utf8, true),
+        Field::new(events::KIND, DataType::Utf8, true),
+        Field::new(events::AMOUNT_MINOR, DataType::Int64, true),
+        Field::new(events::CURRENCY, DataType::Utf8, true),
+        Field::new(events::EVENT_TIME, utc(), true),
+        Field::new(events::CORRECTS_EVENT_ID, DataType::Utf8, true),
+        Field::new(events::INGEST_TIME, utc(), false),
     ]))
 }
 
 fn dim_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
-        Field::new("seq", DataType::UInt64, false),
-        Field::new("dim_type", DataType::Utf8, false),
-        Field::new("currency", DataType::Utf8, true),
-        Field::new("rate", DataType::Utf8, true),
-        Field::new("merchant_id", DataType::Utf8, true),
-        Field::new("tier", DataType::Utf8, true),
-        Field::new("reserve_bps", DataType::Int32, true),
-        Field::new("effective_date", DataType::Date32, false),
-        Field::new("version", DataType::Int32, false),
+        Field::new(dims::SEQ, DataType::UInt64, false),
+        Field::new(dims::DIM_TYPE, DataType::Utf8, false),
+        Field::new(dims::CURRENCY, DataType::Utf8, true),
+        Field::new(dims::RATE, DataType::Utf8, true),
+        Field::new(dims::MERCHANT_ID, DataType::Utf8, true),
+        Field::new(dims::TIER, DataType::Utf8, true),
+        Field::new(dims::RESERVE_BPS, DataType::Int32, true),
+        Field::new(dims::EFFECTIVE_DATE, DataType::Date32, false),
+        Field::new(dims::VERSION, DataType::Int32, false),
         Field::new(
-            "ingest_time",
+            dims::INGEST_TIME,
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
             false,
         ),
@@ -165,7 +166,7 @@ fn events_batch(partition: u32, records: &[Record]) -> Result<(RecordBatch, Stri
         hash.field(&r.ingest_time_us.to_le_bytes());
         match &r.body {
             RecordBody::Fact(f) => {
-                record_type.append_value("fact");
+                record_type.append_value(events::FACT);
                 event_id.append_value(&f.event_id);
                 merchant_id.append_value(&f.merchant_id);
                 kind.append_value(f.kind.as_str());
@@ -186,7 +187,7 @@ fn events_batch(partition: u32, records: &[Record]) -> Result<(RecordBatch, Stri
                 hash.field(f.corrects_event_id.as_deref().unwrap_or("").as_bytes());
             }
             RecordBody::Heartbeat => {
-                record_type.append_value("heartbeat");
+                record_type.append_value(events::HEARTBEAT);
                 event_id.append_null();
                 merchant_id.append_null();
                 kind.append_null();
@@ -235,7 +236,7 @@ fn dims_batch(records: &[ArchivedDim]) -> Result<(RecordBatch, String), StorageE
         hash.field(&d.ingest_time_us.to_le_bytes());
         match &d.record {
             DimRecord::Fx(fx) => {
-                dim_type.append_value("fx");
+                dim_type.append_value(dims::FX);
                 currency.append_value(fx.currency.as_str());
                 rate.append_value(fx.rate.as_str());
                 merchant_id.append_null();
@@ -254,7 +255,7 @@ fn dims_batch(records: &[ArchivedDim]) -> Result<(RecordBatch, String), StorageE
                 hash.field(&fx.version.to_le_bytes());
             }
             DimRecord::Risk(r) => {
-                dim_type.append_value("risk");
+                dim_type.append_value(dims::RISK);
                 currency.append_null();
                 rate.append_null();
                 merchant_id.append_value(&r.merchant_id);
@@ -674,37 +675,39 @@ impl ArchiveStore {
         let (batches, rows, hash) = self.read(&path).await?;
         let mut records = Vec::with_capacity(rows as usize);
         for batch in &batches {
-            let seq = column::<UInt64Array>(batch, "seq", &path)?;
-            let rtype = column::<StringArray>(batch, "record_type", &path)?;
-            let ingest = column::<TimestampMicrosecondArray>(batch, "ingest_time", &path)?;
-            let event_id = column::<StringArray>(batch, "event_id", &path)?;
-            let merchant_id = column::<StringArray>(batch, "merchant_id", &path)?;
-            let kind = column::<StringArray>(batch, "kind", &path)?;
-            let amount = column::<Int64Array>(batch, "amount_minor", &path)?;
-            let currency = column::<StringArray>(batch, "currency", &path)?;
-            let event_time = column::<TimestampMicrosecondArray>(batch, "event_time", &path)?;
-            let corrects = column::<StringArray>(batch, "corrects_event_id", &path)?;
+            let seq = column::<UInt64Array>(batch, events::SEQ, &path)?;
+            let rtype = column::<StringArray>(batch, events::RECORD_TYPE, &path)?;
+            let ingest = column::<TimestampMicrosecondArray>(batch, events::INGEST_TIME, &path)?;
+            let event_id = column::<StringArray>(batch, events::EVENT_ID, &path)?;
+            let merchant_id = column::<StringArray>(batch, events::MERCHANT_ID, &path)?;
+            let kind = column::<StringArray>(batch, events::KIND, &path)?;
+            let amount = column::<Int64Array>(batch, events::AMOUNT_MINOR, &path)?;
+            let currency = column::<StringArray>(batch, events::CURRENCY, &path)?;
+            let event_time = column::<TimestampMicrosecondArray>(batch, events::EVENT_TIME, &path)?;
+            let corrects = column::<StringArray>(batch, events::CORRECTS_EVENT_ID, &path)?;
             for i in 0..batch.num_rows() {
                 let body = match string_at(rtype, i).as_deref() {
-                    Some("heartbeat") => RecordBody::Heartbeat,
-                    Some("fact") => {
+                    Some(events::HEARTBEAT) => RecordBody::Heartbeat,
+                    Some(events::FACT) => {
                         let text = |a: &StringArray, what: &str| {
                             string_at(a, i).ok_or_else(|| bad(format!("row {i}: no {what}")))
                         };
-                        let kind_text = text(kind, "kind")?;
+                        let kind_text = text(kind, events::KIND)?;
                         RecordBody::Fact(Fact {
-                            event_id: text(event_id, "event_id")?,
-                            merchant_id: text(merchant_id, "merchant_id")?,
+                            event_id: text(event_id, events::EVENT_ID)?,
+                            merchant_id: text(merchant_id, events::MERCHANT_ID)?,
                             kind: EventKind::parse(&kind_text)
                                 .ok_or_else(|| bad(format!("row {i}: kind {kind_text}")))?,
                             amount_minor: amount.value(i),
-                            currency: Currency::parse(&text(currency, "currency")?)
+                            currency: Currency::parse(&text(currency, events::CURRENCY)?)
                                 .map_err(|e| bad(e.to_string()))?,
                             event_time_us: event_time.value(i),
                             corrects_event_id: string_at(corrects, i),
                         })
                     }
-                    other => return Err(bad(format!("row {i}: record_type {other:?}"))),
+                    other => {
+                        return Err(bad(format!("row {i}: {} {other:?}", events::RECORD_TYPE)));
+                    }
                 };
                 records.push(Record {
                     seq: seq.value(i),
@@ -727,37 +730,38 @@ impl ArchiveStore {
         let (batches, rows, hash) = self.read(&path).await?;
         let mut records = Vec::with_capacity(rows as usize);
         for batch in &batches {
-            let seq = column::<UInt64Array>(batch, "seq", &path)?;
-            let ingest = column::<TimestampMicrosecondArray>(batch, "ingest_time", &path)?;
-            let effective = column::<Date32Array>(batch, "effective_date", &path)?;
-            let version = column::<Int32Array>(batch, "version", &path)?;
-            let bps = column::<Int32Array>(batch, "reserve_bps", &path)?;
-            let dim_type = column::<StringArray>(batch, "dim_type", &path)?;
-            let currency = column::<StringArray>(batch, "currency", &path)?;
-            let rate = column::<StringArray>(batch, "rate", &path)?;
-            let merchant_id = column::<StringArray>(batch, "merchant_id", &path)?;
-            let tier = column::<StringArray>(batch, "tier", &path)?;
+            let seq = column::<UInt64Array>(batch, dims::SEQ, &path)?;
+            let ingest = column::<TimestampMicrosecondArray>(batch, dims::INGEST_TIME, &path)?;
+            let effective = column::<Date32Array>(batch, dims::EFFECTIVE_DATE, &path)?;
+            let version = column::<Int32Array>(batch, dims::VERSION, &path)?;
+            let bps = column::<Int32Array>(batch, dims::RESERVE_BPS, &path)?;
+            let dim_type = column::<StringArray>(batch, dims::DIM_TYPE, &path)?;
+            let currency = column::<StringArray>(batch, dims::CURRENCY, &path)?;
+            let rate = column::<StringArray>(batch, dims::RATE, &path)?;
+            let merchant_id = column::<StringArray>(batch, dims::MERCHANT_ID, &path)?;
+            let tier = column::<StringArray>(batch, dims::TIER, &path)?;
             for i in 0..batch.num_rows() {
                 let text = |a: &StringArray, what: &str| {
                     string_at(a, i).ok_or_else(|| bad(format!("row {i}: no {what}")))
                 };
                 let effective_day = Day(effective.value(i));
-                let record = match text(dim_type, "dim_type")?.as_str() {
-                    "fx" => DimRecord::Fx(FxRecord {
-                        currency: Currency::parse(&text(currency, "currency")?)
+                let record = match text(dim_type, dims::DIM_TYPE)?.as_str() {
+                    dims::FX => DimRecord::Fx(FxRecord {
+                        currency: Currency::parse(&text(currency, dims::CURRENCY)?)
                             .map_err(|e| bad(e.to_string()))?,
-                        rate: Rate::parse(&text(rate, "rate")?).map_err(|e| bad(e.to_string()))?,
+                        rate: Rate::parse(&text(rate, dims::RATE)?)
+                            .map_err(|e| bad(e.to_string()))?,
                         effective_day,
                         version: version.value(i),
                     }),
-                    "risk" => DimRecord::Risk(RiskRecord {
-                        merchant_id: text(merchant_id, "merchant_id")?,
-                        tier: text(tier, "tier")?,
+                    dims::RISK => DimRecord::Risk(RiskRecord {
+                        merchant_id: text(merchant_id, dims::MERCHANT_ID)?,
+                        tier: text(tier, dims::TIER)?,
                         reserve_bps: bps.value(i),
                         effective_day,
                         version: version.value(i),
                     }),
-                    other => return Err(bad(format!("row {i}: dim_type {other}"))),
+                    other => return Err(bad(format!("row {i}: {} {other}", dims::DIM_TYPE))),
                 };
                 records.push(ArchivedDim {
                     seq: seq.value(i),

@@ -8,6 +8,7 @@
 
 mod archive;
 mod checkpoints;
+pub mod columns;
 mod snapshots;
 mod states;
 
