@@ -29,7 +29,7 @@ use payledger_server_common::topology::{STREAM, StreamOptions, ensure_stream, st
 use tokio::net::TcpListener;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use publisher::message_id;
+pub use payledger_semantics::message_id;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct IngestConfig {

@@ -9,7 +9,7 @@ use payledger_proto::v1::{self, publish_result::Outcome};
 use payledger_proto::{
     FieldViolation, event_from_fact, fact_from_event, fx_from_proto, risk_from_proto,
 };
-use payledger_semantics::{check_event_time, partition_of};
+use payledger_semantics::{check_event_time, message_id, partition_of};
 use payledger_server_common::request_errors::RequestErrors;
 use payledger_server_common::topology::{FX_SUBJECT, RISK_SUBJECT};
 use prost::Message;
@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::IngestConfig;
 use crate::clock::Clock;
-use crate::publisher::{Appended, Prepared, Publisher, message_id};
+use crate::publisher::{Appended, Prepared, Publisher};
 
 pub(crate) struct IngestApi {
     publisher: Arc<Publisher>,

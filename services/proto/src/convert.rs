@@ -54,32 +54,15 @@ impl std::fmt::Display for FieldViolation {
 }
 
 pub fn kind_from_proto(kind: i32) -> Result<EventKind, FieldViolation> {
-    Ok(match v1::EventKind::try_from(kind) {
-        Ok(v1::EventKind::PaymentCaptured) => EventKind::PaymentCaptured,
-        Ok(v1::EventKind::RefundIssued) => EventKind::RefundIssued,
-        Ok(v1::EventKind::SettlementReceived) => EventKind::SettlementReceived,
-        Ok(v1::EventKind::ChargebackOpened) => EventKind::ChargebackOpened,
-        Ok(v1::EventKind::ChargebackReversed) => EventKind::ChargebackReversed,
-        Ok(v1::EventKind::Correction) => EventKind::Correction,
-        Ok(v1::EventKind::Unspecified) => return Err(FactError::Missing { field: "kind" }.into()),
-        Err(_) => {
-            return Err(FieldViolation::invalid(
-                "kind",
-                format!("kind: unknown value {kind}"),
-            ));
-        }
-    })
+    if kind == v1::EventKind::Unspecified as i32 {
+        return Err(FactError::Missing { field: "kind" }.into());
+    }
+    EventKind::from_wire_code(kind)
+        .ok_or_else(|| FieldViolation::invalid("kind", format!("kind: unknown value {kind}")))
 }
 
 pub fn kind_to_proto(kind: EventKind) -> v1::EventKind {
-    match kind {
-        EventKind::PaymentCaptured => v1::EventKind::PaymentCaptured,
-        EventKind::RefundIssued => v1::EventKind::RefundIssued,
-        EventKind::SettlementReceived => v1::EventKind::SettlementReceived,
-        EventKind::ChargebackOpened => v1::EventKind::ChargebackOpened,
-        EventKind::ChargebackReversed => v1::EventKind::ChargebackReversed,
-        EventKind::Correction => v1::EventKind::Correction,
-    }
+    v1::EventKind::try_from(kind.wire_code()).expect("every kind's wire code is in records.proto")
 }
 
 fn currency(field: &'static str, code: &str) -> Result<Currency, FieldViolation> {
@@ -276,9 +259,34 @@ pub fn record_from_log(seq: u64, payload: &[u8]) -> Result<Record, FieldViolatio
 
 #[cfg(test)]
 mod tests {
-    use payledger_semantics::{StreamSettings, check_event_time};
+    use payledger_semantics::{KINDS, StreamSettings, check_event_time};
 
     use super::*;
+
+    /// records.proto's `EventKind` and the semantics' kind table name the same
+    /// kinds with the same values, so a kind added to one alone fails here.
+    #[test]
+    fn the_proto_kinds_are_the_kind_table() {
+        for info in KINDS {
+            let wire = v1::EventKind::try_from(info.wire_code).expect("in records.proto");
+            assert_eq!(wire.as_str_name(), format!("EVENT_KIND_{}", info.name));
+            assert_eq!(kind_from_proto(info.wire_code), Ok(info.kind));
+            assert_eq!(kind_to_proto(info.kind), wire);
+        }
+        // prost accepts exactly the declared values; probe well past the highest.
+        let declared: Vec<i32> = (0..1024)
+            .filter(|&v| v1::EventKind::try_from(v).is_ok())
+            .collect();
+        let mut tabled: Vec<i32> = KINDS.iter().map(|k| k.wire_code).collect();
+        tabled.insert(0, v1::EventKind::Unspecified as i32);
+        tabled.sort_unstable();
+        assert_eq!(declared, tabled);
+        assert_eq!(kind_from_proto(0).unwrap_err().field, "kind");
+        assert_eq!(
+            kind_from_proto(99).unwrap_err().message,
+            "kind: unknown value 99"
+        );
+    }
 
     #[test]
     fn time_rules_name_the_wire_field_event_time_us() {

@@ -16,6 +16,7 @@ mod currency;
 mod dims;
 mod exposure;
 mod fact;
+mod identity;
 mod settings;
 mod state;
 mod time;
@@ -27,9 +28,10 @@ pub use dims::{
 };
 pub use exposure::Exposure;
 pub use fact::{
-    EventKind, Fact, FactError, MAX_EVENT_ID_BYTES, MAX_MERCHANT_ID_BYTES, Record, RecordBody,
-    check_event_time, check_id,
+    EventKind, Fact, FactError, KINDS, KindInfo, MAX_EVENT_ID_BYTES, MAX_MERCHANT_ID_BYTES,
+    Record, RecordBody, check_event_time, check_id,
 };
+pub use identity::message_id;
 pub use settings::{
     ProjectionSettings, RecordedStream, Settings, SettingsError, StreamSettings, fnv1a_64,
     partition_of,

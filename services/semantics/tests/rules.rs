@@ -8,7 +8,7 @@
 use payledger_semantics::{Currency, MICROS_PER_DAY};
 use payledger_semantics::{
     CurrencyError, CurrentRow, DailyRow, Day, DayParseError, DimOutcome, DimensionBook, EventKind,
-    Exposure, Fact, FactError, FxRecord, FxUsed, PartitionState, Rate, RateError, Record,
+    Exposure, Fact, FactError, FxRecord, FxUsed, KINDS, PartitionState, Rate, RateError, Record,
     RecordBody, Reporting, RiskRecord, RiskUsed, SEMANTICS_VERSION, STATE_FORMAT, SemanticsError,
     Settings, SettingsError, Status, StreamSettings, Touched, check_event_time, fnv1a_64,
     partition_of, to_reporting,
@@ -661,8 +661,15 @@ fn rule4_signed_deltas_of_the_kinds() {
     );
     for kind in EventKind::ALL {
         assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+        assert_eq!(EventKind::from_wire_code(kind.wire_code()), Some(kind));
     }
     assert_eq!(EventKind::parse("payment_captured"), None);
+    assert_eq!(EventKind::from_wire_code(0), None);
+    assert_eq!(EventKind::ALL.len(), KINDS.len());
+    assert_eq!(
+        EventKind::names(),
+        "PAYMENT_CAPTURED, REFUND_ISSUED, SETTLEMENT_RECEIVED, CHARGEBACK_OPENED, CHARGEBACK_REVERSED, CORRECTION"
+    );
 }
 
 #[test]
