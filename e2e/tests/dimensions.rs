@@ -22,6 +22,7 @@ use payledger_proto::v1::{
 use payledger_semantics::{Day, RecordedStream, Settings, StreamSettings, to_reporting};
 use payledger_server_common::topology::{DIMS_SUBJECTS, FX_SUBJECT, RISK_SUBJECT, STREAM};
 use payledger_storage::{ArchiveStore, Commit, open_store};
+use prost::Message;
 use tonic::transport::Channel;
 
 /// The response metadata a stream answer carries while it withholds reporting values.
@@ -330,18 +331,40 @@ async fn committed_stack() -> anyhow::Result<Stack> {
     )
     .await?;
     let first_cut = wait_archived(&archive, &nats_url).await?;
-    // New versions in a second cut; (EUR, today, 2) twice: the first in the log wins.
+    // New versions in a second cut.
     let second = vec![
         fx("EUR", "1.09", today, 1),
         fx("EUR", "1.10", today, 2),
         fx("GBP", "1.26", today, 1),
-        fx("EUR", "1.50", today, 2),
         risk(M1, "medium", 1000, today, 2),
         risk(M2, "high", 2500, today, 1),
         risk(M3, "medium", 1000, yesterday, 2),
     ];
     dims += second.len() as u64;
     publish_dims(&mut client, second).await?;
+    // (EUR, today, 2) again with another rate: ingest refuses it, but a log may hold
+    // it all the same (written before ingest refused such records, or by two ingest
+    // processes at once), and there the first in the log wins.
+    let Record::Fx(again) = fx("EUR", "1.50", today, 2) else {
+        unreachable!("an FX record")
+    };
+    let refused = client
+        .publish_dimension(v1::PublishDimensionRequest {
+            record: Some(Record::Fx(again.clone())),
+        })
+        .await
+        .expect_err("a key the log holds, with other content");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    let record = v1::LogRecord {
+        ingest_time_us: now_us(),
+        body: Some(v1::log_record::Body::Fx(again)),
+        traceparent: String::new(),
+    };
+    jetstream::new(async_nats::connect(&nats_url).await?)
+        .publish(FX_SUBJECT, record.encode_to_vec().into())
+        .await?
+        .await?;
+    dims += 1;
     log.publish(
         &mut client,
         vec![

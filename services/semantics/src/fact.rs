@@ -187,6 +187,8 @@ pub enum FactError {
     ZeroCorrection,
     #[error("corrects_event_id: a CORRECTION must name the event it corrects")]
     CorrectionWithoutTarget,
+    #[error("corrects_event_id: a CORRECTION cannot correct itself (it names its own event_id)")]
+    CorrectsItself,
     #[error("corrects_event_id: only a CORRECTION may set it ({kind} does not)")]
     TargetWithoutCorrection { kind: &'static str },
     #[error(
@@ -207,9 +209,9 @@ impl FactError {
             | FactError::IdLength { field, .. }
             | FactError::IdCharacter { field, .. } => field,
             FactError::AmountNotPositive { .. } | FactError::ZeroCorrection => "amount_minor",
-            FactError::CorrectionWithoutTarget | FactError::TargetWithoutCorrection { .. } => {
-                "corrects_event_id"
-            }
+            FactError::CorrectionWithoutTarget
+            | FactError::CorrectsItself
+            | FactError::TargetWithoutCorrection { .. } => "corrects_event_id",
             FactError::InFuture { .. } | FactError::BeyondHorizon { .. } => "event_time_us",
         }
     }
@@ -265,6 +267,17 @@ impl Fact {
                     });
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// [`Fact::validate`] and the rules ingest added later (docs/semantics.md,
+    /// facts): ingest applies them to new facts, the fold never, so a record
+    /// already in the log folds as it always did.
+    pub fn validate_new(&self) -> Result<(), FactError> {
+        self.validate()?;
+        if self.corrects_event_id.as_deref() == Some(self.event_id.as_str()) {
+            return Err(FactError::CorrectsItself);
         }
         Ok(())
     }

@@ -23,13 +23,14 @@ mod time;
 
 pub use currency::{Currency, CurrencyError};
 pub use dims::{
-    DimOutcome, DimensionBook, FxRecord, FxUsed, REPORTING_CURRENCY, Rate, RateError, Reporting,
-    RiskRecord, RiskUsed, to_reporting,
+    DimOutcome, DimensionBook, DimensionError, FxRecord, FxUsed, Held, MAX_EFFECTIVE_DAY,
+    MAX_RESERVE_BPS, MAX_TIER_BYTES, MIN_EFFECTIVE_DAY, REPORTING_CURRENCY, Rate, RateError,
+    Reporting, RiskRecord, RiskUsed, to_reporting,
 };
 pub use exposure::Exposure;
 pub use fact::{
-    EventKind, Fact, FactError, KINDS, KindInfo, MAX_EVENT_ID_BYTES, MAX_MERCHANT_ID_BYTES,
-    Record, RecordBody, check_event_time, check_id,
+    EventKind, Fact, FactError, KINDS, KindInfo, MAX_EVENT_ID_BYTES, MAX_MERCHANT_ID_BYTES, Record,
+    RecordBody, check_event_time, check_id,
 };
 pub use identity::message_id;
 pub use settings::{
