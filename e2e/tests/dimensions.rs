@@ -627,3 +627,56 @@ async fn records_lost_past_the_archive_withhold_reporting_values() -> anyhow::Re
     );
     Ok(())
 }
+
+/// A closing whose exact conversion leaves 128 bits has no reporting value, and
+/// the answer says why instead of leaving it absent without a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_conversion_is_answered_with_its_reason() -> anyhow::Result<()> {
+    let mut h = Harness::start()?;
+    let store = h.store();
+    let ingest = h
+        .spawn("payledger-ingest", &["--heartbeat-interval", "0s"])
+        .await?;
+    let _projector = h.spawn("payledger-projector", &["--store", &store]).await?;
+    let query = spawn_query(&mut h, &store).await?;
+    let mut client = ingest_client(&ingest.url()).await?;
+    let now = now_us();
+    let today = Day::of_micros(now);
+    // i64::MAX cents at a rate of 30 digits: about 9.2 × 10^48, past i128's 1.7 × 10^38.
+    publish_dims(
+        &mut client,
+        vec![
+            fx("EUR", "999999999999999999999999999999", today, 1),
+            risk(M1, "gold", 100, today, 1),
+        ],
+    )
+    .await?;
+    let mut log = AcceptedLog::default();
+    log.publish(
+        &mut client,
+        vec![capture("e-huge", M1, i64::MAX, "EUR", now - 60_000_000)],
+    )
+    .await?;
+    let mut query = query_client(&query.url()).await?;
+    let answer = complete_answer(
+        &mut query,
+        &request(M1, today, v1::Consistency::Provisional, ""),
+        |a| {
+            !a.rows.is_empty()
+                && a.reporting
+                    .as_ref()
+                    .is_some_and(|r| !r.fx_versions.is_empty())
+        },
+    )
+    .await?;
+    assert_eq!(answer.rows[0].closing_minor, i64::MAX.to_string());
+    let reporting = answer.reporting.expect("reporting");
+    assert_eq!(reporting.closing_reporting_minor, None);
+    assert_eq!(reporting.reserve_minor, None);
+    assert!(reporting.missing_rates.is_empty(), "{reporting:?}");
+    assert_eq!(
+        reporting.overflow,
+        "converting the EUR closing to USD leaves 128 bits"
+    );
+    Ok(())
+}

@@ -247,6 +247,19 @@ pub struct Reporting {
     pub fx_used: Vec<FxUsed>,
     pub risk_used: Option<RiskUsed>,
     pub missing_rates: Vec<Currency>,
+    /// Set when a value is absent although every record it needs is held.
+    pub overflow: Option<Overflow>,
+}
+
+/// The step whose exact result leaves `i128`, so that the value is absent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Overflow {
+    #[error("converting the {0} closing to {REPORTING_CURRENCY} leaves 128 bits")]
+    Conversion(Currency),
+    #[error("the sum of the converted closings leaves 128 bits")]
+    Total,
+    #[error("closing_reporting_minor × reserve_bps leaves 128 bits")]
+    Reserve,
 }
 
 impl DimensionBook {
@@ -397,9 +410,13 @@ pub fn to_reporting(rows: &[DailyRow], book: &DimensionBook, cutoff: u64) -> Rep
                 fx_used,
                 risk_used: None,
                 missing_rates,
+                overflow: None,
             };
         }
     };
+    // The first step that overflowed; reported only when no rate is missing, since
+    // a missing rate alone already explains the absent values.
+    let mut overflow = None;
     for row in rows {
         let converted = if row.currency == REPORTING_CURRENCY {
             Some(row.closing_minor)
@@ -407,7 +424,11 @@ pub fn to_reporting(rows: &[DailyRow], book: &DimensionBook, cutoff: u64) -> Rep
             match book.fx_rate(row.currency, day, cutoff) {
                 Some((used, rate)) => {
                     fx_used.push(used);
-                    convert(row.closing_minor, row.currency, rate)
+                    let converted = convert(row.closing_minor, row.currency, rate);
+                    if converted.is_none() {
+                        overflow = overflow.or(Some(Overflow::Conversion(row.currency)));
+                    }
+                    converted
                 }
                 None => {
                     missing_rates.push(row.currency);
@@ -415,18 +436,36 @@ pub fn to_reporting(rows: &[DailyRow], book: &DimensionBook, cutoff: u64) -> Rep
                 }
             }
         };
-        total = total.zip(converted).and_then(|(t, c)| t.checked_add(c));
+        total = match (total, converted) {
+            (Some(t), Some(c)) => {
+                let sum = t.checked_add(c);
+                if sum.is_none() {
+                    overflow = overflow.or(Some(Overflow::Total));
+                }
+                sum
+            }
+            _ => None,
+        };
     }
     let risk_used = book.risk(merchant_id, day, cutoff);
     let reserve_minor = total.zip(risk_used.as_ref()).and_then(|(t, r)| {
-        t.checked_mul(i128::from(r.reserve_bps))
-            .map(|n| div_half_even(n, 10_000))
+        let reserve = t
+            .checked_mul(i128::from(r.reserve_bps))
+            .map(|n| div_half_even(n, 10_000));
+        if reserve.is_none() {
+            overflow = overflow.or(Some(Overflow::Reserve));
+        }
+        reserve
     });
+    if !missing_rates.is_empty() {
+        overflow = None;
+    }
     Reporting {
         closing_reporting_minor: total,
         reserve_minor,
         fx_used,
         risk_used,
         missing_rates,
+        overflow,
     }
 }

@@ -24,8 +24,8 @@ mod time;
 pub use currency::{Currency, CurrencyError};
 pub use dims::{
     DimOutcome, DimensionBook, DimensionError, FxRecord, FxUsed, Held, MAX_EFFECTIVE_DAY,
-    MAX_RESERVE_BPS, MAX_TIER_BYTES, MIN_EFFECTIVE_DAY, REPORTING_CURRENCY, Rate, RateError,
-    Reporting, RiskRecord, RiskUsed, to_reporting,
+    MAX_RESERVE_BPS, MAX_TIER_BYTES, MIN_EFFECTIVE_DAY, Overflow, REPORTING_CURRENCY, Rate,
+    RateError, Reporting, RiskRecord, RiskUsed, to_reporting,
 };
 pub use exposure::Exposure;
 pub use fact::{

@@ -9,9 +9,9 @@ use payledger_semantics::{Currency, MICROS_PER_DAY};
 use payledger_semantics::{
     CurrencyError, CurrentRow, DailyRow, Day, DayParseError, DimOutcome, DimensionBook,
     DimensionError, EventKind, Exposure, Fact, FactError, FxRecord, FxUsed, Held, KINDS,
-    MAX_EFFECTIVE_DAY, PartitionState, Rate, RateError, Record, RecordBody, Reporting, RiskRecord,
-    RiskUsed, SEMANTICS_VERSION, STATE_FORMAT, SemanticsError, Settings, SettingsError, Status,
-    StreamSettings, Touched, check_event_time, fnv1a_64, partition_of, to_reporting,
+    MAX_EFFECTIVE_DAY, Overflow, PartitionState, Rate, RateError, Record, RecordBody, Reporting,
+    RiskRecord, RiskUsed, SEMANTICS_VERSION, STATE_FORMAT, SemanticsError, Settings, SettingsError,
+    Status, StreamSettings, Touched, check_event_time, fnv1a_64, partition_of, to_reporting,
 };
 
 use EventKind::{
@@ -1533,6 +1533,7 @@ fn rule8_fx_latest_effective_date_highest_version() {
             ],
             risk_used: None,
             missing_rates: vec![],
+            overflow: None,
         }
     );
 }
@@ -1952,6 +1953,56 @@ fn rule8_held_says_whether_a_key_is_held_and_with_what_content() {
         book.held_risk(&risk("m2", "gold", 100, D0, 1)),
         Held::Nothing
     );
+}
+
+#[test]
+fn rule8_an_overflowing_conversion_names_its_reason() {
+    let mut book = DimensionBook::default();
+    book.apply_fx(1, &fx("EUR", "100000000000.5", D0, 1));
+    book.apply_fx(2, &fx("KWD", "3.25", D0, 1));
+    book.apply_risk(3, &risk("m1", "gold", 10_000, D0, 1));
+    let huge = 10_i128.pow(37);
+    let reporting = to_reporting(&[closing("m1", D0, "EUR", huge)], &book, u64::MAX);
+    assert_eq!(reporting.closing_reporting_minor, None);
+    assert_eq!(reporting.reserve_minor, None);
+    assert_eq!(reporting.missing_rates, Vec::<Currency>::new());
+    assert_eq!(reporting.overflow, Some(Overflow::Conversion(cur("EUR"))));
+    assert_eq!(
+        Overflow::Conversion(cur("EUR")).to_string(),
+        "converting the EUR closing to USD leaves 128 bits"
+    );
+
+    // Two closings that convert but whose sum does not fit.
+    let near_max = i128::MAX / 2 + 1;
+    let reporting = to_reporting(
+        &[
+            closing("m1", D0, "USD", near_max),
+            closing("m1", D0, "USD", near_max),
+        ],
+        &book,
+        u64::MAX,
+    );
+    assert_eq!(reporting.overflow, Some(Overflow::Total));
+
+    // A total that fits, a reserve that does not.
+    let reporting = to_reporting(&[closing("m1", D0, "USD", i128::MAX / 2)], &book, u64::MAX);
+    assert_eq!(reporting.closing_reporting_minor, Some(i128::MAX / 2));
+    assert_eq!(reporting.reserve_minor, None);
+    assert_eq!(reporting.overflow, Some(Overflow::Reserve));
+
+    // A missing rate explains the absence on its own.
+    let reporting = to_reporting(
+        &[closing("m1", D0, "EUR", huge), closing("m1", D0, "GBP", 1)],
+        &book,
+        u64::MAX,
+    );
+    assert_eq!(reporting.missing_rates, vec![cur("GBP")]);
+    assert_eq!(reporting.overflow, None);
+
+    // Nothing overflows: no reason.
+    let reporting = to_reporting(&[closing("m1", D0, "KWD", 1000)], &book, u64::MAX);
+    assert_eq!(reporting.closing_reporting_minor, Some(325));
+    assert_eq!(reporting.overflow, None);
 }
 
 // ---------------------------------------------------------------------------
