@@ -22,6 +22,7 @@ use payledger_proto::v1::{
 use payledger_semantics::{Day, Settings, to_reporting};
 use payledger_server_common::topology::{DIMS_SUBJECTS, FX_SUBJECT, RISK_SUBJECT, STREAM};
 use payledger_storage::{ArchiveStore, Commit};
+use prost::Message;
 use tonic::transport::Channel;
 
 /// The response metadata a stream answer carries while it withholds reporting values.
@@ -294,18 +295,40 @@ async fn committed_stack() -> anyhow::Result<Committed> {
     )
     .await?;
     let first_cut = wait_archived(&archive, &nats_url).await?;
-    // New versions in a second cut; (EUR, today, 2) twice: the first in the log wins.
+    // New versions in a second cut.
     let second = vec![
         fx("EUR", "1.09", today, 1),
         fx("EUR", "1.10", today, 2),
         fx("GBP", "1.26", today, 1),
-        fx("EUR", "1.50", today, 2),
         risk(M1, "medium", 1000, today, 2),
         risk(M2, "high", 2500, today, 1),
         risk(M3, "medium", 1000, yesterday, 2),
     ];
     dims += second.len() as u64;
     publish_dims(&mut client, second).await?;
+    // (EUR, today, 2) again with another rate: ingest refuses it, but a log may hold
+    // it all the same (written before ingest refused such records, or by two ingest
+    // processes at once), and there the first in the log wins.
+    let Record::Fx(again) = fx("EUR", "1.50", today, 2) else {
+        unreachable!("an FX record")
+    };
+    let refused = client
+        .publish_dimension(v1::PublishDimensionRequest {
+            record: Some(Record::Fx(again.clone())),
+        })
+        .await
+        .expect_err("a key the log holds, with other content");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    let record = v1::LogRecord {
+        ingest_time_us: now_us(),
+        body: Some(v1::log_record::Body::Fx(again)),
+        traceparent: String::new(),
+    };
+    jetstream::new(async_nats::connect(&nats_url).await?)
+        .publish(FX_SUBJECT, record.encode_to_vec().into())
+        .await?
+        .await?;
+    dims += 1;
     log.publish(
         &mut client,
         vec![
@@ -562,6 +585,53 @@ async fn records_lost_past_the_archive_withhold_reporting_values() -> anyhow::Re
             .contains("the archive now reaches past the records the log lost"),
         "{}",
         stack.query.log()
+    );
+    Ok(())
+}
+
+/// A closing whose exact conversion leaves 128 bits has no reporting value, and
+/// the answer says why instead of leaving it absent without a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_conversion_is_answered_with_its_reason() -> anyhow::Result<()> {
+    let stack = Stack::builder().projector(&[]).query(&[]).start().await?;
+    let mut client = stack.ingest_client().await?;
+    let now = now_us();
+    let today = Day::of_micros(now);
+    // i64::MAX cents at a rate of 30 digits: about 9.2 × 10^48, past i128's 1.7 × 10^38.
+    publish_dims(
+        &mut client,
+        vec![
+            fx("EUR", "999999999999999999999999999999", today, 1),
+            risk(M1, "gold", 100, today, 1),
+        ],
+    )
+    .await?;
+    let mut log = AcceptedLog::default();
+    log.publish(
+        &mut client,
+        vec![capture("e-huge", M1, i64::MAX, "EUR", now - 60_000_000)],
+    )
+    .await?;
+    let mut query = query_client(&stack.query.as_ref().expect("query").url()).await?;
+    let answer = complete_answer(
+        &mut query,
+        &request(M1, today, v1::Consistency::Provisional, ""),
+        |a| {
+            !a.rows.is_empty()
+                && a.reporting
+                    .as_ref()
+                    .is_some_and(|r| !r.fx_versions.is_empty())
+        },
+    )
+    .await?;
+    assert_eq!(answer.rows[0].closing_minor, i64::MAX.to_string());
+    let reporting = answer.reporting.expect("reporting");
+    assert_eq!(reporting.closing_reporting_minor, None);
+    assert_eq!(reporting.reserve_minor, None);
+    assert!(reporting.missing_rates.is_empty(), "{reporting:?}");
+    assert_eq!(
+        reporting.overflow,
+        "converting the EUR closing to USD leaves 128 bits"
     );
     Ok(())
 }

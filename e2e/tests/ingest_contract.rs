@@ -321,6 +321,7 @@ fn bad_events(now: i64) -> Vec<Bad> {
         with("zero correction", &|e| { e.kind = EventKind::Correction as i32; e.amount_minor = 0; e.corrects_event_id = "ev-x".into() }, invalid, "amount_minor", "non-zero"),
         with("target on a payment", &|e| e.corrects_event_id = "ev-x".into(), invalid, "corrects_event_id", "only a CORRECTION"),
         with("bad correction target", &|e| { e.kind = EventKind::Correction as i32; e.corrects_event_id = "ev x".into() }, invalid, "corrects_event_id", "' '"),
+        with("correction of itself", &|e| { e.kind = EventKind::Correction as i32; e.corrects_event_id = e.event_id.clone() }, invalid, "corrects_event_id", "cannot correct itself"),
         with("missing event_time", &|e| e.event_time_us = 0, invalid, "event_time_us", "required"),
         with("event_time 10 min ahead", &|e| e.event_time_us = now + 10 * MINUTE_US, invalid, "event_time_us", "ahead of ingest's clock"),
         with("event_time beyond the horizon", &|e| e.event_time_us = now - 36 * MICROS_PER_DAY, Code::OutOfRange, "event_time_us", "CORRECTION"),
@@ -348,9 +349,13 @@ fn bad_dimensions() -> Vec<(&'static str, Option<DimRecord>, &'static str)> {
         ("fx currency lowercase", fx("eur", "1.08", "2026-01-01", 1), "currency"),
         ("fx date", fx("EUR", "1.08", "2026-13-01", 1), "effective_date"),
         ("fx version 0", fx("EUR", "1.08", "2026-01-01", 0), "version"),
+        ("fx for the reporting currency", fx("USD", "1", "2026-01-01", 1), "currency"),
+        ("fx in year 0000", fx("EUR", "1.08", "0000-01-01", 1), "effective_date"),
+        ("fx in year 9999", fx("EUR", "1.08", "9999-12-31", 1), "effective_date"),
         ("reserve_bps 10001", risk("m-bad:1", 10_001, 1), "reserve_bps"),
         ("reserve_bps -1", risk("m-bad:1", -1, 1), "reserve_bps"),
         ("risk merchant", risk("m bad", 100, 1), "merchant_id"),
+        ("risk version 0", risk("m-bad:1", 100, 0), "version"),
     ]
 }
 
@@ -645,4 +650,99 @@ async fn mixed_batch_accepts_the_valid_and_rejects_the_invalid_in_request_order(
         Duration::from_secs(20),
     )
     .await
+}
+
+/// Publishes one dimension record: its sequence and whether it was a duplicate, or
+/// the status it was refused with.
+async fn publish_dimension(
+    client: &mut v1::ingest_service_client::IngestServiceClient<Channel>,
+    record: DimRecord,
+) -> anyhow::Result<Result<(u64, bool), Status>> {
+    Ok(client
+        .publish_dimension(v1::PublishDimensionRequest {
+            record: Some(record),
+        })
+        .await
+        .map(|r| {
+            let r = r.into_inner();
+            (r.sequence, r.duplicate)
+        }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dimension_key_published_again_with_other_content_is_refused() -> anyhow::Result<()> {
+    let mut stack = Stack::builder().start().await?;
+    let mut client = stack.ingest_client().await?;
+    let fx = |rate: &str, version| {
+        DimRecord::Fx(v1::FxRate {
+            currency: "EUR".into(),
+            rate: rate.into(),
+            effective_date: "2026-11-25".into(),
+            version,
+        })
+    };
+    let risk = |tier: &str, reserve_bps, version| {
+        DimRecord::Risk(v1::RiskTier {
+            merchant_id: "m-dims:1".into(),
+            tier: tier.into(),
+            reserve_bps,
+            effective_date: "2026-11-25".into(),
+            version,
+        })
+    };
+    let (fx_seq, duplicate) = publish_dimension(&mut client, fx("1.10", 1)).await??;
+    assert!(!duplicate);
+    let (risk_seq, duplicate) = publish_dimension(&mut client, risk("gold", 250, 1)).await??;
+    assert!(!duplicate);
+
+    // The same process, then a new one that knows the keys from the log alone.
+    for round in ["the first ingest", "a restarted ingest"] {
+        assert_eq!(
+            publish_dimension(&mut client, fx("1.10", 1)).await??,
+            (fx_seq, true),
+            "{round}: the same FX record again"
+        );
+        assert_eq!(
+            publish_dimension(&mut client, risk("gold", 250, 1)).await??,
+            (risk_seq, true),
+            "{round}: the same risk record again"
+        );
+        for (what, record, seq) in [
+            ("another rate", fx("1.20", 1), fx_seq),
+            ("the rate spelt otherwise", fx("1.1", 1), fx_seq),
+            ("another tier", risk("tin", 250, 1), risk_seq),
+            ("another reserve", risk("gold", 300, 1), risk_seq),
+        ] {
+            let status = publish_dimension(&mut client, record)
+                .await?
+                .expect_err(what);
+            assert_eq!(
+                status.code(),
+                Code::AlreadyExists,
+                "{round}, {what}: {status:?}"
+            );
+            assert!(
+                status
+                    .message()
+                    .contains(&format!("already in the log at sequence {seq}"))
+                    && status.message().contains("higher version"),
+                "{round}, {what}: {status:?}"
+            );
+        }
+        assert_eq!(
+            stream_messages(&stack.h.nats.url()).await?,
+            2,
+            "{round}: only the two first records are in the log: {:?}",
+            read_log(&stack.h.nats.url()).await?
+        );
+        stack.ingest.terminate().await?;
+        stack.ingest = stack.spawn_ingest(&[]).await?;
+        client = stack.ingest_client().await?;
+    }
+
+    // A higher version is a new key.
+    let (seq, duplicate) = publish_dimension(&mut client, fx("1.20", 2)).await??;
+    assert!(!duplicate && seq > risk_seq);
+    assert_eq!(stream_messages(&stack.h.nats.url()).await?, 3);
+    Ok(())
 }

@@ -60,8 +60,15 @@ impl EventLine {
 
     /// The wire event; an unknown kind or time is left for ingest to reject precisely.
     pub fn to_event(&self) -> Result<v1::Event, String> {
-        let kind = v1::EventKind::from_str_name(&format!("EVENT_KIND_{}", self.kind))
-            .ok_or_else(|| format!("kind '{}' is not one of PAYMENT_CAPTURED, REFUND_ISSUED, SETTLEMENT_RECEIVED, CHARGEBACK_OPENED, CHARGEBACK_REVERSED, CORRECTION", self.kind))?;
+        let kind = v1::EventKind::from_str_name(&format!("EVENT_KIND_{}", self.kind)).ok_or_else(
+            || {
+                format!(
+                    "kind '{}' is not one of {}",
+                    self.kind,
+                    payledger_semantics::EventKind::names()
+                )
+            },
+        )?;
         let event_time_us = match (&self.event_time, self.event_time_us) {
             (Some(text), _) => parse_time(text)?,
             (None, Some(us)) => us,

@@ -81,13 +81,17 @@ impl Generator {
     }
 
     /// FX records for every non-USD currency, `fx_versions` versions each, effective
-    /// from `day` (YYYY-MM-DD).
+    /// from `day` (YYYY-MM-DD). A rate depends on its key alone, whatever the seed, so
+    /// traffic generated again for the same day publishes the same records, which
+    /// ingest answers as duplicates (docs/failure-contract.md, dimension records).
     pub fn fx_records(&mut self, day: &str) -> Vec<v1::FxRate> {
         let mut out = Vec::new();
         for (i, currency) in CURRENCIES.iter().enumerate().skip(1) {
             let base = [0.0, 1.08, 1.27, 0.0067][i];
             for version in 1..=self.config.fx_versions as i32 {
-                let jitter = 1.0 + self.rng.gen_range(-0.01..0.01);
+                let key =
+                    payledger_semantics::fnv1a_64(format!("{currency}/{day}/{version}").as_bytes());
+                let jitter = 1.0 + ((key % 2000) as f64 - 1000.0) / 100_000.0;
                 let decimals = if *currency == "JPY" { 6 } else { 4 };
                 out.push(v1::FxRate {
                     currency: currency.to_string(),

@@ -11,6 +11,7 @@
 
 mod archiver;
 mod clock;
+mod dimensions;
 mod heartbeat;
 mod metrics;
 mod publish_status;
@@ -31,7 +32,7 @@ use payledger_server_common::topology::{STREAM, StreamOptions, ensure_stream, st
 use tokio::net::TcpListener;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use publisher::message_id;
+pub use payledger_semantics::message_id;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct IngestConfig {
@@ -190,12 +191,17 @@ pub async fn run(
             background_stopped,
         ))
     });
-    let archiver = match &config.archive_store {
-        Some(location) => {
-            let archive = payledger_storage::ArchiveStore::new(
-                payledger_storage::open_store(location)?,
-                recorded,
-            );
+    let archive = match &config.archive_store {
+        Some(location) => Some(payledger_storage::ArchiveStore::new(
+            payledger_storage::open_store(location)?,
+            recorded,
+        )),
+        None => None,
+    };
+    let dimensions =
+        dimensions::DimensionIndex::new(js.clone(), archive.clone(), config.ack_timeout);
+    let archiver = match archive {
+        Some(archive) => {
             let tuning = archiver::ArchiverTuning {
                 flush_interval: config.archive_flush_interval,
                 max_cut_records: config.archive_cut_records.max(1),
@@ -258,7 +264,7 @@ pub async fn run(
         &config.server.readiness,
         stop_probe_rx,
     );
-    let service = service::IngestApi::new(publisher, clock, &config, metrics);
+    let service = service::IngestApi::new(publisher, dimensions, clock, &config, metrics);
     let result = serve_grpc(
         Some(service.into_routes(config.max_request_bytes)),
         &["payledger.v1.IngestService"],

@@ -11,7 +11,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
 use payledger_proto::v1;
-use payledger_semantics::{Fact, StreamSettings};
+use payledger_semantics::StreamSettings;
 use payledger_server_common::atomic_batch::{
     BatchError, BatchMessage, ERR_DUPLICATE_MSG_ID, MAX_BATCH_MESSAGES, publish_atomic,
 };
@@ -23,24 +23,6 @@ use tracing::Instrument;
 
 use crate::IngestConfig;
 use crate::publish_status::Failure;
-
-/// `Nats-Msg-Id`: a 128-bit hash of identity *and* content (docs/failure-contract.md),
-/// so an exact resend is absorbed while a conflicting event still reaches the log.
-pub fn message_id(fact: &Fact) -> String {
-    let mut buf = Vec::with_capacity(160);
-    let mut field = |bytes: &[u8]| {
-        buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        buf.extend_from_slice(bytes);
-    };
-    field(fact.merchant_id.as_bytes());
-    field(fact.event_id.as_bytes());
-    field(fact.kind.as_str().as_bytes());
-    field(&fact.amount_minor.to_le_bytes());
-    field(fact.currency.as_str().as_bytes());
-    field(&fact.event_time_us.to_le_bytes());
-    field(fact.corrects_event_id.as_deref().unwrap_or("").as_bytes());
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&buf))
-}
 
 /// Below this many events, pipelined single publishes beat one atomic batch: on
 /// the server an atomic batch costs ≈2.9 ms whatever its size (it stages the batch

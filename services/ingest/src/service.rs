@@ -10,9 +10,10 @@ use payledger_proto::v1::{self, publish_result::Outcome};
 use payledger_proto::{
     FieldViolation, event_from_fact, fact_from_event, fx_from_proto, risk_from_proto,
 };
-use payledger_semantics::{check_event_time, partition_of};
+use payledger_semantics::{Held, check_event_time, message_id, partition_of};
 use payledger_server_common::request_errors::RequestErrors;
 use payledger_server_common::topology::{FX_SUBJECT, RISK_SUBJECT};
+use payledger_storage::DimRecord;
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::service::Routes;
@@ -20,10 +21,12 @@ use tonic::{Request, Response, Status};
 
 use crate::IngestConfig;
 use crate::clock::Clock;
-use crate::publisher::{Appended, Prepared, Publisher, message_id};
+use crate::dimensions::DimensionIndex;
+use crate::publisher::{Appended, Prepared, Publisher};
 
 pub(crate) struct IngestApi {
     publisher: Arc<Publisher>,
+    dimensions: DimensionIndex,
     clock: Arc<dyn Clock>,
     admission: Arc<Semaphore>,
     admission_timeout: Duration,
@@ -37,6 +40,7 @@ pub(crate) struct IngestApi {
 impl IngestApi {
     pub fn new(
         publisher: Arc<Publisher>,
+        dimensions: DimensionIndex,
         clock: Arc<dyn Clock>,
         config: &IngestConfig,
         metrics: Arc<crate::metrics::IngestMetrics>,
@@ -44,6 +48,7 @@ impl IngestApi {
         Self {
             metrics,
             publisher,
+            dimensions,
             clock,
             admission: Arc::new(Semaphore::new(config.max_concurrent_batches)),
             admission_timeout: config.admission_timeout,
@@ -180,6 +185,7 @@ impl IngestService for IngestApi {
         let mut repeats = Vec::new();
         for (i, event) in events.iter().enumerate() {
             let fact = match fact_from_event(event).and_then(|f| {
+                f.validate_new()?;
                 check_event_time(f.event_time_us, now, &settings)?;
                 Ok(f)
             }) {
@@ -246,33 +252,78 @@ impl IngestService for IngestApi {
             .into_inner()
             .record
             .ok_or_else(|| Status::invalid_argument("record: required (fx or risk)"))?;
-        let _permit = self.admit().await?;
-        let now = self.clock.now_us();
-        let (subject, body) = match record {
+        let (subject, parsed, body) = match record {
             v1::publish_dimension_request::Record::Fx(fx) => {
-                fx_from_proto(&fx).map_err(|v| v.to_status())?;
-                (FX_SUBJECT, v1::log_record::Body::Fx(fx))
+                let parsed = fx_from_proto(&fx).map_err(|v| v.to_status())?;
+                parsed
+                    .validate()
+                    .map_err(|e| FieldViolation::from(e).to_status())?;
+                (
+                    FX_SUBJECT,
+                    DimRecord::Fx(parsed),
+                    v1::log_record::Body::Fx(fx),
+                )
             }
             v1::publish_dimension_request::Record::Risk(risk) => {
-                risk_from_proto(&risk).map_err(|v| v.to_status())?;
-                (RISK_SUBJECT, v1::log_record::Body::Risk(risk))
+                let parsed = risk_from_proto(&risk).map_err(|v| v.to_status())?;
+                parsed
+                    .validate()
+                    .map_err(|e| FieldViolation::from(e).to_status())?;
+                (
+                    RISK_SUBJECT,
+                    DimRecord::Risk(parsed),
+                    v1::log_record::Body::Risk(risk),
+                )
             }
         };
-        // The record's own content is its identity: a resend is absorbed.
-        let msg_id = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&body_bytes(&body)));
-        let appended = self
-            .publisher
-            .append_dimension(subject, &msg_id, Publisher::encode(now, body))
-            .await?;
-        let (sequence, duplicate) = match appended {
-            Appended::Stored(s) => (s, false),
-            Appended::Duplicate(s) => (s, true),
+        let _permit = self.admit().await?;
+        let now = self.clock.now_us();
+        let logged = self.dimensions.caught_up().await?;
+        let held = match &parsed {
+            DimRecord::Fx(fx) => logged.book.held_fx(fx),
+            DimRecord::Risk(risk) => logged.book.held_risk(risk),
         };
+        let (sequence, duplicate) = match held {
+            // Answered from the log, also after JetStream's duplicate window.
+            Held::Same(sequence) => (sequence, true),
+            Held::Other(sequence) => {
+                return Err(Status::already_exists(format!(
+                    "{} is already in the log at sequence {sequence} with other content, and stays in force (a key, date and version is never replaced); publish a higher version to supersede it",
+                    describe(&parsed)
+                )));
+            }
+            Held::Nothing => {
+                // The record's own content is its identity: a resend is absorbed.
+                let msg_id = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&body_bytes(&body)));
+                match self
+                    .publisher
+                    .append_dimension(subject, &msg_id, Publisher::encode(now, body))
+                    .await?
+                {
+                    Appended::Stored(s) => (s, false),
+                    Appended::Duplicate(s) => (s, true),
+                }
+            }
+        };
+        drop(logged);
         Ok(Response::new(v1::PublishDimensionResponse {
             sequence,
             ingest_time_us: now,
             duplicate,
         }))
+    }
+}
+
+fn describe(record: &DimRecord) -> String {
+    match record {
+        DimRecord::Fx(fx) => format!(
+            "the {} rate effective {} version {}",
+            fx.currency, fx.effective_day, fx.version
+        ),
+        DimRecord::Risk(risk) => format!(
+            "the risk tier of merchant '{}' effective {} version {}",
+            risk.merchant_id, risk.effective_day, risk.version
+        ),
     }
 }
 

@@ -1,10 +1,14 @@
-//! Wire ⇄ semantics. Parsing a wire message is where a field is validated, and a
-//! failure names the field, the rule and the gRPC code it maps to.
+//! Wire ⇄ semantics. Parsing a wire message checks what a semantic value needs
+//! (a known kind, a currency code, a date) and a failure names the field, the rule
+//! and the gRPC code it maps to. The rules new records must meet on top are the
+//! semantics' (`Fact::validate_new`, `FxRecord::validate`, `RiskRecord::validate`),
+//! applied by ingest alone, so that decoding a record already in the log never
+//! refuses it for a rule made after it was written.
 
 use payledger_semantics::Currency;
 use payledger_semantics::{
-    CurrentRow, DailyRow, Day, EventKind, Fact, FactError, FxRecord, Rate, Record, RecordBody,
-    RiskRecord,
+    CurrentRow, DailyRow, Day, DimensionError, EventKind, Fact, FactError, FxRecord, Rate, Record,
+    RecordBody, RiskRecord,
 };
 use tonic::Code;
 
@@ -47,6 +51,15 @@ impl From<FactError> for FieldViolation {
     }
 }
 
+impl From<DimensionError> for FieldViolation {
+    fn from(e: DimensionError) -> Self {
+        match e {
+            DimensionError::Id(e) => e.into(),
+            e => Self::invalid(e.field(), e.to_string()),
+        }
+    }
+}
+
 impl std::fmt::Display for FieldViolation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
@@ -54,32 +67,15 @@ impl std::fmt::Display for FieldViolation {
 }
 
 pub fn kind_from_proto(kind: i32) -> Result<EventKind, FieldViolation> {
-    Ok(match v1::EventKind::try_from(kind) {
-        Ok(v1::EventKind::PaymentCaptured) => EventKind::PaymentCaptured,
-        Ok(v1::EventKind::RefundIssued) => EventKind::RefundIssued,
-        Ok(v1::EventKind::SettlementReceived) => EventKind::SettlementReceived,
-        Ok(v1::EventKind::ChargebackOpened) => EventKind::ChargebackOpened,
-        Ok(v1::EventKind::ChargebackReversed) => EventKind::ChargebackReversed,
-        Ok(v1::EventKind::Correction) => EventKind::Correction,
-        Ok(v1::EventKind::Unspecified) => return Err(FactError::Missing { field: "kind" }.into()),
-        Err(_) => {
-            return Err(FieldViolation::invalid(
-                "kind",
-                format!("kind: unknown value {kind}"),
-            ));
-        }
-    })
+    if kind == v1::EventKind::Unspecified as i32 {
+        return Err(FactError::Missing { field: "kind" }.into());
+    }
+    EventKind::from_wire_code(kind)
+        .ok_or_else(|| FieldViolation::invalid("kind", format!("kind: unknown value {kind}")))
 }
 
 pub fn kind_to_proto(kind: EventKind) -> v1::EventKind {
-    match kind {
-        EventKind::PaymentCaptured => v1::EventKind::PaymentCaptured,
-        EventKind::RefundIssued => v1::EventKind::RefundIssued,
-        EventKind::SettlementReceived => v1::EventKind::SettlementReceived,
-        EventKind::ChargebackOpened => v1::EventKind::ChargebackOpened,
-        EventKind::ChargebackReversed => v1::EventKind::ChargebackReversed,
-        EventKind::Correction => v1::EventKind::Correction,
-    }
+    v1::EventKind::try_from(kind.wire_code()).expect("every kind's wire code is in records.proto")
 }
 
 fn currency(field: &'static str, code: &str) -> Result<Currency, FieldViolation> {
@@ -96,18 +92,9 @@ fn day(field: &'static str, text: &str) -> Result<Day, FieldViolation> {
     Day::parse(text).map_err(|e| FieldViolation::invalid(field, format!("{field}: {e}")))
 }
 
-fn version(v: i32) -> Result<i32, FieldViolation> {
-    if v < 1 {
-        return Err(FieldViolation::invalid(
-            "version",
-            format!("version: must be ≥ 1, got {v}"),
-        ));
-    }
-    Ok(v)
-}
-
-/// Parses and validates a submitted event (structure only; the time rules need
-/// ingest's clock, see `payledger_semantics::check_event_time`).
+/// Parses a submitted event or a logged one and checks its structure
+/// (`Fact::validate`); ingest adds `Fact::validate_new` and the time rules, which
+/// need its clock (`payledger_semantics::check_event_time`).
 pub fn fact_from_event(e: &v1::Event) -> Result<Fact, FieldViolation> {
     let mut fact = Fact {
         event_id: e.event_id.clone(),
@@ -152,29 +139,18 @@ pub fn fx_from_proto(fx: &v1::FxRate) -> Result<FxRecord, FieldViolation> {
         currency,
         rate,
         effective_day: day("effective_date", &fx.effective_date)?,
-        version: version(fx.version)?,
+        version: fx.version,
     })
 }
 
 pub fn risk_from_proto(r: &v1::RiskTier) -> Result<RiskRecord, FieldViolation> {
-    let record = RiskRecord {
+    Ok(RiskRecord {
         merchant_id: r.merchant_id.clone(),
         tier: r.tier.clone(),
         reserve_bps: r.reserve_bps,
         effective_day: day("effective_date", &r.effective_date)?,
-        version: version(r.version)?,
-    };
-    record.validate()?;
-    if !(0..=10_000).contains(&r.reserve_bps) {
-        return Err(FieldViolation::invalid(
-            "reserve_bps",
-            format!(
-                "reserve_bps: must be within 0..=10000, got {}",
-                r.reserve_bps
-            ),
-        ));
-    }
-    Ok(record)
+        version: r.version,
+    })
 }
 
 pub fn daily_row_to_proto(r: &DailyRow) -> v1::DailyRow {
@@ -276,9 +252,59 @@ pub fn record_from_log(seq: u64, payload: &[u8]) -> Result<Record, FieldViolatio
 
 #[cfg(test)]
 mod tests {
-    use payledger_semantics::{StreamSettings, check_event_time};
+    use payledger_semantics::{KINDS, StreamSettings, check_event_time};
 
     use super::*;
+
+    /// records.proto's `EventKind` and the semantics' kind table name the same
+    /// kinds with the same values, so a kind added to one alone fails here.
+    #[test]
+    fn the_proto_kinds_are_the_kind_table() {
+        for info in KINDS {
+            let wire = v1::EventKind::try_from(info.wire_code).expect("in records.proto");
+            assert_eq!(wire.as_str_name(), format!("EVENT_KIND_{}", info.name));
+            assert_eq!(kind_from_proto(info.wire_code), Ok(info.kind));
+            assert_eq!(kind_to_proto(info.kind), wire);
+        }
+        // prost accepts exactly the declared values; probe well past the highest.
+        let declared: Vec<i32> = (0..1024)
+            .filter(|&v| v1::EventKind::try_from(v).is_ok())
+            .collect();
+        let mut tabled: Vec<i32> = KINDS.iter().map(|k| k.wire_code).collect();
+        tabled.insert(0, v1::EventKind::Unspecified as i32);
+        tabled.sort_unstable();
+        assert_eq!(declared, tabled);
+        assert_eq!(kind_from_proto(0).unwrap_err().field, "kind");
+        assert_eq!(
+            kind_from_proto(99).unwrap_err().message,
+            "kind: unknown value 99"
+        );
+    }
+
+    /// Decoding only converts: a record ingest now refuses, already in the log, is
+    /// read as it always was (docs/semantics.md R8).
+    #[test]
+    fn dimension_records_decode_without_ingest_rules() {
+        let fx = fx_from_proto(&v1::FxRate {
+            currency: "USD".into(),
+            rate: "2".into(),
+            effective_date: "0000-01-01".into(),
+            version: 0,
+        })
+        .expect("converts");
+        assert_eq!(fx.effective_day, Day::from_ymd(0, 1, 1).unwrap());
+        assert!(fx.validate().is_err());
+        let risk = risk_from_proto(&v1::RiskTier {
+            merchant_id: "m-1".into(),
+            tier: "gold".into(),
+            reserve_bps: 20_000,
+            effective_date: "9999-12-31".into(),
+            version: 1,
+        })
+        .expect("converts");
+        let v: FieldViolation = risk.validate().unwrap_err().into();
+        assert_eq!((v.code, v.field), (Code::InvalidArgument, "reserve_bps"));
+    }
 
     #[test]
     fn time_rules_name_the_wire_field_event_time_us() {

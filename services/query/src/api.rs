@@ -339,6 +339,7 @@ fn reporting_to_proto(r: &payledger_semantics::Reporting) -> v1::Reporting {
             .map(|u| u.reserve_bps)
             .unwrap_or_default(),
         missing_rates: r.missing_rates.iter().map(ToString::to_string).collect(),
+        overflow: r.overflow.map(|o| o.to_string()).unwrap_or_default(),
     }
 }
 

@@ -90,12 +90,86 @@ pub struct RiskRecord {
     pub version: i32,
 }
 
-impl RiskRecord {
-    pub fn validate(&self) -> Result<(), FactError> {
-        check_id("merchant_id", &self.merchant_id, MAX_MERCHANT_ID_BYTES)?;
-        check_id("tier", &self.tier, 32)?;
-        Ok(())
+/// The earliest effective date ingest accepts: no event has an earlier day, and a
+/// date before it (year 0000, say) is a typo that would apply to every day.
+pub const MIN_EFFECTIVE_DAY: Day = Day(0);
+/// The latest effective date ingest accepts (2999-12-31): later ones are
+/// placeholders (9999-12-31) rather than dates a rate takes effect on.
+pub const MAX_EFFECTIVE_DAY: Day = Day(376_199);
+pub const MAX_RESERVE_BPS: i32 = 10_000;
+pub const MAX_TIER_BYTES: usize = 32;
+
+/// Why ingest refuses a dimension record; names the field and the rule
+/// (docs/semantics.md R8).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DimensionError {
+    #[error(transparent)]
+    Id(#[from] FactError),
+    #[error("version: must be ≥ 1, got {0}")]
+    Version(i32),
+    #[error("reserve_bps: must be within 0..={MAX_RESERVE_BPS}, got {0}")]
+    ReserveBps(i32),
+    #[error(
+        "currency: {REPORTING_CURRENCY} is the reporting currency; it converts at exactly 1 and takes no FX rate"
+    )]
+    ReportingCurrency,
+    #[error("effective_date: {0} is outside {MIN_EFFECTIVE_DAY}..={MAX_EFFECTIVE_DAY}")]
+    EffectiveDate(Day),
+}
+
+impl DimensionError {
+    /// The request field at fault.
+    pub fn field(&self) -> &'static str {
+        match self {
+            DimensionError::Id(e) => e.field(),
+            DimensionError::Version(_) => "version",
+            DimensionError::ReserveBps(_) => "reserve_bps",
+            DimensionError::ReportingCurrency => "currency",
+            DimensionError::EffectiveDate(_) => "effective_date",
+        }
     }
+}
+
+fn check_date_and_version(day: Day, version: i32) -> Result<(), DimensionError> {
+    if !(MIN_EFFECTIVE_DAY..=MAX_EFFECTIVE_DAY).contains(&day) {
+        return Err(DimensionError::EffectiveDate(day));
+    }
+    if version < 1 {
+        return Err(DimensionError::Version(version));
+    }
+    Ok(())
+}
+
+// Ingest's rules for new records. The fold never applies them, so records already
+// in the log (some from before a rule existed) fold as they always did.
+impl FxRecord {
+    pub fn validate(&self) -> Result<(), DimensionError> {
+        if self.currency == REPORTING_CURRENCY {
+            return Err(DimensionError::ReportingCurrency);
+        }
+        check_date_and_version(self.effective_day, self.version)
+    }
+}
+
+impl RiskRecord {
+    pub fn validate(&self) -> Result<(), DimensionError> {
+        check_id("merchant_id", &self.merchant_id, MAX_MERCHANT_ID_BYTES)?;
+        check_id("tier", &self.tier, MAX_TIER_BYTES)?;
+        if !(0..=MAX_RESERVE_BPS).contains(&self.reserve_bps) {
+            return Err(DimensionError::ReserveBps(self.reserve_bps));
+        }
+        check_date_and_version(self.effective_day, self.version)
+    }
+}
+
+/// What the book holds for a record's (key, effective date, version).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    Nothing,
+    /// A record with the same content, read at this sequence.
+    Same(u64),
+    /// A record with other content, read at this sequence: it stays in force.
+    Other(u64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,6 +247,19 @@ pub struct Reporting {
     pub fx_used: Vec<FxUsed>,
     pub risk_used: Option<RiskUsed>,
     pub missing_rates: Vec<Currency>,
+    /// Set when a value is absent although every record it needs is held.
+    pub overflow: Option<Overflow>,
+}
+
+/// The step whose exact result leaves `i128`, so that the value is absent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Overflow {
+    #[error("converting the {0} closing to {REPORTING_CURRENCY} leaves 128 bits")]
+    Conversion(Currency),
+    #[error("the sum of the converted closings leaves 128 bits")]
+    Total,
+    #[error("closing_reporting_minor × reserve_bps leaves 128 bits")]
+    Reserve,
 }
 
 impl DimensionBook {
@@ -205,6 +292,38 @@ impl DimensionBook {
             reserve_bps: record.reserve_bps,
         };
         insert_first(versions, (record.effective_day, record.version), terms, seq)
+    }
+
+    /// Whether a record of this FX key is held, and with what content; a new
+    /// record of a held key would be ignored (the first in the log wins).
+    pub fn held_fx(&self, record: &FxRecord) -> Held {
+        let held = self
+            .fx
+            .get(&record.currency)
+            .and_then(|v| v.by_date.get(&(record.effective_day, record.version)));
+        match held {
+            None => Held::Nothing,
+            Some((rate, seq)) if *rate == record.rate => Held::Same(*seq),
+            Some((_, seq)) => Held::Other(*seq),
+        }
+    }
+
+    /// [`DimensionBook::held_fx`] for a risk record.
+    pub fn held_risk(&self, record: &RiskRecord) -> Held {
+        let held = self
+            .risk
+            .get(&record.merchant_id)
+            .and_then(|v| v.by_date.get(&(record.effective_day, record.version)));
+        match held {
+            None => Held::Nothing,
+            Some((terms, seq))
+                if (terms.tier.as_str(), terms.reserve_bps)
+                    == (record.tier.as_str(), record.reserve_bps) =>
+            {
+                Held::Same(*seq)
+            }
+            Some((_, seq)) => Held::Other(*seq),
+        }
     }
 
     pub fn fx(&self, currency: Currency, day: Day, cutoff: u64) -> Option<FxUsed> {
@@ -291,9 +410,13 @@ pub fn to_reporting(rows: &[DailyRow], book: &DimensionBook, cutoff: u64) -> Rep
                 fx_used,
                 risk_used: None,
                 missing_rates,
+                overflow: None,
             };
         }
     };
+    // The first step that overflowed; reported only when no rate is missing, since
+    // a missing rate alone already explains the absent values.
+    let mut overflow = None;
     for row in rows {
         let converted = if row.currency == REPORTING_CURRENCY {
             Some(row.closing_minor)
@@ -301,7 +424,11 @@ pub fn to_reporting(rows: &[DailyRow], book: &DimensionBook, cutoff: u64) -> Rep
             match book.fx_rate(row.currency, day, cutoff) {
                 Some((used, rate)) => {
                     fx_used.push(used);
-                    convert(row.closing_minor, row.currency, rate)
+                    let converted = convert(row.closing_minor, row.currency, rate);
+                    if converted.is_none() {
+                        overflow = overflow.or(Some(Overflow::Conversion(row.currency)));
+                    }
+                    converted
                 }
                 None => {
                     missing_rates.push(row.currency);
@@ -309,18 +436,36 @@ pub fn to_reporting(rows: &[DailyRow], book: &DimensionBook, cutoff: u64) -> Rep
                 }
             }
         };
-        total = total.zip(converted).and_then(|(t, c)| t.checked_add(c));
+        total = match (total, converted) {
+            (Some(t), Some(c)) => {
+                let sum = t.checked_add(c);
+                if sum.is_none() {
+                    overflow = overflow.or(Some(Overflow::Total));
+                }
+                sum
+            }
+            _ => None,
+        };
     }
     let risk_used = book.risk(merchant_id, day, cutoff);
     let reserve_minor = total.zip(risk_used.as_ref()).and_then(|(t, r)| {
-        t.checked_mul(i128::from(r.reserve_bps))
-            .map(|n| div_half_even(n, 10_000))
+        let reserve = t
+            .checked_mul(i128::from(r.reserve_bps))
+            .map(|n| div_half_even(n, 10_000));
+        if reserve.is_none() {
+            overflow = overflow.or(Some(Overflow::Reserve));
+        }
+        reserve
     });
+    if !missing_rates.is_empty() {
+        overflow = None;
+    }
     Reporting {
         closing_reporting_minor: total,
         reserve_minor,
         fx_used,
         risk_used,
         missing_rates,
+        overflow,
     }
 }

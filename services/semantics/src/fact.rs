@@ -15,42 +15,124 @@ pub enum EventKind {
     Correction,
 }
 
+/// Everything a kind means, in one row (docs/semantics.md, facts). Adding a kind
+/// is adding a row here and a value to `EventKind` in records.proto; the proto
+/// conversion and the CLI's messages are built from this table, and tests check
+/// the proto enum and the DuckDB SQL against it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KindInfo {
+    pub kind: EventKind,
+    /// The name in JSON lines, the archive's `kind` column and the `Nats-Msg-Id`;
+    /// the proto value is `EVENT_KIND_<name>`.
+    pub name: &'static str,
+    /// +1 or −1: the delta is `sign × amount` (R4). A CORRECTION's is +1, its
+    /// amount carrying either sign.
+    pub sign: i8,
+    /// The value of records.proto's `EventKind`. Pinned: logs hold it.
+    pub wire_code: i32,
+    /// The byte the content hash holds for the kind (R10). Pinned: checkpoints
+    /// and replay states remember identities by hashes made with it, so a new
+    /// kind takes an unused byte, whatever its place in the enum.
+    pub hash_code: u8,
+}
+
+/// One row per kind, in the order of `EventKind`'s variants.
+pub const KINDS: &[KindInfo] = &[
+    KindInfo {
+        kind: EventKind::PaymentCaptured,
+        name: "PAYMENT_CAPTURED",
+        sign: 1,
+        wire_code: 1,
+        hash_code: 0,
+    },
+    KindInfo {
+        kind: EventKind::RefundIssued,
+        name: "REFUND_ISSUED",
+        sign: -1,
+        wire_code: 2,
+        hash_code: 1,
+    },
+    KindInfo {
+        kind: EventKind::SettlementReceived,
+        name: "SETTLEMENT_RECEIVED",
+        sign: -1,
+        wire_code: 3,
+        hash_code: 2,
+    },
+    KindInfo {
+        kind: EventKind::ChargebackOpened,
+        name: "CHARGEBACK_OPENED",
+        sign: 1,
+        wire_code: 4,
+        hash_code: 3,
+    },
+    KindInfo {
+        kind: EventKind::ChargebackReversed,
+        name: "CHARGEBACK_REVERSED",
+        sign: -1,
+        wire_code: 5,
+        hash_code: 4,
+    },
+    KindInfo {
+        kind: EventKind::Correction,
+        name: "CORRECTION",
+        sign: 1,
+        wire_code: 6,
+        hash_code: 5,
+    },
+];
+
+// `EventKind::info` indexes the table by variant: a row out of place fails the build.
+const _: () = {
+    let mut i = 0;
+    while i < KINDS.len() {
+        assert!(KINDS[i].kind as usize == i, "KINDS is in variant order");
+        assert!(KINDS[i].sign == 1 || KINDS[i].sign == -1, "a sign is ±1");
+        i += 1;
+    }
+};
+
 impl EventKind {
+    pub const ALL: [EventKind; KINDS.len()] = {
+        let mut all = [EventKind::PaymentCaptured; KINDS.len()];
+        let mut i = 0;
+        while i < KINDS.len() {
+            all[i] = KINDS[i].kind;
+            i += 1;
+        }
+        all
+    };
+
+    pub fn info(self) -> &'static KindInfo {
+        &KINDS[self as usize]
+    }
+
     /// The signed delta this kind applies to open exposure (docs/semantics.md, facts; R4).
     pub fn signed_delta(self, amount_minor: i64) -> i128 {
-        let amount = i128::from(amount_minor);
-        match self {
-            EventKind::PaymentCaptured | EventKind::ChargebackOpened | EventKind::Correction => {
-                amount
-            }
-            EventKind::RefundIssued
-            | EventKind::SettlementReceived
-            | EventKind::ChargebackReversed => -amount,
-        }
+        i128::from(self.info().sign) * i128::from(amount_minor)
     }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::PaymentCaptured => "PAYMENT_CAPTURED",
-            EventKind::RefundIssued => "REFUND_ISSUED",
-            EventKind::SettlementReceived => "SETTLEMENT_RECEIVED",
-            EventKind::ChargebackOpened => "CHARGEBACK_OPENED",
-            EventKind::ChargebackReversed => "CHARGEBACK_REVERSED",
-            EventKind::Correction => "CORRECTION",
-        }
+        self.info().name
     }
 
-    pub const ALL: [EventKind; 6] = [
-        EventKind::PaymentCaptured,
-        EventKind::RefundIssued,
-        EventKind::SettlementReceived,
-        EventKind::ChargebackOpened,
-        EventKind::ChargebackReversed,
-        EventKind::Correction,
-    ];
-
     pub fn parse(s: &str) -> Option<EventKind> {
-        EventKind::ALL.into_iter().find(|k| k.as_str() == s)
+        KINDS.iter().find(|k| k.name == s).map(|k| k.kind)
+    }
+
+    /// The kind of a records.proto `EventKind` value; None for 0 (unset) and values
+    /// this build does not know.
+    pub fn from_wire_code(code: i32) -> Option<EventKind> {
+        KINDS.iter().find(|k| k.wire_code == code).map(|k| k.kind)
+    }
+
+    pub fn wire_code(self) -> i32 {
+        self.info().wire_code
+    }
+
+    /// "PAYMENT_CAPTURED, REFUND_ISSUED, …": for messages naming the accepted kinds.
+    pub fn names() -> String {
+        KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -105,6 +187,8 @@ pub enum FactError {
     ZeroCorrection,
     #[error("corrects_event_id: a CORRECTION must name the event it corrects")]
     CorrectionWithoutTarget,
+    #[error("corrects_event_id: a CORRECTION cannot correct itself (it names its own event_id)")]
+    CorrectsItself,
     #[error("corrects_event_id: only a CORRECTION may set it ({kind} does not)")]
     TargetWithoutCorrection { kind: &'static str },
     #[error(
@@ -125,9 +209,9 @@ impl FactError {
             | FactError::IdLength { field, .. }
             | FactError::IdCharacter { field, .. } => field,
             FactError::AmountNotPositive { .. } | FactError::ZeroCorrection => "amount_minor",
-            FactError::CorrectionWithoutTarget | FactError::TargetWithoutCorrection { .. } => {
-                "corrects_event_id"
-            }
+            FactError::CorrectionWithoutTarget
+            | FactError::CorrectsItself
+            | FactError::TargetWithoutCorrection { .. } => "corrects_event_id",
             FactError::InFuture { .. } | FactError::BeyondHorizon { .. } => "event_time_us",
         }
     }
@@ -187,24 +271,15 @@ impl Fact {
         Ok(())
     }
 
-    /// Fingerprint of everything but the identity: equal content means a duplicate,
-    /// other content a conflict (docs/semantics.md R1).
-    pub(crate) fn content_hash(&self) -> u64 {
-        // Fixed-width fields on the stack; the optional target id hashed on its own.
-        let mut fixed = [0u8; 32];
-        fixed[0] = self.kind as u8;
-        fixed[1..9].copy_from_slice(&self.amount_minor.to_le_bytes());
-        fixed[9..12].copy_from_slice(self.currency.as_str().as_bytes());
-        fixed[12..20].copy_from_slice(&self.event_time_us.to_le_bytes());
-        let target = match &self.corrects_event_id {
-            Some(target) => {
-                fixed[20] = 1;
-                xxhash_rust::xxh3::xxh3_64(target.as_bytes())
-            }
-            None => 0,
-        };
-        fixed[21..29].copy_from_slice(&target.to_le_bytes());
-        xxhash_rust::xxh3::xxh3_64(&fixed)
+    /// [`Fact::validate`] and the rules ingest added later (docs/semantics.md,
+    /// facts): ingest applies them to new facts, the fold never, so a record
+    /// already in the log folds as it always did.
+    pub fn validate_new(&self) -> Result<(), FactError> {
+        self.validate()?;
+        if self.corrects_event_id.as_deref() == Some(self.event_id.as_str()) {
+            return Err(FactError::CorrectsItself);
+        }
+        Ok(())
     }
 }
 

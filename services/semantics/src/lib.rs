@@ -16,20 +16,23 @@ mod currency;
 mod dims;
 mod exposure;
 mod fact;
+mod identity;
 mod settings;
 mod state;
 mod time;
 
 pub use currency::{Currency, CurrencyError};
 pub use dims::{
-    DimOutcome, DimensionBook, FxRecord, FxUsed, REPORTING_CURRENCY, Rate, RateError, Reporting,
-    RiskRecord, RiskUsed, to_reporting,
+    DimOutcome, DimensionBook, DimensionError, FxRecord, FxUsed, Held, MAX_EFFECTIVE_DAY,
+    MAX_RESERVE_BPS, MAX_TIER_BYTES, MIN_EFFECTIVE_DAY, Overflow, REPORTING_CURRENCY, Rate,
+    RateError, Reporting, RiskRecord, RiskUsed, to_reporting,
 };
 pub use exposure::Exposure;
 pub use fact::{
-    EventKind, Fact, FactError, MAX_EVENT_ID_BYTES, MAX_MERCHANT_ID_BYTES, Record, RecordBody,
-    check_event_time, check_id,
+    EventKind, Fact, FactError, KINDS, KindInfo, MAX_EVENT_ID_BYTES, MAX_MERCHANT_ID_BYTES, Record,
+    RecordBody, check_event_time, check_id,
 };
+pub use identity::message_id;
 pub use settings::{
     ProjectionSettings, RecordedStream, Settings, SettingsError, StreamSettings, fnv1a_64,
     partition_of,

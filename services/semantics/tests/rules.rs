@@ -7,11 +7,11 @@
 
 use payledger_semantics::{Currency, MICROS_PER_DAY};
 use payledger_semantics::{
-    CurrencyError, CurrentRow, DailyRow, Day, DayParseError, DimOutcome, DimensionBook, EventKind,
-    Exposure, Fact, FactError, FxRecord, FxUsed, PartitionState, Rate, RateError, Record,
-    RecordBody, Reporting, RiskRecord, RiskUsed, SEMANTICS_VERSION, STATE_FORMAT, SemanticsError,
-    Settings, SettingsError, Status, StreamSettings, Touched, check_event_time, fnv1a_64,
-    partition_of, to_reporting,
+    CurrencyError, CurrentRow, DailyRow, Day, DayParseError, DimOutcome, DimensionBook,
+    DimensionError, EventKind, Exposure, Fact, FactError, FxRecord, FxUsed, Held, KINDS,
+    MAX_EFFECTIVE_DAY, Overflow, PartitionState, Rate, RateError, Record, RecordBody, Reporting,
+    RiskRecord, RiskUsed, SEMANTICS_VERSION, STATE_FORMAT, SemanticsError, Settings, SettingsError,
+    Status, StreamSettings, Touched, check_event_time, fnv1a_64, partition_of, to_reporting,
 };
 
 use EventKind::{
@@ -661,8 +661,30 @@ fn rule4_signed_deltas_of_the_kinds() {
     );
     for kind in EventKind::ALL {
         assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+        assert_eq!(EventKind::from_wire_code(kind.wire_code()), Some(kind));
     }
     assert_eq!(EventKind::parse("payment_captured"), None);
+    assert_eq!(EventKind::from_wire_code(0), None);
+    assert_eq!(EventKind::ALL.len(), KINDS.len());
+    assert_eq!(
+        EventKind::names(),
+        "PAYMENT_CAPTURED, REFUND_ISSUED, SETTLEMENT_RECEIVED, CHARGEBACK_OPENED, CHARGEBACK_REVERSED, CORRECTION"
+    );
+}
+
+#[test]
+fn facts_a_correction_of_itself_is_refused_at_ingest_and_folds_if_already_logged() {
+    let selfish = correction("c1", "m1", 5, "USD", at(0, 10, 0), "c1");
+    assert_eq!(selfish.validate(), Ok(()));
+    assert_eq!(selfish.validate_new(), Err(FactError::CorrectsItself));
+    assert_eq!(FactError::CorrectsItself.field(), "corrects_event_id");
+    assert_eq!(
+        correction("c2", "m1", 5, "USD", at(0, 10, 0), "c1").validate_new(),
+        Ok(())
+    );
+    let mut p = Part::of("m1");
+    assert_eq!(p.fact(1, at(0, 10, 1), selfish), Status::Applied);
+    assert_eq!(p.row("m1", D0, "USD").closing_minor, 5);
 }
 
 #[test]
@@ -1511,6 +1533,7 @@ fn rule8_fx_latest_effective_date_highest_version() {
             ],
             risk_used: None,
             missing_rates: vec![],
+            overflow: None,
         }
     );
 }
@@ -1793,18 +1816,193 @@ fn rule8_rate_parse_is_exact_and_strict() {
 #[test]
 fn rule8_risk_record_validation() {
     assert_eq!(risk("m1", "gold", 100, D0, 1).validate(), Ok(()));
+    assert_eq!(risk("m1", "gold", 0, D0, 1).validate(), Ok(()));
+    assert_eq!(risk("m1", "gold", 10_000, D0, 1).validate(), Ok(()));
+    let refused = [
+        (
+            risk("m1", "", 100, D0, 1),
+            DimensionError::Id(FactError::Missing { field: "tier" }),
+            "tier",
+        ),
+        (
+            risk("m 1", "gold", 100, D0, 1),
+            DimensionError::Id(FactError::IdCharacter {
+                field: "merchant_id",
+                ch: ' ',
+                at: 1,
+            }),
+            "merchant_id",
+        ),
+        (
+            risk("m1", "gold", 10_001, D0, 1),
+            DimensionError::ReserveBps(10_001),
+            "reserve_bps",
+        ),
+        (
+            risk("m1", "gold", -1, D0, 1),
+            DimensionError::ReserveBps(-1),
+            "reserve_bps",
+        ),
+        (
+            risk("m1", "gold", 100, D0, 0),
+            DimensionError::Version(0),
+            "version",
+        ),
+    ];
+    for (record, error, field) in refused {
+        assert_eq!(record.validate(), Err(error.clone()), "{record:?}");
+        assert_eq!(error.field(), field);
+        assert!(error.to_string().starts_with(field), "{error}");
+    }
+}
+
+#[test]
+fn rule8_fx_record_validation() {
+    let year = |y| Day::from_ymd(y, 1, 1).unwrap().0;
+    assert_eq!(MAX_EFFECTIVE_DAY, Day::from_ymd(2999, 12, 31).unwrap());
+    assert_eq!(fx("EUR", "1.1", 0, 1).validate(), Ok(()));
+    assert_eq!(fx("EUR", "1.1", MAX_EFFECTIVE_DAY.0, 1).validate(), Ok(()));
+    let refused = [
+        (
+            fx("USD", "1", D0, 1),
+            DimensionError::ReportingCurrency,
+            "currency",
+        ),
+        (
+            fx("EUR", "1.1", year(0), 1),
+            DimensionError::EffectiveDate(Day(year(0))),
+            "effective_date",
+        ),
+        (
+            fx("EUR", "1.1", -1, 1),
+            DimensionError::EffectiveDate(Day(-1)),
+            "effective_date",
+        ),
+        (
+            fx("EUR", "1.1", year(9999), 1),
+            DimensionError::EffectiveDate(Day(year(9999))),
+            "effective_date",
+        ),
+        (
+            fx("EUR", "1.1", D0, 0),
+            DimensionError::Version(0),
+            "version",
+        ),
+    ];
+    for (record, error, field) in refused {
+        assert_eq!(record.validate(), Err(error.clone()), "{record:?}");
+        assert_eq!(error.field(), field);
+    }
     assert_eq!(
-        risk("m1", "", 100, D0, 1).validate(),
-        Err(FactError::Missing { field: "tier" })
+        DimensionError::EffectiveDate(Day(year(0))).to_string(),
+        "effective_date: 0000-01-01 is outside 1970-01-01..=2999-12-31"
+    );
+}
+
+#[test]
+fn rule8_records_ingest_now_refuses_still_fold_as_before() {
+    // Ingest's rules are for new records: one already in the log folds as it did.
+    let year_zero = Day::from_ymd(0, 1, 1).unwrap().0;
+    let mut book = DimensionBook::default();
+    assert_eq!(
+        book.apply_fx(1, &fx("EUR", "1.5", year_zero, 1)),
+        DimOutcome::Recorded
     );
     assert_eq!(
-        risk("m 1", "gold", 100, D0, 1).validate(),
-        Err(FactError::IdCharacter {
-            field: "merchant_id",
-            ch: ' ',
-            at: 1
-        })
+        book.apply_fx(2, &fx("USD", "2", D0, 1)),
+        DimOutcome::Recorded
     );
+    assert_eq!(
+        book.apply_risk(3, &risk("m1", "gold", 20_000, D0, 0)),
+        DimOutcome::Recorded
+    );
+    let reporting = to_reporting(
+        &[closing("m1", D0, "EUR", 100), closing("m1", D0, "USD", 10)],
+        &book,
+        u64::MAX,
+    );
+    assert_eq!(reporting.fx_used, vec![fx_used("EUR", year_zero, 1, "1.5")]);
+    assert_eq!(reporting.closing_reporting_minor, Some(160));
+    assert_eq!(reporting.reserve_minor, Some(320));
+}
+
+#[test]
+fn rule8_held_says_whether_a_key_is_held_and_with_what_content() {
+    let mut book = DimensionBook::default();
+    book.apply_fx(4, &fx("EUR", "1.10", D0, 1));
+    book.apply_risk(5, &risk("m1", "gold", 100, D0, 1));
+    assert_eq!(book.held_fx(&fx("EUR", "1.10", D0, 1)), Held::Same(4));
+    // The rate as received is the content: "1.1" is another record.
+    assert_eq!(book.held_fx(&fx("EUR", "1.1", D0, 1)), Held::Other(4));
+    assert_eq!(book.held_fx(&fx("EUR", "1.10", D0, 2)), Held::Nothing);
+    assert_eq!(book.held_fx(&fx("EUR", "1.10", D0 + 1, 1)), Held::Nothing);
+    assert_eq!(book.held_fx(&fx("GBP", "1.10", D0, 1)), Held::Nothing);
+    assert_eq!(
+        book.held_risk(&risk("m1", "gold", 100, D0, 1)),
+        Held::Same(5)
+    );
+    assert_eq!(
+        book.held_risk(&risk("m1", "gold", 101, D0, 1)),
+        Held::Other(5)
+    );
+    assert_eq!(
+        book.held_risk(&risk("m1", "tin", 100, D0, 1)),
+        Held::Other(5)
+    );
+    assert_eq!(
+        book.held_risk(&risk("m2", "gold", 100, D0, 1)),
+        Held::Nothing
+    );
+}
+
+#[test]
+fn rule8_an_overflowing_conversion_names_its_reason() {
+    let mut book = DimensionBook::default();
+    book.apply_fx(1, &fx("EUR", "100000000000.5", D0, 1));
+    book.apply_fx(2, &fx("KWD", "3.25", D0, 1));
+    book.apply_risk(3, &risk("m1", "gold", 10_000, D0, 1));
+    let huge = 10_i128.pow(37);
+    let reporting = to_reporting(&[closing("m1", D0, "EUR", huge)], &book, u64::MAX);
+    assert_eq!(reporting.closing_reporting_minor, None);
+    assert_eq!(reporting.reserve_minor, None);
+    assert_eq!(reporting.missing_rates, Vec::<Currency>::new());
+    assert_eq!(reporting.overflow, Some(Overflow::Conversion(cur("EUR"))));
+    assert_eq!(
+        Overflow::Conversion(cur("EUR")).to_string(),
+        "converting the EUR closing to USD leaves 128 bits"
+    );
+
+    // Two closings that convert but whose sum does not fit.
+    let near_max = i128::MAX / 2 + 1;
+    let reporting = to_reporting(
+        &[
+            closing("m1", D0, "USD", near_max),
+            closing("m1", D0, "USD", near_max),
+        ],
+        &book,
+        u64::MAX,
+    );
+    assert_eq!(reporting.overflow, Some(Overflow::Total));
+
+    // A total that fits, a reserve that does not.
+    let reporting = to_reporting(&[closing("m1", D0, "USD", i128::MAX / 2)], &book, u64::MAX);
+    assert_eq!(reporting.closing_reporting_minor, Some(i128::MAX / 2));
+    assert_eq!(reporting.reserve_minor, None);
+    assert_eq!(reporting.overflow, Some(Overflow::Reserve));
+
+    // A missing rate explains the absence on its own.
+    let reporting = to_reporting(
+        &[closing("m1", D0, "EUR", huge), closing("m1", D0, "GBP", 1)],
+        &book,
+        u64::MAX,
+    );
+    assert_eq!(reporting.missing_rates, vec![cur("GBP")]);
+    assert_eq!(reporting.overflow, None);
+
+    // Nothing overflows: no reason.
+    let reporting = to_reporting(&[closing("m1", D0, "KWD", 1000)], &book, u64::MAX);
+    assert_eq!(reporting.closing_reporting_minor, Some(325));
+    assert_eq!(reporting.overflow, None);
 }
 
 // ---------------------------------------------------------------------------
