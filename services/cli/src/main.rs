@@ -1009,16 +1009,7 @@ async fn main() -> anyhow::Result<()> {
             max,
             endpoints,
         } => {
-            let mut client = query_client(&endpoints.query_url).await?;
-            let report = client
-                .reconcile(v1::ReconcileRequest {
-                    from_day: from,
-                    to_day: to,
-                    max_differences: max,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let report = replay::reconcile_range(&endpoints.query_url, &from, &to, max).await?;
             if cli.json {
                 print_json(&report)?;
             } else {

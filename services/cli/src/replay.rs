@@ -1,6 +1,7 @@
 //! `payledger replay start|status|list|cancel`: the coordinator's client, with a
 //! progress bar per shard while waiting, and retries while no coordinator takes
-//! the call (a standby, a failover, a rollout).
+//! the call (a standby, a failover, a rollout); and the query service's side of a
+//! replay: its commit being served, and `reconcile` over ranges of any length.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -8,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use crate::connect::Conn;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
+use payledger_proto::v1::{
+    self, query_service_client::QueryServiceClient,
+    replay_coordinator_client::ReplayCoordinatorClient,
+};
 use payledger_server_common::config::parse_duration;
 
 pub async fn client(url: &str) -> anyhow::Result<ReplayCoordinatorClient<Conn>> {
@@ -57,6 +61,41 @@ impl Backoff {
         self.next = (self.next * 2).min(MAX_WAIT);
         Some(wait)
     }
+}
+
+/// `Reconcile` over `from..=to` of any length: the query service compares at most
+/// `MAX_RECONCILE_DAYS` per call, so a longer range (a replay from genesis covers
+/// all history) is asked for in consecutive chunks and their reports added up,
+/// listing at most `max_differences` differences in all.
+pub async fn reconcile_range(
+    query_url: &str,
+    from: &str,
+    to: &str,
+    max_differences: u32,
+) -> anyhow::Result<v1::ReconcileReport> {
+    use payledger_proto::reconcile::{MAX_RECONCILE_DAYS, day_chunks, merge_report};
+    let day = |flag: &str, text: &str| {
+        payledger_semantics::Day::parse(text).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+    };
+    let (from, to) = (day("from", from)?, day("to", to)?);
+    anyhow::ensure!(from <= to, "--from {from} is after --to {to}");
+    let mut client = QueryServiceClient::new(crate::connect::connect(query_url, "query").await?);
+    let mut total = v1::ReconcileReport::default();
+    for (first, last) in day_chunks(from, to, MAX_RECONCILE_DAYS) {
+        let listed = total.differences.len() as u32;
+        let report = client
+            .reconcile(v1::ReconcileRequest {
+                from_day: first.to_string(),
+                to_day: last.to_string(),
+                // 0 would mean the server's default: ask for one, and drop it.
+                max_differences: max_differences.saturating_sub(listed).max(1),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        merge_report(&mut total, report, max_differences as usize);
+    }
+    Ok(total)
 }
 
 /// The coordinator calls that retry.
