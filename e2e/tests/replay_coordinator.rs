@@ -510,6 +510,11 @@ async fn bad_replay_requests_are_refused_and_start_nothing() -> anyhow::Result<(
             "reason",
         ),
         (
+            start(Day(today.0 + 2), Day(today.0 + 3), "x"),
+            tonic::Code::FailedPrecondition,
+            "are in the future",
+        ),
+        (
             v1::StartReplayRequest {
                 cutoff: s.cutoff + 1,
                 ..start(today, today, "x")

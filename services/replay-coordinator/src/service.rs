@@ -40,6 +40,32 @@ fn new_replay_id(now_us: i64) -> String {
     )
 }
 
+/// Refuses a replay all of whose days lie after the last day an event can have
+/// now: ingest accepts an event_time at most `max_clock_skew_us` ahead of its clock
+/// (docs/semantics.md R2), so no record of the log can fall on those days and the
+/// replay would commit an empty "authoritative" snapshot of them. FAILED_PRECONDITION
+/// rather than INVALID_ARGUMENT: the same request is valid once the days have come,
+/// so what is wrong is the moment, not the argument.
+fn refuse_future_days(
+    from_day: Day,
+    to_day: Day,
+    now_us: i64,
+    max_clock_skew_us: i64,
+) -> Result<(), Status> {
+    let last_possible = Day::of_micros(now_us.saturating_add(max_clock_skew_us));
+    if from_day <= last_possible {
+        return Ok(());
+    }
+    let days = if from_day == to_day {
+        format!("{from_day} is")
+    } else {
+        format!("{from_day} to {to_day} are")
+    };
+    Err(Status::failed_precondition(format!(
+        "{days} in the future (the latest day an event can have now is {last_possible} UTC): no record can fall on them yet, so there is nothing to replay; replay days up to {last_possible}"
+    )))
+}
+
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -124,6 +150,12 @@ impl ReplayCoordinator for CoordinatorApi {
                 "from_day {from_day} is after to_day {to_day}"
             )));
         }
+        refuse_future_days(
+            from_day,
+            to_day,
+            now_us(),
+            self.ctx.settings.max_clock_skew_us,
+        )?;
         let reason = request.reason.trim();
         if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS {
             return Err(Status::invalid_argument(format!(
@@ -267,6 +299,38 @@ impl ReplayCoordinator for CoordinatorApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ranges_wholly_after_the_last_possible_event_day_are_refused() {
+        let d = |s: &str| Day::parse(s).unwrap();
+        let skew = 5 * 60 * 1_000_000;
+        // 2026-11-25T23:57:00Z: events may already lie on 2026-11-26.
+        let late = 1_795_651_020_000_000;
+        assert_eq!(Day::of_micros(late), d("2026-11-25"));
+        assert!(refuse_future_days(d("2026-11-25"), d("2026-11-25"), late, skew).is_ok());
+        assert!(refuse_future_days(d("2026-11-26"), d("2026-11-26"), late, skew).is_ok());
+        assert!(refuse_future_days(d("2016-01-01"), d("2027-01-01"), late, skew).is_ok());
+        let refused = refuse_future_days(d("2026-11-27"), d("2026-11-30"), late, skew)
+            .expect_err("all in the future");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            refused
+                .message()
+                .starts_with("2026-11-27 to 2026-11-30 are in the future"),
+            "{}",
+            refused.message()
+        );
+        // 2026-11-25T12:00:00Z: tomorrow is out of reach.
+        let noon = 1_795_608_000_000_000;
+        let refused =
+            refuse_future_days(d("2026-11-26"), d("2026-11-26"), noon, skew).expect_err("tomorrow");
+        assert!(
+            refused.message().contains("2026-11-26 is in the future")
+                && refused.message().contains("up to 2026-11-25"),
+            "{}",
+            refused.message()
+        );
+    }
 
     #[test]
     fn replay_ids_are_readable_and_safe_as_keys() {
