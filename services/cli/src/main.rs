@@ -222,7 +222,9 @@ enum ReplayCommand {
         /// Why (kept with the replay): "nightly", "late settlement file of 2026-11-20", ...
         #[arg(long, default_value = "manual")]
         reason: String,
-        /// Log cutoff: an archive watermark; the highest by default.
+        /// Log cutoff: an archive watermark. By default the replay covers every
+        /// record the stream holds now: the coordinator waits (at most its
+        /// --archive-wait) until the archive reaches them.
         #[arg(long, default_value_t = 0)]
         cutoff: u64,
         /// Fold every partition from the beginning of history (an audit of the
@@ -1076,10 +1078,7 @@ async fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             if !cli.json {
-                println!(
-                    "replay {} of {from_day} to {to_day} through log position {}",
-                    started.replay_id, started.cutoff
-                );
+                println!("{}", replay::started_line(&started));
             }
             let ended = replay::wait(&mut client, &started.replay_id, !cli.json).await?;
             if cli.json {

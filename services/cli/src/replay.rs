@@ -1,7 +1,7 @@
 //! `payledger replay start|status|list|cancel`: the coordinator's client, with a
 //! progress bar per shard while waiting, and retries while no coordinator takes
 //! the call (a standby, a failover, a rollout); and the query service's side of a
-//! replay: its commit being served, and `reconcile` over ranges of any length.
+//! replay: `reconcile` over ranges of any length.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -202,6 +202,7 @@ pub fn to_json(r: &v1::Replay) -> serde_json::Value {
     serde_json::json!({
         "replay_id": r.replay_id, "state": state_name(r.state), "reason": r.reason,
         "from_day": r.from_day, "to_day": r.to_day, "cutoff": r.cutoff,
+        "awaited_sequence": r.awaited_sequence, "archive_watermark": r.archive_watermark,
         "snapshot_id": r.snapshot_id, "commit_number": r.commit_number, "error": r.error,
         "created_at_us": r.created_at_us, "finished_at_us": r.finished_at_us,
         "shards": r.shards.iter().map(|s| serde_json::json!({
@@ -218,6 +219,31 @@ pub fn to_json(r: &v1::Replay) -> serde_json::Value {
             "report_path": c.report_path, "stream_caught_up": c.stream_caught_up,
         })),
     })
+}
+
+/// What a replay waits for before it folds, if it does: the archive reaching the
+/// stream's last sequence of the request.
+pub fn archive_wait_line(r: &v1::Replay) -> Option<String> {
+    (r.cutoff == 0 && r.awaited_sequence > 0).then(|| {
+        format!(
+            "waiting for the archive to reach sequence {} (at {})",
+            r.awaited_sequence, r.archive_watermark
+        )
+    })
+}
+
+/// The line `replay start` prints once the coordinator took the replay.
+pub fn started_line(r: &v1::Replay) -> String {
+    match archive_wait_line(r) {
+        Some(waiting) => format!(
+            "replay {} of {} to {}: {waiting}",
+            r.replay_id, r.from_day, r.to_day
+        ),
+        None => format!(
+            "replay {} of {} to {} through log position {}",
+            r.replay_id, r.from_day, r.to_day, r.cutoff
+        ),
+    }
 }
 
 /// One line per replay, then one per shard with `shards`.
@@ -237,6 +263,9 @@ pub fn print(r: &v1::Replay, shards: bool) {
         r.shards.len(),
         r.reason
     );
+    if let Some(waiting) = archive_wait_line(r) {
+        println!("  {waiting}");
+    }
     if r.commit_number > 0 {
         println!(
             "  committed #{} as snapshot {}",
@@ -307,7 +336,11 @@ pub async fn wait(
             .expect("template")
             .progress_chars("=> ");
     let mut shard_bars: BTreeMap<u32, ProgressBar> = BTreeMap::new();
-    let mut last = None;
+    // Without a terminal the bars are not drawn: the wait for the archive, which
+    // may be long, is still said on stderr, once per change.
+    let plain = show_bars && bars.is_hidden();
+    let mut archive: Option<ProgressBar> = None;
+    let mut last: Option<v1::Replay> = None;
     while let Some(replay) = updates.message().await.map_err(|s| {
         anyhow::anyhow!(
             "watching replay {replay_id}: {:?}: {}",
@@ -315,6 +348,20 @@ pub async fn wait(
             s.message()
         )
     })? {
+        let waiting = archive_wait_line(&replay);
+        if plain && waiting.is_some() && waiting != last.as_ref().and_then(archive_wait_line) {
+            eprintln!("{}", waiting.as_deref().unwrap_or_default());
+        }
+        if let Some(waiting) = waiting {
+            archive
+                .get_or_insert_with(|| bars.insert(0, ProgressBar::new_spinner()))
+                .set_message(waiting);
+        } else if let Some(bar) = archive.as_ref().filter(|b| !b.is_finished()) {
+            bar.finish_with_message(format!(
+                "the archive reached sequence {}: replaying through log position {}",
+                replay.awaited_sequence, replay.cutoff
+            ));
+        }
         for s in &replay.shards {
             let bar = shard_bars.entry(s.index).or_insert_with(|| {
                 let bar = bars.add(ProgressBar::new(0).with_style(style.clone()));
@@ -341,6 +388,9 @@ pub async fn wait(
             }
         }
         last = Some(replay);
+    }
+    if let Some(bar) = &archive {
+        bar.finish();
     }
     for bar in shard_bars.values() {
         bar.finish();
