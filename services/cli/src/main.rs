@@ -211,7 +211,8 @@ struct CoordinatorUrl {
 #[derive(Subcommand, Debug)]
 enum ReplayCommand {
     /// Ask the replay coordinator to replay the archive on the projector workers and
-    /// commit the rows of the day range; with --wait, follow it with a bar per shard.
+    /// commit the rows of the day range; with --wait, follow it with a bar per shard
+    /// and end once the query service (--query-url) reads the commit.
     ///
     /// Exit status with --wait: 0 committed and reconciled without divergence, 2 the
     /// replay failed or was cancelled, 3 committed but reconciliation found divergent
@@ -239,6 +240,8 @@ enum ReplayCommand {
         coordinator: CoordinatorUrl,
         #[command(flatten)]
         retry: replay::RetryArgs,
+        #[command(flatten)]
+        served: replay::ServedArgs,
     },
     /// Show one replay, shard by shard.
     Status {
@@ -850,11 +853,7 @@ async fn demo(dev: DevArgs, events: usize) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    println!(
-        "
-replaying the archive through log position {} on the replay workers",
-        started.cutoff
-    );
+    println!("\n{} on the replay workers", replay::started_line(&started));
     let ended = replay::wait(&mut coordinator, &started.replay_id, true).await?;
     replay::print(&ended, false);
     anyhow::ensure!(
@@ -1047,6 +1046,7 @@ async fn main() -> anyhow::Result<()> {
             wait,
             coordinator,
             retry,
+            served,
         }) => {
             let (from_day, to_day) = days.days()?;
             let request = v1::StartReplayRequest {
@@ -1081,6 +1081,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", replay::started_line(&started));
             }
             let ended = replay::wait(&mut client, &started.replay_id, !cli.json).await?;
+            replay::wait_until_served(&ended, &served).await;
             if cli.json {
                 print_json(&replay::to_json(&ended))?;
             } else {

@@ -1,7 +1,7 @@
 //! `payledger replay start|status|list|cancel`: the coordinator's client, with a
 //! progress bar per shard while waiting, and retries while no coordinator takes
 //! the call (a standby, a failover, a rollout); and the query service's side of a
-//! replay: `reconcile` over ranges of any length.
+//! replay: its commit being served, and `reconcile` over ranges of any length.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -60,6 +60,75 @@ impl Backoff {
         let wait = self.next.min(left);
         self.next = (self.next * 2).min(MAX_WAIT);
         Some(wait)
+    }
+}
+
+/// What `replay start --wait` waits for after the commit.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServedArgs {
+    /// With --wait: the query service whose authoritative reads and reconcile must
+    /// show the commit before the command reports it (docs/query-routing.md,
+    /// "Read-your-writes").
+    #[arg(
+        long,
+        env = "PAYLEDGER_QUERY_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub query_url: String,
+    /// With --wait: how long to wait for the query service to read the commit
+    /// (it polls the commit log every --commit-poll-interval); 0s does not wait.
+    #[arg(long, env = "PAYLEDGER_SERVED_WITHIN", default_value = "30s", value_parser = parse_duration)]
+    pub served_within: Duration,
+}
+
+/// How often the query service is asked whether it serves the commit.
+const SERVED_POLL: Duration = Duration::from_millis(250);
+
+/// Waits until the query service at `args.query_url` answers the first day of a
+/// replay that succeeded from its snapshot, i.e. has read the commit, for at most
+/// `args.served_within`; says on stderr when it has not, or could not be asked
+/// (the replay's outcome stands either way). Reconcile names the snapshots that
+/// answer, so it is the read that shows it. (A later commit covering the same day
+/// with a higher cutoff would answer instead: the wait then ends at the bound.)
+pub async fn wait_until_served(replay: &v1::Replay, args: &ServedArgs) {
+    if args.served_within.is_zero() || replay.state != i32::from(v1::ReplayState::Succeeded) {
+        return;
+    }
+    let not_yet = match served(replay, args).await {
+        Ok(true) => return,
+        Ok(false) => format!(
+            "has not read it within --served-within {}",
+            humantime::format_duration(args.served_within)
+        ),
+        Err(e) => format!("could not be asked whether it serves it: {e:#}"),
+    };
+    eprintln!(
+        "commit #{} (snapshot {}): the query service at {} {not_yet}; its reads of {} may not show it yet",
+        replay.commit_number, replay.snapshot_id, args.query_url, replay.from_day
+    );
+}
+
+async fn served(replay: &v1::Replay, args: &ServedArgs) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + args.served_within;
+    let mut client =
+        QueryServiceClient::new(crate::connect::connect(&args.query_url, "query").await?);
+    loop {
+        let report = client
+            .reconcile(v1::ReconcileRequest {
+                from_day: replay.from_day.clone(),
+                to_day: replay.from_day.clone(),
+                max_differences: 1,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        if report.snapshot_ids.contains(&replay.snapshot_id) {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(SERVED_POLL).await;
     }
 }
 

@@ -154,10 +154,10 @@ impl Registry {
         }
     }
 
-    /// Changes what a replay reports (progress, its cutoff while waiting, results),
-    /// never its state or a shard's, which change only through `advance` and
-    /// `advance_shard`; tells its watchers, and persists it at most every
-    /// PERSIST_INTERVAL.
+    /// Changes what a replay reports (shard progress, the archive watermark seen
+    /// while waiting), never its state, cutoff or a shard's state, which change only
+    /// through `advance` and `advance_shard`; tells its watchers, and persists it at
+    /// most every PERSIST_INTERVAL.
     pub async fn update(
         &self,
         id: &str,
