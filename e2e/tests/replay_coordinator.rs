@@ -175,6 +175,36 @@ impl Stack {
         Ok(())
     }
 
+    /// Publishes bursts of generated events and stops ingest (and so its archiver,
+    /// SIGSTOP) right after one is acknowledged, until the archive is seen behind
+    /// the stream; returns the stream's last sequence and the archive's highest
+    /// watermark. Ingest stays stopped: the caller resumes it.
+    async fn burst_ahead_of_the_archive(&mut self, seed: u64) -> anyhow::Result<(u64, u64)> {
+        let archive = archive(&self.store)?;
+        let mut ingest = ingest_client(&self.ingest.url()).await?;
+        let mut burst = Generator::new(GenConfig {
+            seed,
+            merchants: 80,
+            spread_secs: 30 * 3600,
+            ..history_config()
+        });
+        for _ in 0..20 {
+            for _ in 0..4 {
+                self.log
+                    .publish(&mut ingest, burst.batch(500, now_us()))
+                    .await?;
+            }
+            self.ingest.pause()?;
+            let last = stream_messages(&self.h.nats.url()).await?;
+            let archived = payledger_projector::replay::latest_cutoff(&archive).await?;
+            if archived < last {
+                return Ok((last, archived));
+            }
+            self.ingest.resume()?;
+        }
+        anyhow::bail!("the archive kept up with every burst")
+    }
+
     async fn snapshot_rows(&self, snapshot_id: &str) -> anyhow::Result<Vec<DailyRow>> {
         let snapshots = SnapshotStore::new(open_store(&self.store)?);
         let mut rows = Vec::new();
@@ -747,36 +777,7 @@ async fn a_replay_right_after_a_burst_covers_it_and_reads_after_its_wait_see_the
         )
         .await?;
     let mut client = coordinator_client(&coordinator.url()).await?;
-    let archive = archive(&s.store)?;
-
-    // A burst, acknowledged, that the archive has not cut yet: ingest (and so its
-    // archiver) is stopped right after the acknowledgement until the archive is
-    // seen behind the stream.
-    let mut ingest = ingest_client(&s.ingest.url()).await?;
-    let mut burst = Generator::new(GenConfig {
-        seed: 31,
-        merchants: 80,
-        spread_secs: 30 * 3600,
-        ..history_config()
-    });
-    let mut behind = None;
-    for _ in 0..20 {
-        for _ in 0..4 {
-            s.log
-                .publish(&mut ingest, burst.batch(500, now_us()))
-                .await?;
-        }
-        s.ingest.pause()?;
-        let last = stream_messages(&s.h.nats.url()).await?;
-        let archived = payledger_projector::replay::latest_cutoff(&archive).await?;
-        if archived < last {
-            behind = Some((last, archived));
-            break;
-        }
-        s.ingest.resume()?;
-    }
-    let (last, archived) =
-        behind.ok_or_else(|| anyhow::anyhow!("the archive kept up with every burst"))?;
+    let (last, archived) = s.burst_ahead_of_the_archive(31).await?;
 
     let today = Day::of_micros(now_us());
     let (from, to) = (Day(today.0 - 800), today);
@@ -920,6 +921,48 @@ async fn a_replay_right_after_a_burst_covers_it_and_reads_after_its_wait_see_the
             report.rows_missing
         ),
         (expected.len() as u64, 0, 0, 0)
+    );
+    Ok(())
+}
+
+/// A replay asked for while the archive stays behind the stream fails once
+/// --archive-wait is over, saying what it waited for and what to do, and commits
+/// nothing (docs/operations.md, "Read-your-writes").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_the_archive_does_not_catch_up_with_fails_saying_what_to_do() -> anyhow::Result<()>
+{
+    let mut s = stack(1).await?;
+    let coordinator = s.coordinator(&["--archive-wait", "2s"]).await?;
+    let mut client = coordinator_client(&coordinator.url()).await?;
+    let (last, archived) = s.burst_ahead_of_the_archive(37).await?;
+    let today = Day::of_micros(now_us());
+    let started = client
+        .start_replay(start(Day(today.0 - 1), today, "behind"))
+        .await?
+        .into_inner();
+    assert_eq!((started.cutoff, started.awaited_sequence), (0, last));
+    let done = watch_until(&mut client, &started.replay_id, ended).await?;
+    s.ingest.resume()?;
+    assert_eq!(done.state, i32::from(v1::ReplayState::Failed), "{done:?}");
+    for says in [
+        format!("did not reach sequence {last}"),
+        format!("its highest watermark is {archived}"),
+        "PayLedgerArchiveLag".to_string(),
+        format!("--cutoff {archived}"),
+    ] {
+        assert!(done.error.contains(&says), "{says}: {}", done.error);
+    }
+    assert_eq!(done.commit_number, 0);
+    assert!(
+        done.shards.iter().all(|sh| sh.attempts == 0),
+        "no shard ran: {done:?}"
+    );
+    assert!(
+        SnapshotStore::new(open_store(&s.store)?)
+            .commits()
+            .await?
+            .is_empty(),
+        "a replay that never got its cutoff commits nothing"
     );
     Ok(())
 }
