@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use payledger_cli::generate::GenConfig;
+use payledger_cli::generate::{GenConfig, Generator};
 use payledger_e2e::convergence::{history_config, publish_history};
 use payledger_e2e::{
-    AcceptedLog, Archive, Service, Stack, ingest_client, now_us, query_client, stream_messages,
-    wait_until_archived,
+    AcceptedLog, Archive, Service, Stack, binary, ingest_client, now_us, query_client,
+    stream_messages, wait_until_archived,
 };
 use payledger_projector::replay::fold_partitions;
 use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
@@ -125,6 +125,36 @@ impl Replays {
         wait_until_archived(&archive(&self.store)?, messages).await?;
         self.cutoff = messages;
         Ok(())
+    }
+
+    /// Publishes bursts of generated events and stops ingest (and so its archiver,
+    /// SIGSTOP) right after one is acknowledged, until the archive is seen behind
+    /// the stream; returns the stream's last sequence and the archive's highest
+    /// watermark. Ingest stays stopped: the caller resumes it.
+    async fn burst_ahead_of_the_archive(&mut self, seed: u64) -> anyhow::Result<(u64, u64)> {
+        let archive = archive(&self.store)?;
+        let mut ingest = ingest_client(&self.ingest.url()).await?;
+        let mut burst = Generator::new(GenConfig {
+            seed,
+            merchants: 80,
+            spread_secs: 30 * 3600,
+            ..history_config()
+        });
+        for _ in 0..20 {
+            for _ in 0..4 {
+                self.log
+                    .publish(&mut ingest, burst.batch(500, now_us()))
+                    .await?;
+            }
+            self.ingest.pause()?;
+            let last = stream_messages(&self.h.nats.url()).await?;
+            let archived = payledger_projector::replay::latest_cutoff(&archive).await?;
+            if archived < last {
+                return Ok((last, archived));
+            }
+            self.ingest.resume()?;
+        }
+        anyhow::bail!("the archive kept up with every burst")
     }
 
     async fn snapshot_rows(&self, snapshot_id: &str) -> anyhow::Result<Vec<DailyRow>> {
@@ -462,6 +492,11 @@ async fn bad_replay_requests_are_refused_and_start_nothing() -> anyhow::Result<(
             "reason",
         ),
         (
+            start(Day(today.0 + 2), Day(today.0 + 3), "x"),
+            tonic::Code::FailedPrecondition,
+            "are in the future",
+        ),
+        (
             v1::StartReplayRequest {
                 cutoff: s.cutoff + 1,
                 ..start(today, today, "x")
@@ -656,5 +691,230 @@ async fn an_incremental_replay_equals_one_from_genesis_and_reads_only_what_came_
     let expected = s.expected_rows(from, to).await?;
     assert_eq!(s.snapshot_rows(&third.snapshot_id).await?, expected);
     assert_reconciled_clean(&third, expected.len());
+    Ok(())
+}
+
+/// Runs the `payledger` CLI to its end (at most `within`), with its output.
+async fn run_cli(args: &[&str], within: Duration) -> anyhow::Result<std::process::Output> {
+    let child = tokio::process::Command::new(binary("payledger")?)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .map_err(|_| anyhow::anyhow!("payledger {args:?} did not end within {within:?}"))?
+        .map_err(Into::into)
+}
+
+/// Read-your-writes (docs/operations.md): a replay asked for while the archive is
+/// behind the stream waits for it and covers every acknowledged event, so its
+/// snapshot equals the stream with no row ahead; `replay start --wait` ends once the
+/// query service serves the commit, so `reconcile` right after reports it. The
+/// replay spans 801 days, more than one Reconcile call takes, so the CLI's
+/// `reconcile` walks it in chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_right_after_a_burst_covers_it_and_reads_after_its_wait_see_the_commit()
+-> anyhow::Result<()> {
+    let mut s = stack(2).await?;
+    let coordinator = s.coordinator(&[]).await?;
+    // Reads the commit log every 5 s: a reconcile right after the commit would find
+    // none but for the CLI's wait.
+    let store = s.store.clone();
+    let query =
+        s.h.spawn(
+            "payledger-query",
+            &["--store", &store, "--commit-poll-interval", "5s"],
+        )
+        .await?;
+    let mut client = coordinator_client(&coordinator.url()).await?;
+    let (last, archived) = s.burst_ahead_of_the_archive(31).await?;
+
+    let today = Day::of_micros(now_us());
+    let (from, to) = (Day(today.0 - 800), today);
+    let (from_text, to_text) = (from.to_string(), to.to_string());
+    let coordinator_url = coordinator.url();
+    let query_url = query.url();
+    let start_args = [
+        "replay",
+        "start",
+        "--from",
+        &from_text,
+        "--to",
+        &to_text,
+        "--reason",
+        "right after a burst",
+        "--wait",
+        "--coordinator-url",
+        &coordinator_url,
+        "--query-url",
+        &query_url,
+    ];
+    let started = tokio::spawn({
+        let args: Vec<String> = start_args.iter().map(ToString::to_string).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_cli(&args, Duration::from_secs(240)).await
+        }
+    });
+    // The replay waits for the archive: running, no cutoff, no shard placed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let waiting = loop {
+        let listed = client
+            .list_replays(v1::ListReplaysRequest { limit: 1 })
+            .await?
+            .into_inner();
+        if let Some(replay) = listed.replays.into_iter().next() {
+            break replay;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no replay started within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (waiting.state, waiting.cutoff, waiting.awaited_sequence),
+        (i32::from(v1::ReplayState::Running), 0, last),
+        "{waiting:?}"
+    );
+    assert_eq!(waiting.archive_watermark, archived);
+    assert!(
+        waiting
+            .shards
+            .iter()
+            .all(|sh| sh.state == i32::from(v1::ShardState::Pending) && sh.attempts == 0)
+    );
+    s.ingest.resume()?;
+
+    let output = started.await??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "replay start: {:?}\n{stderr}",
+        output.status
+    );
+    assert!(
+        stderr.contains(&format!(
+            "waiting for the archive to reach sequence {last} (at {archived})"
+        )),
+        "{stderr}"
+    );
+    let done = client
+        .get_replay(v1::GetReplayRequest {
+            replay_id: waiting.replay_id.clone(),
+        })
+        .await?
+        .into_inner();
+    succeeded(&done)?;
+    assert_eq!(
+        done.cutoff, last,
+        "the cutoff is the stream's last sequence of the request"
+    );
+    let summary = done.reconciliation.clone().expect("reconciled");
+    assert_eq!(
+        (
+            summary.rows_stream_ahead,
+            summary.rows_divergent,
+            summary.rows_missing
+        ),
+        (0, 0, 0),
+        "{summary:?}"
+    );
+    s.cutoff = last;
+    let expected = s.expected_rows(from, to).await?;
+    assert_eq!(s.snapshot_rows(&done.snapshot_id).await?, expected);
+
+    // Right after: the query service serves the commit over the whole range, in
+    // chunks (one call over it is refused).
+    let too_long = query_client(&query_url)
+        .await?
+        .reconcile(v1::ReconcileRequest {
+            from_day: from_text.clone(),
+            to_day: to_text.clone(),
+            max_differences: 0,
+        })
+        .await
+        .expect_err("longer than one call takes");
+    assert_eq!(
+        too_long.code(),
+        tonic::Code::InvalidArgument,
+        "{too_long:?}"
+    );
+    let output = run_cli(
+        &[
+            "--json",
+            "reconcile",
+            "--from",
+            &from_text,
+            "--to",
+            &to_text,
+            "--query-url",
+            &query_url,
+        ],
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert!(
+        output.status.success(),
+        "reconcile: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: v1::ReconcileReport = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(report.snapshot_ids, std::slice::from_ref(&done.snapshot_id));
+    assert!(
+        report.uncovered_days.is_empty(),
+        "{:?}",
+        report.uncovered_days
+    );
+    assert_eq!(
+        (
+            report.rows_equal,
+            report.rows_stream_ahead,
+            report.rows_divergent,
+            report.rows_missing
+        ),
+        (expected.len() as u64, 0, 0, 0)
+    );
+    Ok(())
+}
+
+/// A replay asked for while the archive stays behind the stream fails once
+/// --archive-wait is over, saying what it waited for and what to do, and commits
+/// nothing (docs/operations.md, "Read-your-writes").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_the_archive_does_not_catch_up_with_fails_saying_what_to_do() -> anyhow::Result<()>
+{
+    let mut s = stack(1).await?;
+    let coordinator = s.coordinator(&["--archive-wait", "2s"]).await?;
+    let mut client = coordinator_client(&coordinator.url()).await?;
+    let (last, archived) = s.burst_ahead_of_the_archive(37).await?;
+    let today = Day::of_micros(now_us());
+    let started = client
+        .start_replay(start(Day(today.0 - 1), today, "behind"))
+        .await?
+        .into_inner();
+    assert_eq!((started.cutoff, started.awaited_sequence), (0, last));
+    let done = watch_until(&mut client, &started.replay_id, ended).await?;
+    s.ingest.resume()?;
+    assert_eq!(done.state, i32::from(v1::ReplayState::Failed), "{done:?}");
+    for says in [
+        format!("did not reach sequence {last}"),
+        format!("its highest watermark is {archived}"),
+        "PayLedgerArchiveLag".to_string(),
+        format!("--cutoff {archived}"),
+    ] {
+        assert!(done.error.contains(&says), "{says}: {}", done.error);
+    }
+    assert_eq!(done.commit_number, 0);
+    assert!(
+        done.shards.iter().all(|sh| sh.attempts == 0),
+        "no shard ran: {done:?}"
+    );
+    assert!(
+        SnapshotStore::new(open_store(&s.store)?)
+            .commits()
+            .await?
+            .is_empty(),
+        "a replay that never got its cutoff commits nothing"
+    );
     Ok(())
 }

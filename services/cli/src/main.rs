@@ -212,7 +212,8 @@ struct CoordinatorUrl {
 #[derive(Subcommand, Debug)]
 enum ReplayCommand {
     /// Ask the replay coordinator to replay the archive on the projector workers and
-    /// commit the rows of the day range; with --wait, follow it with a bar per shard.
+    /// commit the rows of the day range; with --wait, follow it with a bar per shard
+    /// and end once the query service (--query-url) reads the commit.
     ///
     /// Exit status with --wait: 0 committed and reconciled without divergence, 2 the
     /// replay failed or was cancelled, 3 committed but reconciliation found divergent
@@ -223,7 +224,9 @@ enum ReplayCommand {
         /// Why (kept with the replay): "nightly", "late settlement file of 2026-11-20", ...
         #[arg(long, default_value = "manual")]
         reason: String,
-        /// Log cutoff: an archive watermark; the highest by default.
+        /// Log cutoff: an archive watermark. By default the replay covers every
+        /// record the stream holds now: the coordinator waits (at most its
+        /// --archive-wait) until the archive reaches them.
         #[arg(long, default_value_t = 0)]
         cutoff: u64,
         /// Fold every partition from the beginning of history (an audit of the
@@ -238,6 +241,8 @@ enum ReplayCommand {
         coordinator: CoordinatorUrl,
         #[command(flatten)]
         retry: replay::RetryArgs,
+        #[command(flatten)]
+        served: replay::ServedArgs,
     },
     /// Show one replay, shard by shard.
     Status {
@@ -842,11 +847,7 @@ async fn demo(dev: DevArgs, events: usize) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    println!(
-        "
-replaying the archive through log position {} on the replay workers",
-        started.cutoff
-    );
+    println!("\n{} on the replay workers", replay::started_line(&started));
     let ended = replay::wait(&mut coordinator, &started.replay_id, true).await?;
     replay::print(&ended, false);
     anyhow::ensure!(
@@ -1003,16 +1004,7 @@ async fn main() -> anyhow::Result<()> {
             max,
             endpoints,
         } => {
-            let mut client = query_client(&endpoints.query_url).await?;
-            let report = client
-                .reconcile(v1::ReconcileRequest {
-                    from_day: from,
-                    to_day: to,
-                    max_differences: max,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let report = replay::reconcile_range(&endpoints.query_url, &from, &to, max).await?;
             if cli.json {
                 print_json(&report)?;
             } else {
@@ -1048,6 +1040,7 @@ async fn main() -> anyhow::Result<()> {
             wait,
             coordinator,
             retry,
+            served,
         }) => {
             let (from_day, to_day) = days.days()?;
             let request = v1::StartReplayRequest {
@@ -1079,12 +1072,10 @@ async fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             if !cli.json {
-                println!(
-                    "replay {} of {from_day} to {to_day} through log position {}",
-                    started.replay_id, started.cutoff
-                );
+                println!("{}", replay::started_line(&started));
             }
             let ended = replay::wait(&mut client, &started.replay_id, !cli.json).await?;
+            replay::wait_until_served(&ended, &served).await;
             if cli.json {
                 print_json(&replay::to_json(&ended))?;
             } else {

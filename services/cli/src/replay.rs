@@ -1,6 +1,7 @@
 //! `payledger replay start|status|list|cancel`: the coordinator's client, with a
 //! progress bar per shard while waiting, and retries while no coordinator takes
-//! the call (a standby, a failover, a rollout).
+//! the call (a standby, a failover, a rollout); and the query service's side of a
+//! replay: its commit being served, and `reconcile` over ranges of any length.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -8,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use crate::connect::Conn;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
+use payledger_proto::v1::{
+    self, query_service_client::QueryServiceClient,
+    replay_coordinator_client::ReplayCoordinatorClient,
+};
 use payledger_server_common::config::parse_duration;
 
 pub async fn client(url: &str) -> anyhow::Result<ReplayCoordinatorClient<Conn>> {
@@ -57,6 +61,110 @@ impl Backoff {
         self.next = (self.next * 2).min(MAX_WAIT);
         Some(wait)
     }
+}
+
+/// What `replay start --wait` waits for after the commit.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServedArgs {
+    /// With --wait: the query service whose authoritative reads and reconcile must
+    /// show the commit before the command reports it (docs/query-routing.md,
+    /// "Read-your-writes").
+    #[arg(
+        long,
+        env = "PAYLEDGER_QUERY_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub query_url: String,
+    /// With --wait: how long to wait for the query service to read the commit
+    /// (it polls the commit log every --commit-poll-interval); 0s does not wait.
+    #[arg(long, env = "PAYLEDGER_SERVED_WITHIN", default_value = "30s", value_parser = parse_duration)]
+    pub served_within: Duration,
+}
+
+/// How often the query service is asked whether it serves the commit.
+const SERVED_POLL: Duration = Duration::from_millis(250);
+
+/// Waits until the query service at `args.query_url` answers the first day of a
+/// replay that succeeded from its snapshot, i.e. has read the commit, for at most
+/// `args.served_within`; says on stderr when it has not, or could not be asked
+/// (the replay's outcome stands either way). Reconcile names the snapshots that
+/// answer, so it is the read that shows it. (A later commit covering the same day
+/// with a higher cutoff would answer instead: the wait then ends at the bound.)
+pub async fn wait_until_served(replay: &v1::Replay, args: &ServedArgs) {
+    if args.served_within.is_zero() || replay.state != i32::from(v1::ReplayState::Succeeded) {
+        return;
+    }
+    let not_yet = match served(replay, args).await {
+        Ok(true) => return,
+        Ok(false) => format!(
+            "has not read it within --served-within {}",
+            humantime::format_duration(args.served_within)
+        ),
+        Err(e) => format!("could not be asked whether it serves it: {e:#}"),
+    };
+    eprintln!(
+        "commit #{} (snapshot {}): the query service at {} {not_yet}; its reads of {} may not show it yet",
+        replay.commit_number, replay.snapshot_id, args.query_url, replay.from_day
+    );
+}
+
+async fn served(replay: &v1::Replay, args: &ServedArgs) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + args.served_within;
+    let mut client =
+        QueryServiceClient::new(crate::connect::connect(&args.query_url, "query").await?);
+    loop {
+        let report = client
+            .reconcile(v1::ReconcileRequest {
+                from_day: replay.from_day.clone(),
+                to_day: replay.from_day.clone(),
+                max_differences: 1,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        if report.snapshot_ids.contains(&replay.snapshot_id) {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(SERVED_POLL).await;
+    }
+}
+
+/// `Reconcile` over `from..=to` of any length: the query service compares at most
+/// `MAX_RECONCILE_DAYS` per call, so a longer range (a replay from genesis covers
+/// all history) is asked for in consecutive chunks and their reports added up,
+/// listing at most `max_differences` differences in all.
+pub async fn reconcile_range(
+    query_url: &str,
+    from: &str,
+    to: &str,
+    max_differences: u32,
+) -> anyhow::Result<v1::ReconcileReport> {
+    use payledger_proto::reconcile::{MAX_RECONCILE_DAYS, day_chunks, merge_report};
+    let day = |flag: &str, text: &str| {
+        payledger_semantics::Day::parse(text).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+    };
+    let (from, to) = (day("from", from)?, day("to", to)?);
+    anyhow::ensure!(from <= to, "--from {from} is after --to {to}");
+    let mut client = QueryServiceClient::new(crate::connect::connect(query_url, "query").await?);
+    let mut total = v1::ReconcileReport::default();
+    for (first, last) in day_chunks(from, to, MAX_RECONCILE_DAYS) {
+        let listed = total.differences.len() as u32;
+        let report = client
+            .reconcile(v1::ReconcileRequest {
+                from_day: first.to_string(),
+                to_day: last.to_string(),
+                // 0 would mean the server's default: ask for one, and drop it.
+                max_differences: max_differences.saturating_sub(listed).max(1),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        merge_report(&mut total, report, max_differences as usize);
+    }
+    Ok(total)
 }
 
 /// The coordinator calls that retry.
@@ -163,6 +271,7 @@ pub fn to_json(r: &v1::Replay) -> serde_json::Value {
     serde_json::json!({
         "replay_id": r.replay_id, "state": state_name(r.state), "reason": r.reason,
         "from_day": r.from_day, "to_day": r.to_day, "cutoff": r.cutoff,
+        "awaited_sequence": r.awaited_sequence, "archive_watermark": r.archive_watermark,
         "snapshot_id": r.snapshot_id, "commit_number": r.commit_number, "error": r.error,
         "created_at_us": r.created_at_us, "finished_at_us": r.finished_at_us,
         "shards": r.shards.iter().map(|s| serde_json::json!({
@@ -179,6 +288,31 @@ pub fn to_json(r: &v1::Replay) -> serde_json::Value {
             "report_path": c.report_path, "stream_caught_up": c.stream_caught_up,
         })),
     })
+}
+
+/// What a replay waits for before it folds, if it does: the archive reaching the
+/// stream's last sequence of the request.
+pub fn archive_wait_line(r: &v1::Replay) -> Option<String> {
+    (r.cutoff == 0 && r.awaited_sequence > 0).then(|| {
+        format!(
+            "waiting for the archive to reach sequence {} (at {})",
+            r.awaited_sequence, r.archive_watermark
+        )
+    })
+}
+
+/// The line `replay start` prints once the coordinator took the replay.
+pub fn started_line(r: &v1::Replay) -> String {
+    match archive_wait_line(r) {
+        Some(waiting) => format!(
+            "replay {} of {} to {}: {waiting}",
+            r.replay_id, r.from_day, r.to_day
+        ),
+        None => format!(
+            "replay {} of {} to {} through log position {}",
+            r.replay_id, r.from_day, r.to_day, r.cutoff
+        ),
+    }
 }
 
 /// One line per replay, then one per shard with `shards`.
@@ -198,6 +332,9 @@ pub fn print(r: &v1::Replay, shards: bool) {
         r.shards.len(),
         r.reason
     );
+    if let Some(waiting) = archive_wait_line(r) {
+        println!("  {waiting}");
+    }
     if r.commit_number > 0 {
         println!(
             "  committed #{} as snapshot {}",
@@ -268,7 +405,11 @@ pub async fn wait(
             .expect("template")
             .progress_chars("=> ");
     let mut shard_bars: BTreeMap<u32, ProgressBar> = BTreeMap::new();
-    let mut last = None;
+    // Without a terminal the bars are not drawn: the wait for the archive, which
+    // may be long, is still said on stderr, once per change.
+    let plain = show_bars && bars.is_hidden();
+    let mut archive: Option<ProgressBar> = None;
+    let mut last: Option<v1::Replay> = None;
     while let Some(replay) = updates.message().await.map_err(|s| {
         anyhow::anyhow!(
             "watching replay {replay_id}: {:?}: {}",
@@ -276,6 +417,20 @@ pub async fn wait(
             s.message()
         )
     })? {
+        let waiting = archive_wait_line(&replay);
+        if plain && waiting.is_some() && waiting != last.as_ref().and_then(archive_wait_line) {
+            eprintln!("{}", waiting.as_deref().unwrap_or_default());
+        }
+        if let Some(waiting) = waiting {
+            archive
+                .get_or_insert_with(|| bars.insert(0, ProgressBar::new_spinner()))
+                .set_message(waiting);
+        } else if let Some(bar) = archive.as_ref().filter(|b| !b.is_finished()) {
+            bar.finish_with_message(format!(
+                "the archive reached sequence {}: replaying through log position {}",
+                replay.awaited_sequence, replay.cutoff
+            ));
+        }
         for s in &replay.shards {
             let bar = shard_bars.entry(s.index).or_insert_with(|| {
                 let bar = bars.add(ProgressBar::new(0).with_style(style.clone()));
@@ -302,6 +457,9 @@ pub async fn wait(
             }
         }
         last = Some(replay);
+    }
+    if let Some(bar) = &archive {
+        bar.finish();
     }
     for bar in shard_bars.values() {
         bar.finish();

@@ -8,6 +8,51 @@ use payledger_semantics::{DailyRow, Day};
 
 use crate::v1;
 
+/// Most days one `Reconcile` call compares: a leap year and a day, so a year's
+/// nightly audit fits in one call, while the rows a call holds stay bounded. A
+/// longer range (a replay from genesis covers all history) is walked in chunks of
+/// this size (`day_chunks`) whose reports `merge_report` adds up.
+pub const MAX_RECONCILE_DAYS: i32 = 367;
+
+/// `from..=to` cut into consecutive ranges of at most `max_days` days, in order.
+pub fn day_chunks(from: Day, to: Day, max_days: i32) -> Vec<(Day, Day)> {
+    let max_days = max_days.max(1);
+    let mut chunks = Vec::new();
+    let mut first = from.0;
+    while first <= to.0 {
+        let last = first.saturating_add(max_days - 1).min(to.0);
+        chunks.push((Day(first), Day(last)));
+        match last.checked_add(1) {
+            Some(next) => first = next,
+            None => break,
+        }
+    }
+    chunks
+}
+
+/// Adds the report of the next chunk of days to `total`, listing at most
+/// `max_differences` differences in all (the counts stay complete).
+pub fn merge_report(
+    total: &mut v1::ReconcileReport,
+    next: v1::ReconcileReport,
+    max_differences: usize,
+) {
+    for id in next.snapshot_ids {
+        if !total.snapshot_ids.contains(&id) {
+            total.snapshot_ids.push(id);
+        }
+    }
+    total.uncovered_days.extend(next.uncovered_days);
+    total.rows_equal += next.rows_equal;
+    total.rows_stream_ahead += next.rows_stream_ahead;
+    total.rows_divergent += next.rows_divergent;
+    total.rows_missing += next.rows_missing;
+    let room = max_differences.saturating_sub(total.differences.len());
+    total
+        .differences
+        .extend(next.differences.into_iter().take(room));
+}
+
 /// One side's rows of a day by (merchant_id, currency).
 pub type DayRows = BTreeMap<(String, String), DailyRow>;
 
@@ -144,6 +189,74 @@ mod tests {
         rows.iter()
             .map(|r| ((r.merchant_id.clone(), r.currency.to_string()), r.clone()))
             .collect()
+    }
+
+    #[test]
+    fn day_chunks_tile_the_range_in_order() {
+        let d = |s: &str| Day::parse(s).unwrap();
+        assert_eq!(
+            day_chunks(d("2026-01-01"), d("2026-01-01"), MAX_RECONCILE_DAYS),
+            [(d("2026-01-01"), d("2026-01-01"))]
+        );
+        // Ten years: 3653 days in chunks of 367.
+        let (from, to) = (d("2016-12-01"), d("2026-11-30"));
+        let chunks = day_chunks(from, to, MAX_RECONCILE_DAYS);
+        assert_eq!(chunks.len(), 10);
+        assert_eq!(chunks.first().unwrap().0, from);
+        assert_eq!(chunks.last().unwrap().1, to);
+        for pair in chunks.windows(2) {
+            assert_eq!(pair[0].1.0 + 1, pair[1].0.0);
+        }
+        assert!(chunks.iter().all(|(a, b)| b.0 - a.0 < MAX_RECONCILE_DAYS));
+        assert_eq!(
+            day_chunks(d("2026-01-01"), d("2026-01-03"), 2),
+            [
+                (d("2026-01-01"), d("2026-01-02")),
+                (d("2026-01-03"), d("2026-01-03"))
+            ]
+        );
+        assert!(day_chunks(d("2026-01-02"), d("2026-01-01"), 2).is_empty());
+    }
+
+    #[test]
+    fn merged_reports_add_up_and_keep_the_difference_bound() {
+        let difference = |day: &str| v1::ReconcileDifference {
+            day: day.into(),
+            ..Default::default()
+        };
+        let first = v1::ReconcileReport {
+            snapshot_ids: vec!["a".into()],
+            uncovered_days: vec!["2025-01-01".into()],
+            rows_equal: 3,
+            rows_stream_ahead: 1,
+            differences: vec![difference("2025-01-02")],
+            ..Default::default()
+        };
+        let second = v1::ReconcileReport {
+            snapshot_ids: vec!["a".into(), "b".into()],
+            uncovered_days: vec!["2026-01-01".into()],
+            rows_equal: 2,
+            rows_divergent: 4,
+            rows_missing: 5,
+            differences: vec![difference("2026-01-02"), difference("2026-01-03")],
+            ..Default::default()
+        };
+        let mut total = v1::ReconcileReport::default();
+        merge_report(&mut total, first, 2);
+        merge_report(&mut total, second, 2);
+        assert_eq!(total.snapshot_ids, ["a", "b"]);
+        assert_eq!(total.uncovered_days, ["2025-01-01", "2026-01-01"]);
+        assert_eq!(
+            (
+                total.rows_equal,
+                total.rows_stream_ahead,
+                total.rows_divergent,
+                total.rows_missing
+            ),
+            (5, 1, 4, 5)
+        );
+        let days: Vec<_> = total.differences.iter().map(|d| d.day.as_str()).collect();
+        assert_eq!(days, ["2025-01-02", "2026-01-02"]);
     }
 
     #[test]

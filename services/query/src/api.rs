@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use payledger_proto::reconcile::{DayRows, SnapshotSide, compare_day};
+use payledger_proto::reconcile::{DayRows, MAX_RECONCILE_DAYS, SnapshotSide, compare_day};
 use payledger_proto::v1::query_service_server::{QueryService, QueryServiceServer};
 use payledger_proto::{daily_row_from_proto, v1};
 use payledger_semantics::{
@@ -543,9 +543,9 @@ impl QueryService for QueryApi {
         let request = request.into_inner();
         let from = day("from_day", &request.from_day)?;
         let to = day("to_day", &request.to_day)?;
-        if from > to || to.0 - from.0 > 366 {
+        if from > to || to.0 - from.0 >= MAX_RECONCILE_DAYS {
             return Err(Status::invalid_argument(format!(
-                "from_day {from} to to_day {to}: at most 367 days, in order"
+                "from_day {from} to to_day {to}: at most {MAX_RECONCILE_DAYS} days, in order; ask for a longer range in chunks (`payledger reconcile` does)"
             )));
         }
         let auth = self.authoritative.as_ref().ok_or_else(|| {

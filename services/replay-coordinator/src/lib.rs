@@ -21,6 +21,7 @@ mod discovery;
 #[path = "../tests/support/fake_kube.rs"]
 mod fake_kube;
 mod leader;
+mod lifecycle;
 mod metrics;
 mod reconcile;
 mod registry;
@@ -124,6 +125,11 @@ pub struct CoordinatorConfig {
     /// Replays running at once; one more is refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "PAYLEDGER_MAX_ACTIVE_REPLAYS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub max_active_replays: u16,
+    /// How long a replay asked for without a cutoff waits for the archive to reach
+    /// the stream's last sequence at the request before it fails
+    /// (docs/operations.md, "Read-your-writes").
+    #[arg(long, env = "PAYLEDGER_ARCHIVE_WAIT", default_value = "120s", value_parser = parse_duration)]
+    pub archive_wait: Duration,
     /// How long reconciliation waits for the stream projector to apply the log
     /// through the cutoff before comparing anyway (the report then says so).
     #[arg(long, env = "PAYLEDGER_RECONCILE_WAIT", default_value = "60s", value_parser = parse_duration)]
@@ -326,6 +332,7 @@ pub async fn run(
             shard_attempts: config.shard_attempts,
             shard_stall_timeout: config.shard_stall_timeout,
             max_active_replays: config.max_active_replays.into(),
+            archive_wait: config.archive_wait,
             reconcile_wait: config.reconcile_wait,
             max_differences_stored: config.max_differences_stored,
         },

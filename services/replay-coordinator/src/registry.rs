@@ -12,6 +12,8 @@ use payledger_server_common::topology::ensure_bucket;
 use prost::Message;
 use tokio::sync::watch;
 
+use crate::lifecycle::{ReplayEvent, ReplayPhase, ShardEvent, advance, advance_shard};
+
 pub const REPLAYS_BUCKET: &str = "replays";
 
 /// Progress-only changes reach the KV bucket at most this often; state changes
@@ -31,11 +33,8 @@ pub(crate) struct Registry {
     persist: tokio::sync::Mutex<()>,
 }
 
-pub(crate) fn is_terminal(state: i32) -> bool {
-    matches!(
-        v1::ReplayState::try_from(state),
-        Ok(v1::ReplayState::Succeeded | v1::ReplayState::Failed | v1::ReplayState::Cancelled)
-    )
+pub(crate) fn is_terminal(replay: &v1::Replay) -> bool {
+    ReplayPhase::of(replay).is_ok_and(ReplayPhase::is_terminal)
 }
 
 pub(crate) use payledger_server_common::clock::now_us;
@@ -78,7 +77,7 @@ impl Registry {
             let replay = v1::Replay::decode(bytes.as_ref()).map_err(|e| {
                 anyhow::anyhow!("replay '{key}' in bucket {REPLAYS_BUCKET} is unreadable: {e}")
             })?;
-            if !is_terminal(replay.state) {
+            if !is_terminal(&replay) {
                 unfinished.push(replay.replay_id.clone());
             }
             let mut entries = self.entries.lock().expect("registry lock");
@@ -130,7 +129,7 @@ impl Registry {
         let entries = self.entries.lock().expect("registry lock");
         entries
             .values()
-            .filter(|e| !is_terminal(e.current.borrow().state))
+            .filter(|e| !is_terminal(&e.current.borrow()))
             .count()
     }
 
@@ -151,12 +150,68 @@ impl Registry {
         }
     }
 
-    /// Changes a replay, tells its watchers, and persists it: at once when its
-    /// state or a shard's state changed, else at most every PERSIST_INTERVAL.
+    /// Changes what a replay reports (shard progress, the archive watermark seen
+    /// while waiting), never its state, cutoff or a shard's state, which change only
+    /// through `advance` and `advance_shard`; tells its watchers, and persists it at
+    /// most every PERSIST_INTERVAL.
     pub async fn update(
         &self,
         id: &str,
         change: impl FnOnce(&mut v1::Replay),
+    ) -> anyhow::Result<v1::Replay> {
+        self.change(id, |r| {
+            let before = states(r);
+            change(r);
+            anyhow::ensure!(
+                states(r) == before,
+                "a state changed outside the lifecycle (a bug)"
+            );
+            Ok(())
+        })
+        .await
+    }
+
+    /// Moves replay `id` on by `event` (`lifecycle`), with `change` made in the same
+    /// write; refuses an illegal transition and then changes nothing.
+    pub async fn advance(
+        &self,
+        id: &str,
+        event: ReplayEvent,
+        change: impl FnOnce(&mut v1::Replay),
+    ) -> anyhow::Result<v1::Replay> {
+        self.change(id, |r| {
+            advance(r, event)?;
+            change(r);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Moves shard `index` of replay `id` on by `event`, with `change` made to it in
+    /// the same write; refuses an illegal transition and then changes nothing.
+    pub async fn advance_shard(
+        &self,
+        id: &str,
+        index: usize,
+        event: ShardEvent,
+        change: impl FnOnce(&mut v1::ShardStatus),
+    ) -> anyhow::Result<v1::Replay> {
+        self.change(id, |r| {
+            let shard = &mut r.shards[index];
+            advance_shard(shard, event)?;
+            change(shard);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Applies `change` to a copy of the replay; when it succeeds, tells the
+    /// watchers and persists: at once when its state or a shard's state changed,
+    /// else at most every PERSIST_INTERVAL.
+    async fn change(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut v1::Replay) -> anyhow::Result<()>,
     ) -> anyhow::Result<v1::Replay> {
         let _order = self.persist.lock().await;
         let (replay, persist) = {
@@ -165,14 +220,8 @@ impl Registry {
                 .get_mut(id)
                 .ok_or_else(|| anyhow::anyhow!("replay {id} is not known"))?;
             let mut replay = entry.current.borrow().clone();
-            let states = |r: &v1::Replay| {
-                (
-                    r.state,
-                    r.shards.iter().map(|s| s.state).collect::<Vec<_>>(),
-                )
-            };
             let before = states(&replay);
-            change(&mut replay);
+            change(&mut replay).map_err(|e| e.context(format!("replay {id}")))?;
             replay.updated_at_us = now_us();
             let persist =
                 states(&replay) != before || entry.persisted_at.elapsed() >= PERSIST_INTERVAL;
@@ -187,6 +236,15 @@ impl Registry {
         }
         Ok(replay)
     }
+}
+
+/// A replay's state and its shards', as persisted: what `update` must not change.
+fn states(r: &v1::Replay) -> (i32, u64, Vec<i32>) {
+    (
+        r.state,
+        r.cutoff,
+        r.shards.iter().map(|s| s.state).collect(),
+    )
 }
 
 impl Entry {

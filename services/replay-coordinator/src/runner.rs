@@ -18,7 +18,9 @@ use payledger_storage::{
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
+use crate::lifecycle::{ReplayEvent, ReplayPhase, ShardEvent, ShardPhase};
 use crate::registry::{Registry, now_us};
+use crate::service::snapshot_id;
 use crate::workers::{Lease, Workers};
 
 pub(crate) struct Limits {
@@ -26,6 +28,7 @@ pub(crate) struct Limits {
     pub shard_attempts: u32,
     pub shard_stall_timeout: Duration,
     pub max_active_replays: usize,
+    pub archive_wait: Duration,
     pub reconcile_wait: Duration,
     pub max_differences_stored: usize,
 }
@@ -187,17 +190,13 @@ async fn drive_traced(ctx: Arc<Context>, id: String) {
         Err(Stop::Cancelled) => {
             tracing::info!(replay = %id, "replay cancelled");
             ctx.registry
-                .update(&id, |r| {
-                    r.state = v1::ReplayState::Cancelled.into();
-                    r.finished_at_us = finished;
-                })
+                .advance(&id, ReplayEvent::Cancel, |r| r.finished_at_us = finished)
                 .await
         }
         Err(Stop::Failed(error)) => {
             tracing::error!(replay = %id, %error, "replay failed");
             ctx.registry
-                .update(&id, |r| {
-                    r.state = v1::ReplayState::Failed.into();
+                .advance(&id, ReplayEvent::Fail, |r| {
                     r.error = error;
                     r.finished_at_us = finished;
                 })
@@ -210,24 +209,32 @@ async fn drive_traced(ctx: Arc<Context>, id: String) {
 }
 
 async fn drive_phases(ctx: &Arc<Context>, id: &str) -> Result<(), Stop> {
-    let replay = ctx
-        .registry
-        .get(id)
-        .ok_or_else(|| Stop::Failed(format!("replay {id} vanished")))?;
-    if replay.state == i32::from(v1::ReplayState::Running) {
+    let phase = |ctx: &Context| -> Result<(ReplayPhase, v1::Replay), Stop> {
+        let replay = ctx
+            .registry
+            .get(id)
+            .ok_or_else(|| Stop::Failed(format!("replay {id} vanished")))?;
+        Ok((
+            ReplayPhase::of(&replay).map_err(anyhow::Error::from)?,
+            replay,
+        ))
+    };
+    if phase(ctx)?.0 == ReplayPhase::WaitingForArchive {
+        wait_for_archive(ctx, id).await?;
+    }
+    if phase(ctx)?.0 == ReplayPhase::Running {
         run_shards(ctx, id).await?;
         ctx.registry
-            .update(id, |r| r.state = v1::ReplayState::Committing.into())
+            .advance(id, ReplayEvent::ShardsVerified, |_| {})
             .await?;
     }
-    let replay = ctx.registry.get(id).expect("known replay");
-    let commit = if replay.state == i32::from(v1::ReplayState::Committing) {
+    let (now, replay) = phase(ctx)?;
+    let commit = if now == ReplayPhase::Committing {
         let commit = commit(ctx, &replay).await?;
         tracing::info!(replay = %id, number = commit.number, snapshot = %commit.draft.snapshot_id, "snapshot committed");
         ctx.registry
-            .update(id, |r| {
-                r.commit_number = commit.number;
-                r.state = v1::ReplayState::Reconciling.into();
+            .advance(id, ReplayEvent::Committed, |r| {
+                r.commit_number = commit.number
             })
             .await?;
         commit
@@ -247,13 +254,73 @@ async fn drive_phases(ctx: &Arc<Context>, id: &str) -> Result<(), Stop> {
     ctx.metrics.reconciled(&summary, now_us());
     tracing::info!(replay = %id, equal = summary.rows_equal, ahead = summary.rows_stream_ahead, divergent = summary.rows_divergent, missing = summary.rows_missing, "reconciled");
     ctx.registry
-        .update(id, |r| {
+        .advance(id, ReplayEvent::Reconciled, |r| {
             r.reconciliation = Some(summary);
-            r.state = v1::ReplayState::Succeeded.into();
             r.finished_at_us = now_us();
         })
         .await?;
     Ok(())
+}
+
+/// How often a replay waiting for the archive reads its watermarks.
+const ARCHIVE_POLL: Duration = Duration::from_millis(500);
+
+/// Waits until the archive's highest watermark reaches the replay's awaited
+/// sequence, then takes that watermark as the cutoff (docs/operations.md,
+/// "Read-your-writes"). The wait is bounded from the request, so a replay resumed
+/// by another coordinator does not start it again.
+async fn wait_for_archive(ctx: &Context, id: &str) -> Result<(), Stop> {
+    let mut cancelled = ctx.registry.cancelled(id).expect("known replay");
+    let replay = ctx.registry.get(id).expect("known replay");
+    let awaited = replay.awaited_sequence;
+    let wait = ctx.limits.archive_wait;
+    let deadline_us = replay
+        .created_at_us
+        .saturating_add(i64::try_from(wait.as_micros()).unwrap_or(i64::MAX));
+    let mut seen = replay.archive_watermark;
+    loop {
+        if *cancelled.borrow() {
+            return Err(Stop::Cancelled);
+        }
+        let highest = ctx
+            .archive
+            .watermarks()
+            .await
+            .map_err(anyhow::Error::from)?
+            .last()
+            .copied()
+            .unwrap_or(0);
+        if highest >= awaited && highest > 0 {
+            ctx.registry
+                .advance(id, ReplayEvent::ArchiveReached, |r| {
+                    r.cutoff = highest;
+                    r.snapshot_id = snapshot_id(id, highest);
+                    r.archive_watermark = highest;
+                })
+                .await?;
+            tracing::info!(replay = %id, awaited, cutoff = highest, "the archive reached the stream's last sequence of the request");
+            return Ok(());
+        }
+        if highest != seen {
+            ctx.registry
+                .update(id, |r| r.archive_watermark = highest)
+                .await?;
+            seen = highest;
+        }
+        if now_us() >= deadline_us {
+            let instead = match highest {
+                0 => String::new(),
+                h => format!(", or pass --cutoff {h} to replay what is archived"),
+            };
+            return Err(Stop::Failed(format!(
+                "the archive did not reach sequence {awaited} (the stream's last when the replay was asked for) within --archive-wait ({wait:?}): its highest watermark is {highest}. The archiver (payledger-ingest --archive-store) is behind or not running: check the alert PayLedgerArchiveLag and the archiver's log{instead}"
+            )));
+        }
+        tokio::select! {
+            () = tokio::time::sleep(ARCHIVE_POLL) => {}
+            _ = cancelled.changed() => {}
+        }
+    }
 }
 
 /// What one attempt of a shard came back with.
@@ -265,22 +332,18 @@ struct Attempt {
 
 async fn run_shards(ctx: &Arc<Context>, id: &str) -> Result<(), Stop> {
     let mut cancelled = ctx.registry.cancelled(id).expect("known replay");
-    // An attempt that was running when a coordinator stopped is lost: run it again.
-    let replay = ctx
-        .registry
-        .update(id, |r| {
-            for shard in &mut r.shards {
-                if shard.state != i32::from(v1::ShardState::Done) {
-                    shard.state = v1::ShardState::Pending.into();
-                }
-            }
-        })
-        .await?;
+    let mut replay = ctx.registry.get(id).expect("known replay");
+    for index in 0..replay.shards.len() {
+        replay = ctx
+            .registry
+            .advance_shard(id, index, ShardEvent::Resumed, |_| {})
+            .await?;
+    }
     let mut pending: VecDeque<usize> = replay
         .shards
         .iter()
         .enumerate()
-        .filter(|(_, s)| s.state == i32::from(v1::ShardState::Pending))
+        .filter(|(_, s)| ShardPhase::of(s) == Ok(ShardPhase::Pending))
         .map(|(i, _)| i)
         .collect();
     let mut running = JoinSet::new();
@@ -303,9 +366,7 @@ async fn run_shards(ctx: &Arc<Context>, id: &str) -> Result<(), Stop> {
             pending.pop_front();
             let replay = ctx
                 .registry
-                .update(id, |r| {
-                    let shard = &mut r.shards[index];
-                    shard.state = v1::ShardState::Running.into();
+                .advance_shard(id, index, ShardEvent::Placed, |shard| {
                     shard.worker = lease.url.clone();
                     shard.attempts += 1;
                     shard.progress = None;
@@ -323,9 +384,7 @@ async fn run_shards(ctx: &Arc<Context>, id: &str) -> Result<(), Stop> {
                 let Attempt { index, worker, outcome } = joined.map_err(|e| Stop::Failed(format!("a shard task failed: {e}")))?;
                 match outcome {
                     Ok(result) => {
-                        ctx.registry.update(id, |r| {
-                            let shard = &mut r.shards[index];
-                            shard.state = v1::ShardState::Done.into();
+                        ctx.registry.advance_shard(id, index, ShardEvent::Verified, |shard| {
                             shard.result = Some(result);
                             shard.last_error.clear();
                         }).await?;
@@ -333,18 +392,18 @@ async fn run_shards(ctx: &Arc<Context>, id: &str) -> Result<(), Stop> {
                     Err(error) => {
                         tracing::warn!(replay = %id, shard = index, %worker, %error, "shard attempt failed");
                         ctx.workers.cool_down(&worker);
-                        let replay = ctx.registry.update(id, |r| {
-                            let shard = &mut r.shards[index];
-                            shard.state = v1::ShardState::Pending.into();
+                        let attempts = ctx.registry.get(id).expect("known replay").shards[index].attempts;
+                        let last = attempts >= ctx.limits.shard_attempts;
+                        let event = if last { ShardEvent::GaveUp } else { ShardEvent::AttemptFailed };
+                        let replay = ctx.registry.advance_shard(id, index, event, |shard| {
                             shard.last_error = error.clone();
                             if !shard.failed_workers.contains(&worker) {
                                 shard.failed_workers.push(worker.clone());
                             }
                         }).await?;
                         let shard = &replay.shards[index];
-                        if shard.attempts >= ctx.limits.shard_attempts {
+                        if last {
                             running.abort_all();
-                            ctx.registry.update(id, |r| r.shards[index].state = v1::ShardState::Failed.into()).await?;
                             return Err(Stop::Failed(format!(
                                 "shard {index} (partitions {:?}) failed {} times, last on {worker}: {error}",
                                 shard.partitions, shard.attempts
@@ -616,8 +675,10 @@ async fn commit(ctx: &Context, replay: &v1::Replay) -> Result<payledger_storage:
         .registry
         .list()
         .iter()
+        // A replay still waiting for the archive gets a cutoff at or above today's
+        // highest watermark, so above this one's: it needs no state below.
         .filter(|r| {
-            r.state == i32::from(v1::ReplayState::Running) && r.replay_id != replay.replay_id
+            ReplayPhase::of(r) == Ok(ReplayPhase::Running) && r.replay_id != replay.replay_id
         })
         .map(|r| r.cutoff)
         .fold(replay.cutoff, u64::min);

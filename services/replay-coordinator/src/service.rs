@@ -10,6 +10,7 @@ use payledger_semantics::Day;
 use tonic::{Request, Response, Status};
 
 use crate::leader::Leadership;
+use crate::lifecycle::ReplayPhase;
 use crate::registry::{is_terminal, now_us};
 use crate::runner::{Context, plan_shards};
 
@@ -38,6 +39,38 @@ fn new_replay_id(now_us: i64) -> String {
         secs % 60,
         rand::random::<u16>()
     )
+}
+
+/// The snapshot a replay writes: its id and cutoff, so that two replays never
+/// share staging parts.
+pub(crate) fn snapshot_id(replay_id: &str, cutoff: u64) -> String {
+    format!("{replay_id}-{cutoff:020}")
+}
+
+/// Refuses a replay all of whose days lie after the last day an event can have
+/// now: ingest accepts an event_time at most `max_clock_skew_us` ahead of its clock
+/// (docs/semantics.md R2), so no record of the log can fall on those days and the
+/// replay would commit an empty "authoritative" snapshot of them. FAILED_PRECONDITION
+/// rather than INVALID_ARGUMENT: the same request is valid once the days have come,
+/// so what is wrong is the moment, not the argument.
+fn refuse_future_days(
+    from_day: Day,
+    to_day: Day,
+    now_us: i64,
+    max_clock_skew_us: i64,
+) -> Result<(), Status> {
+    let last_possible = Day::of_micros(now_us.saturating_add(max_clock_skew_us));
+    if from_day <= last_possible {
+        return Ok(());
+    }
+    let days = if from_day == to_day {
+        format!("{from_day} is")
+    } else {
+        format!("{from_day} to {to_day} are")
+    };
+    Err(Status::failed_precondition(format!(
+        "{days} in the future (the latest day an event can have now is {last_possible} UTC): no record can fall on them yet, so there is nothing to replay; replay days up to {last_possible}"
+    )))
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -124,6 +157,12 @@ impl ReplayCoordinator for CoordinatorApi {
                 "from_day {from_day} is after to_day {to_day}"
             )));
         }
+        refuse_future_days(
+            from_day,
+            to_day,
+            now_us(),
+            self.ctx.settings.max_clock_skew_us,
+        )?;
         let reason = request.reason.trim();
         if reason.is_empty() || reason.chars().count() > MAX_REASON_CHARS {
             return Err(Status::invalid_argument(format!(
@@ -140,24 +179,44 @@ impl ReplayCoordinator for CoordinatorApi {
             )));
         }
         let watermarks = ctx.archive.watermarks().await.map_err(internal)?;
-        let cutoff = match request.cutoff {
-            0 => *watermarks.last().ok_or_else(|| {
-                Status::failed_precondition(
-                    "the archive has no watermark yet, so there is nothing to replay; is the archiver running (payledger-ingest --archive-store) against the same store?",
-                )
-            })?,
-            c if watermarks.binary_search(&c).is_ok() => c,
+        let highest = watermarks.last().copied();
+        // Without a cutoff the replay covers what the stream holds now, so that
+        // every event acknowledged before this call is in it (docs/operations.md,
+        // "Read-your-writes"): when the archive is not there yet, the driver waits.
+        let (cutoff, awaited_sequence) = match request.cutoff {
+            0 => {
+                let last = ctx
+                    .stream
+                    .get_info()
+                    .await
+                    .map_err(internal)?
+                    .state
+                    .last_sequence;
+                match highest {
+                    Some(h) if h >= last => (h, 0),
+                    None if last == 0 => {
+                        return Err(Status::failed_precondition(
+                            "the stream and the archive are empty, so there is nothing to replay; is the archiver running (payledger-ingest --archive-store) against the same store?",
+                        ));
+                    }
+                    _ => (0, last),
+                }
+            }
+            c if watermarks.binary_search(&c).is_ok() => (c, 0),
             c => {
                 return Err(Status::invalid_argument(format!(
                     "cutoff: {c} is not a watermark of the archive (the highest is {}); replay only complete cuts, or pass 0 for the highest",
-                    watermarks.last().copied().unwrap_or(0)
+                    highest.unwrap_or(0)
                 )));
             }
         };
         let created = now_us();
         let replay_id = new_replay_id(created);
         let replay = v1::Replay {
-            snapshot_id: format!("{replay_id}-{cutoff:020}"),
+            snapshot_id: match cutoff {
+                0 => String::new(),
+                c => snapshot_id(&replay_id, c),
+            },
             replay_id: replay_id.clone(),
             from_day: from_day.to_string(),
             to_day: to_day.to_string(),
@@ -169,13 +228,15 @@ impl ReplayCoordinator for CoordinatorApi {
             updated_at_us: created,
             version_key: ctx.settings.version_key(),
             from_genesis: request.from_genesis,
+            awaited_sequence,
+            archive_watermark: highest.unwrap_or(0),
             ..Default::default()
         };
         ctx.registry
             .insert(replay.clone())
             .await
             .map_err(internal)?;
-        tracing::info!(replay = %replay_id, %from_day, %to_day, cutoff, reason, shards = replay.shards.len(), from_genesis = request.from_genesis, "replay started");
+        tracing::info!(replay = %replay_id, %from_day, %to_day, cutoff, awaited_sequence, reason, shards = replay.shards.len(), from_genesis = request.from_genesis, "replay started");
         if !ctx.drivers.start(ctx, replay_id.clone()) {
             // The Lease was lost since the check above: the replay is in the KV
             // bucket as RUNNING, and the next leader resumes it.
@@ -217,7 +278,7 @@ impl ReplayCoordinator for CoordinatorApi {
         tokio::spawn(async move {
             loop {
                 let replay = changes.borrow_and_update().clone();
-                let done = is_terminal(replay.state);
+                let done = is_terminal(&replay);
                 if tx.send(Ok(replay)).await.is_err() || done {
                     return;
                 }
@@ -238,23 +299,19 @@ impl ReplayCoordinator for CoordinatorApi {
         let id = request.into_inner().replay_id;
         self.must_lead()?;
         let replay = self.known(&id)?;
-        match v1::ReplayState::try_from(replay.state) {
-            Ok(v1::ReplayState::Running) => {}
-            Ok(
-                v1::ReplayState::Committing
-                | v1::ReplayState::Reconciling
-                | v1::ReplayState::Succeeded,
-            ) => {
-                return Err(Status::failed_precondition(format!(
-                    "replay {id} has committed (or is committing) its snapshot; a commit is never taken back: start a new replay to supersede it"
-                )));
-            }
-            _ => return Ok(Response::new(replay)),
+        let phase = ReplayPhase::of(&replay).map_err(internal)?;
+        if phase.has_committed() {
+            return Err(Status::failed_precondition(format!(
+                "replay {id} has committed (or is committing) its snapshot; a commit is never taken back: start a new replay to supersede it"
+            )));
+        }
+        if phase.is_terminal() {
+            return Ok(Response::new(replay));
         }
         self.ctx.registry.request_cancel(&id);
         let mut changes = self.ctx.registry.watch(&id).expect("known replay");
         let ended = changes
-            .wait_for(|r| is_terminal(r.state) || r.state != i32::from(v1::ReplayState::Running));
+            .wait_for(|r| ReplayPhase::of(r).is_ok_and(|p| p.is_terminal() || p.has_committed()));
         let replay = tokio::time::timeout(std::time::Duration::from_secs(30), ended)
             .await
             .map_err(|_| Status::deadline_exceeded("the replay did not stop within 30 s; `payledger replay status` shows where it is"))?
@@ -267,6 +324,38 @@ impl ReplayCoordinator for CoordinatorApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ranges_wholly_after_the_last_possible_event_day_are_refused() {
+        let d = |s: &str| Day::parse(s).unwrap();
+        let skew = 5 * 60 * 1_000_000;
+        // 2026-11-25T23:57:00Z: events may already lie on 2026-11-26.
+        let late = 1_795_651_020_000_000;
+        assert_eq!(Day::of_micros(late), d("2026-11-25"));
+        assert!(refuse_future_days(d("2026-11-25"), d("2026-11-25"), late, skew).is_ok());
+        assert!(refuse_future_days(d("2026-11-26"), d("2026-11-26"), late, skew).is_ok());
+        assert!(refuse_future_days(d("2016-01-01"), d("2027-01-01"), late, skew).is_ok());
+        let refused = refuse_future_days(d("2026-11-27"), d("2026-11-30"), late, skew)
+            .expect_err("all in the future");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            refused
+                .message()
+                .starts_with("2026-11-27 to 2026-11-30 are in the future"),
+            "{}",
+            refused.message()
+        );
+        // 2026-11-25T12:00:00Z: tomorrow is out of reach.
+        let noon = 1_795_608_000_000_000;
+        let refused =
+            refuse_future_days(d("2026-11-26"), d("2026-11-26"), noon, skew).expect_err("tomorrow");
+        assert!(
+            refused.message().contains("2026-11-26 is in the future")
+                && refused.message().contains("up to 2026-11-25"),
+            "{}",
+            refused.message()
+        );
+    }
 
     #[test]
     fn replay_ids_are_readable_and_safe_as_keys() {
