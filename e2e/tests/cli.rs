@@ -148,9 +148,19 @@ async fn ingest_sends_the_good_lines_and_names_the_bad_one() -> anyhow::Result<(
         7,
         lines[0].replace("\"event_id\"", "\"note\":\"x\",\"event_id\""),
     );
+    // Line 12: longer than --max-line-bytes, skipped without being held whole.
+    lines.push(format!("{{\"event_id\":\"{}\"}}", "x".repeat(5_000)));
     let path = s.file("events.jsonl", &(lines.join("\n") + "\n"))?;
 
-    let sent = s.run(&["--json", "ingest", "--batch", "4", &path])?;
+    let sent = s.run(&[
+        "--json",
+        "ingest",
+        "--batch",
+        "4",
+        "--max-line-bytes",
+        "1000",
+        &path,
+    ])?;
     assert_eq!(sent.status.code(), Some(4), "{}", stderr(&sent));
     let errors = stderr(&sent);
     assert!(
@@ -161,22 +171,27 @@ async fn ingest_sends_the_good_lines_and_names_the_bad_one() -> anyhow::Result<(
         errors.contains("line 8: note: not a field of events"),
         "{errors}"
     );
-    assert_eq!(errors.matches("line ").count(), 2, "{errors}");
+    assert!(
+        errors.contains("line 12: longer than --max-line-bytes 1000"),
+        "{errors}"
+    );
+    assert_eq!(errors.matches("line ").count(), 3, "{errors}");
     let summary: serde_json::Value = serde_json::from_str(&stdout(&sent))?;
-    assert_eq!(summary["lines"], 11);
+    assert_eq!(summary["lines"], 12);
     assert_eq!(summary["sent"], 9);
     assert_eq!(summary["accepted"], 9);
-    assert_eq!(summary["rejected"], 2);
+    assert_eq!(summary["rejected"], 3);
     assert_eq!(summary["rejections"][0]["line"], 5);
     assert_eq!(summary["rejections"][0]["field"], "amount_minor");
     assert_eq!(summary["rejections"][1]["line"], 8);
     wait_applied(&mut query, "m-file", 9).await?;
 
-    // Sent again: every event is a duplicate, the bad lines still rejected.
+    // Sent again: every event is a duplicate, the bad lines still rejected (the
+    // long one, within the default limit, for its missing fields).
     let again = s.run(&["ingest", &path])?;
     assert_eq!(again.status.code(), Some(4), "{}", stderr(&again));
     assert!(
-        stdout(&again).contains("9 events sent: 0 accepted, 9 duplicate, 2 rejected"),
+        stdout(&again).contains("9 events sent: 0 accepted, 9 duplicate, 3 rejected"),
         "{}",
         stdout(&again)
     );
