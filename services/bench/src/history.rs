@@ -501,7 +501,7 @@ pub async fn run(report: &mut BenchReport, args: &HistoryBenchArgs) -> anyhow::R
             format!("{a}"),
             format!("{b}"),
             ratio,
-            String::from(""),
+            String::new(),
         ]);
     };
     row(
@@ -601,7 +601,7 @@ pub async fn run(report: &mut BenchReport, args: &HistoryBenchArgs) -> anyhow::R
         String::from("ratio"),
     ]);
     report.row([format!("per remembered identity ({merchants} merchants × 30 days × {currencies} currencies, 3 events a merchant-day-currency against 1: {} identities more, {three} − {one} bytes)", three_ids - one_ids), format!("{per_identity:.1}"), String::from("32 (the entry's fixed width: id hash, content hash, event time)"), format!("{:.2}", per_identity / 32.0)]);
-    report.row([format!("per merchant-day ({currencies} currencies, one bucket each; {merchants} merchants × 30 days against × 15, {one} − {half} bytes, less the identities)"), format!("{per_merchant_day:.1} ({:.1} per currency)", per_merchant_day / currencies as f64), String::from(""), String::from("")]);
+    report.row([format!("per merchant-day ({currencies} currencies, one bucket each; {merchants} merchants × 30 days against × 15, {one} − {half} bytes, less the identities)"), format!("{per_merchant_day:.1} ({:.1} per currency)", per_merchant_day / currencies as f64), String::new(), String::new()]);
     Ok(())
 }
 

@@ -258,8 +258,8 @@ pub async fn write_rows(args: &QueryBenchArgs, report: &mut BenchReport) -> anyh
     nats.stop();
 
     let ms = |us: i64| us as f64 / 1000.0;
-    report.row([format!("GetDailyExposure AUTHORITATIVE, cold: first read of a part, ms (object store read, Parquet decode, hash check; {} rows per part on average; first call / median / max of {} parts)", rows / settings.partitions as usize, cold.len()), format!("{:.1} / {:.1} / {:.1}", ms(first_cold), percentile(&cold, 0.5), percentile(&cold, 1.0)), String::from(""), String::from(""), String::from("")]);
-    report.row([format!("GetDailyExposure AUTHORITATIVE, warm cache, p50 / p99 / max ms ({} sequential calls over gRPC from one client, random merchant-days of {} merchants × {} days, {rate:.0} calls/s)", args.query_calls, args.query_merchants, args.query_days), format!("{:.3} / {:.3} / {:.3}", percentile(&warm, 0.5), percentile(&warm, 0.99), percentile(&warm, 1.0)), String::from(""), String::from(""), String::from("p99 < 2")]);
+    report.row([format!("GetDailyExposure AUTHORITATIVE, cold: first read of a part, ms (object store read, Parquet decode, hash check; {} rows per part on average; first call / median / max of {} parts)", rows / settings.partitions as usize, cold.len()), format!("{:.1} / {:.1} / {:.1}", ms(first_cold), percentile(&cold, 0.5), percentile(&cold, 1.0)), String::new(), String::new(), String::new()]);
+    report.row([format!("GetDailyExposure AUTHORITATIVE, warm cache, p50 / p99 / max ms ({} sequential calls over gRPC from one client, random merchant-days of {} merchants × {} days, {rate:.0} calls/s)", args.query_calls, args.query_merchants, args.query_days), format!("{:.3} / {:.3} / {:.3}", percentile(&warm, 0.5), percentile(&warm, 0.99), percentile(&warm, 1.0)), String::new(), String::new(), String::from("p99 < 2")]);
     report.row([
         String::from("part cache hit ratio over the warm calls (memory / disk / object store)"),
         format!(
@@ -269,10 +269,10 @@ pub async fn write_rows(args: &QueryBenchArgs, report: &mut BenchReport) -> anyh
             warm_stats.disk_hits,
             warm_stats.misses
         ),
-        String::from(""),
-        String::from(""),
-        String::from(""),
+        String::new(),
+        String::new(),
+        String::new(),
     ]);
-    report.row([format!("GetDailyExposure AUTHORITATIVE after a restart, 1 MiB memory tier: p50 / p99 ms ({} calls; memory / disk / object store {} / {} / {})", disk.len(), disk_stats.memory_hits, disk_stats.disk_hits, disk_stats.misses), format!("{:.2} / {:.2}", percentile(&disk, 0.5), percentile(&disk, 0.99)), String::from(""), String::from(""), String::from("")]);
+    report.row([format!("GetDailyExposure AUTHORITATIVE after a restart, 1 MiB memory tier: p50 / p99 ms ({} calls; memory / disk / object store {} / {} / {})", disk.len(), disk_stats.memory_hits, disk_stats.disk_hits, disk_stats.misses), format!("{:.2} / {:.2}", percentile(&disk, 0.5), percentile(&disk, 0.99)), String::new(), String::new(), String::new()]);
     Ok(())
 }

@@ -79,6 +79,17 @@ struct Rejection {
     by_ingest: bool,
 }
 
+impl Rejection {
+    fn of_line(line: u64, e: LineError) -> Self {
+        Self {
+            line,
+            field: e.field,
+            message: e.message,
+            by_ingest: false,
+        }
+    }
+}
+
 /// What `payledger ingest` did with a file.
 #[derive(Default)]
 struct Summary {
@@ -170,6 +181,15 @@ enum Read<'a> {
     Bad(LineError),
 }
 
+impl Read<'_> {
+    fn decode(self, decoder: &mut Decoder) -> Result<Option<Line>, LineError> {
+        match self {
+            Read::Text(text) => decoder.decode(text),
+            Read::Bad(e) => Err(e),
+        }
+    }
+}
+
 impl Lines {
     fn open(file: &Path, max: usize) -> anyhow::Result<Lines> {
         let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
@@ -224,27 +244,21 @@ impl Lines {
             }
         }
         self.number += 1;
-        let text = if too_long {
+        let line = self.buffer.strip_suffix(b"\n").unwrap_or(&self.buffer);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let bad = |message: String| {
             Read::Bad(LineError {
                 field: None,
-                message: format!("longer than --max-line-bytes {}", self.max),
+                message,
                 header: false,
             })
+        };
+        let text = if too_long || line.len() > self.max {
+            bad(format!("longer than --max-line-bytes {}", self.max))
         } else {
-            match std::str::from_utf8(&self.buffer) {
-                Ok(text) if text.trim_end_matches(['\r', '\n']).len() > self.max => {
-                    Read::Bad(LineError {
-                        field: None,
-                        message: format!("longer than --max-line-bytes {}", self.max),
-                        header: false,
-                    })
-                }
+            match std::str::from_utf8(line) {
                 Ok(text) => Read::Text(text),
-                Err(e) => Read::Bad(LineError {
-                    field: None,
-                    message: format!("not UTF-8 (byte {})", e.valid_up_to() + 1),
-                    header: false,
-                }),
+                Err(e) => bad(format!("not UTF-8 (byte {})", e.valid_up_to() + 1)),
             }
         };
         Ok(Some((self.number, text)))
@@ -376,22 +390,10 @@ fn check_whole_file(args: &IngestArgs, summary: &mut Summary) -> anyhow::Result<
     let mut decoder = decoder(args);
     let bar = ProgressBar::hidden();
     while let Some((number, read)) = lines.next()? {
-        let decoded = match read {
-            Read::Text(text) => decoder.decode(text),
-            Read::Bad(e) => Err(e),
-        };
-        match decoded {
+        match read.decode(&mut decoder) {
             Ok(_) => {}
             Err(e) if e.header => return Err(header_error(number, &e)),
-            Err(e) => summary.reject(
-                Rejection {
-                    line: number,
-                    field: e.field,
-                    message: e.message,
-                    by_ingest: false,
-                },
-                &bar,
-            ),
+            Err(e) => summary.reject(Rejection::of_line(number, e), &bar),
         }
     }
     summary.lines = lines.number;
@@ -423,10 +425,6 @@ pub async fn run(args: IngestArgs, out: &Output) -> anyhow::Result<Exit> {
             summary.refused_whole_file = true;
             return out.emit(&summary);
         }
-        summary = Summary {
-            rejections: Vec::new(),
-            ..summary
-        };
     }
     let mut sender = Sender {
         client: IngestServiceClient::new(
@@ -445,23 +443,11 @@ pub async fn run(args: IngestArgs, out: &Output) -> anyhow::Result<Exit> {
     // Only the batch not yet sent is held (with its line numbers); what ingest
     // answered is counted, so memory does not grow with the file.
     while let Some((number, read)) = lines.next()? {
-        let decoded = match read {
-            Read::Text(text) => decoder.decode(text),
-            Read::Bad(e) => Err(e),
-        };
-        match decoded {
+        match read.decode(&mut decoder) {
             Ok(None) => {}
             Ok(Some(line)) => sender.send(number, line, &mut summary, &bar).await?,
             Err(e) if e.header => return Err(header_error(number, &e)),
-            Err(e) => summary.reject(
-                Rejection {
-                    line: number,
-                    field: e.field,
-                    message: e.message,
-                    by_ingest: false,
-                },
-                &bar,
-            ),
+            Err(e) => summary.reject(Rejection::of_line(number, e), &bar),
         }
     }
     sender.flush(&mut summary, &bar).await?;
