@@ -359,3 +359,52 @@ pub async fn run(command: ReplayCommand, out: &Output) -> anyhow::Result<Exit> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(state: v1::ReplayState, divergent: u64, missing: u64) -> v1::Replay {
+        v1::Replay {
+            state: state as i32,
+            reconciliation: Some(v1::ReconciliationSummary {
+                rows_divergent: divergent,
+                rows_missing: missing,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn exit(replay: v1::Replay, waited: bool) -> Exit {
+        Replay {
+            replay,
+            shards: false,
+            waited,
+        }
+        .exit()
+    }
+
+    #[test]
+    fn a_waited_replay_exits_with_its_outcome() {
+        use v1::ReplayState::*;
+        assert_eq!(exit(ended(Succeeded, 0, 0), true), Exit::Success);
+        assert_eq!(exit(ended(Failed, 0, 0), true), Exit::Failed);
+        assert_eq!(exit(ended(Cancelled, 0, 0), true), Exit::Failed);
+        assert_eq!(exit(ended(Succeeded, 1, 0), true), Exit::Divergent);
+        assert_eq!(exit(ended(Succeeded, 0, 2), true), Exit::Divergent);
+        // Only started, or only looked at: the command did what it was asked.
+        assert_eq!(exit(ended(Failed, 1, 0), false), Exit::Success);
+        assert_eq!(
+            [
+                Exit::Success,
+                Exit::Error,
+                Exit::Failed,
+                Exit::Divergent,
+                Exit::Rejected
+            ]
+            .map(Exit::code),
+            [0, 1, 2, 3, 4]
+        );
+    }
+}
