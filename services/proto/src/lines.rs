@@ -192,16 +192,50 @@ impl Decoder {
         &self,
         line: &'a str,
     ) -> Result<BTreeMap<&'static str, Cell<'a>>, LineError> {
-        let object: serde_json::Map<String, Value> = serde_json::from_str(line)
+        let Pairs(pairs) = serde_json::from_str(line)
             .map_err(|e| LineError::line(format!("not a JSON object: {e}")))?;
         let mut fields = BTreeMap::new();
-        for (key, value) in object {
+        let mut named = Vec::with_capacity(pairs.len());
+        for (key, value) in pairs {
             let name = known(self.kind, &key)?;
+            if named.contains(&name) {
+                return Err(LineError::field(name, "given twice"));
+            }
+            named.push(name);
             if !value.is_null() {
                 fields.insert(name, Cell::Json(value));
             }
         }
         Ok(fields)
+    }
+}
+
+/// A JSON object's members in order, repeated keys kept: a map would keep only
+/// the last of them, and the line would be read as something it does not say.
+struct Pairs(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Pairs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = Pairs;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Pairs, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(pair) = map.next_entry::<String, Value>()? {
+                    pairs.push(pair);
+                }
+                Ok(Pairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(Members)
     }
 }
 
@@ -557,6 +591,11 @@ mod tests {
         );
         let header = decode_all(Kind::Risk, "merchant_id,tier,bps");
         assert!(error(&header[0]).header);
+        let repeated = decode_all(
+            Kind::Fx,
+            r#"{"currency":"EUR","rate":"1.1","rate":"9.9","effective_date":"2026-11-25","version":1}"#,
+        );
+        assert_eq!(error(&repeated[0]).message, "rate: given twice");
         let twice = decode_all(Kind::Risk, "merchant_id,merchant_id");
         assert_eq!(
             error(&twice[0]).message,

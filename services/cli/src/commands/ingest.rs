@@ -54,8 +54,9 @@ pub struct IngestArgs {
     /// is not blank starts with '{', CSV otherwise.
     #[arg(long, value_enum)]
     format: Option<FormatArg>,
-    /// Events per Publish call; a batch is sent as soon as it is full.
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    /// Events per Publish call, at most ingest's PAYLEDGER_MAX_BATCH_EVENTS (1000 by
+    /// default); a batch is sent as soon as it is full.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     batch: u32,
     /// Longest line accepted, in bytes; a longer line is rejected (and skipped
     /// without being held in memory).
