@@ -1,5 +1,6 @@
 //! The `payledger` binary against real services: `ingest` streams a file line by
-//! line, rejects a bad line on its own (with its number, exit 4) or, with
+//! line (a pipe's lines are sent while it is open, a quiet pipe's partial batch
+//! too), rejects a bad line on its own (with its number, exit 4) or, with
 //! `--all-or-nothing`, sends nothing; FX rates and risk tiers from CSV and JSON
 //! lines reach the query service's reporting values; and `reconcile` exits 3 on
 //! missing rows with `--json` as without.
@@ -228,7 +229,7 @@ async fn ingest_sends_the_good_lines_and_names_the_bad_one() -> anyhow::Result<(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingest_sends_lines_from_a_pipe_before_it_ends() -> anyhow::Result<()> {
+async fn ingest_sends_lines_from_a_pipe_as_they_come() -> anyhow::Result<()> {
     let s = stack(&[]).await?;
     let mut query = query_client(&s.query.url()).await?;
     let fifo = s.h.dir.path().join("events.fifo");
@@ -236,7 +237,7 @@ async fn ingest_sends_lines_from_a_pipe_before_it_ends() -> anyhow::Result<()> {
     anyhow::ensure!(made.success(), "mkfifo failed");
     let mut child = s
         .payledger()?
-        .args(["ingest", "--batch", "5"])
+        .args(["ingest", "--batch", "5", "--flush-after", "200ms"])
         .arg(&fifo)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -256,18 +257,23 @@ async fn ingest_sends_lines_from_a_pipe_before_it_ends() -> anyhow::Result<()> {
     // as it is read, not once it ends.
     wait_applied(&mut query, "m-pipe", 5).await?;
     assert!(child.try_wait()?.is_none(), "ingest ended before its input");
+    // Two lines, less than a batch, and the pipe goes quiet: they are sent too.
     for i in 6..=7 {
         writer.write_all(line(i).as_bytes())?;
     }
+    writer.flush()?;
+    wait_applied(&mut query, "m-pipe", 7).await?;
+    assert!(child.try_wait()?.is_none(), "ingest ended before its input");
+    writer.write_all(line(8).as_bytes())?;
     drop(writer);
     let done = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
     assert_eq!(done.status.code(), Some(0), "{}", stderr(&done));
     assert!(
-        stdout(&done).contains("7 events sent: 7 accepted"),
+        stdout(&done).contains("8 events sent: 8 accepted"),
         "{}",
         stdout(&done)
     );
-    wait_applied(&mut query, "m-pipe", 7).await?;
+    wait_applied(&mut query, "m-pipe", 8).await?;
     Ok(())
 }
 

@@ -1,11 +1,12 @@
 //! `payledger ingest FILE`: events, FX rates or risk tiers from CSV or JSON lines.
 //!
 //! The file is read one line at a time (at most `--max-line-bytes` held) and events
-//! are sent as soon as a batch is full, so memory does not grow with the file and a
-//! pipe is sent while it is written. A line that does not decode is rejected on its
-//! own, with its number, and the others go on; so does a record ingest rejects.
-//! With `--all-or-nothing` the whole file is checked first and nothing is sent
-//! unless every line decodes. The line formats are `payledger_proto::lines`.
+//! are sent as soon as a batch is full, or once the input pauses for
+//! `--flush-after`, so memory does not grow with the file and a pipe is sent while
+//! it is written. A line that does not decode is rejected on its own, with its
+//! number, and the others go on; so does a record ingest rejects. With
+//! `--all-or-nothing` the whole file is checked first and nothing is sent unless
+//! every line decodes. The line formats are `payledger_proto::lines`.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use payledger_proto::lines::{Decoder, Format, Kind, Line, LineError};
 use payledger_proto::v1::{self, ingest_service_client::IngestServiceClient};
+use payledger_server_common::config::parse_duration;
 
 use super::{Endpoints, status_error};
 use crate::connect::Conn;
@@ -58,6 +60,10 @@ pub struct IngestArgs {
     /// default); a batch is sent as soon as it is full.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     batch: u32,
+    /// Send a batch that is not full once no line has come for this long (a pipe
+    /// or stdin that pauses).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    flush_after: std::time::Duration,
     /// Longest line accepted, in bytes; a longer line is rejected (and skipped
     /// without being held in memory).
     #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
@@ -170,7 +176,7 @@ impl Report for Summary {
 
 /// The lines of a file, each at most `max` bytes kept.
 struct Lines {
-    reader: Box<dyn BufRead>,
+    reader: Box<dyn BufRead + Send>,
     max: usize,
     number: u64,
     buffer: Vec<u8>,
@@ -193,8 +199,11 @@ impl Read<'_> {
 
 impl Lines {
     fn open(file: &Path, max: usize) -> anyhow::Result<Lines> {
-        let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
-            Box::new(std::io::stdin().lock())
+        let reader: Box<dyn BufRead + Send> = if file.as_os_str() == "-" {
+            Box::new(std::io::BufReader::with_capacity(
+                64 * 1024,
+                std::io::stdin(),
+            ))
         } else {
             let opened =
                 std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
@@ -401,6 +410,46 @@ fn check_whole_file(args: &IngestArgs, summary: &mut Summary) -> anyhow::Result<
     Ok(())
 }
 
+/// A record decoded from line `number`, or why that line was refused.
+struct Decoded {
+    number: u64,
+    result: Result<Line, LineError>,
+}
+
+/// Reads and decodes the file on a thread of its own, so that a read that blocks
+/// (a pipe, stdin) holds up neither the calls in flight nor the flush of a batch
+/// that waits; at most `ahead` decoded lines wait to be sent. The thread returns
+/// the number of lines read. It is not joined on an error: the process ends with
+/// it even while it waits for input.
+fn spawn_reader(
+    args: &IngestArgs,
+    ahead: usize,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Receiver<Decoded>,
+    std::thread::JoinHandle<anyhow::Result<u64>>,
+)> {
+    let mut lines = Lines::open(&args.file, args.max_line_bytes as usize)?;
+    let mut decoder = decoder(args);
+    let (send, receive) = tokio::sync::mpsc::channel(ahead.max(1));
+    let reader = std::thread::Builder::new()
+        .name("ingest-file".into())
+        .spawn(move || {
+            while let Some((number, read)) = lines.next()? {
+                let result = match read.decode(&mut decoder) {
+                    Ok(None) => continue,
+                    Ok(Some(line)) => Ok(line),
+                    Err(e) => Err(e),
+                };
+                if send.blocking_send(Decoded { number, result }).is_err() {
+                    // The sending side stopped (an error it reports itself).
+                    break;
+                }
+            }
+            Ok(lines.number)
+        })?;
+    Ok((receive, reader))
+}
+
 pub async fn run(args: IngestArgs, out: &Output) -> anyhow::Result<Exit> {
     let mut summary = Summary {
         file: args.file.display().to_string(),
@@ -427,6 +476,10 @@ pub async fn run(args: IngestArgs, out: &Output) -> anyhow::Result<Exit> {
             return out.emit(&summary);
         }
     }
+    // Only the batch not yet sent and the lines the reader has decoded ahead (at
+    // most a batch) are held; what ingest answered is counted, so memory does not
+    // grow with the file.
+    let (mut decoded, reader) = spawn_reader(&args, args.batch as usize)?;
     let mut sender = Sender {
         client: IngestServiceClient::new(
             crate::connect::connect(&args.endpoints.ingest_url, "ingest").await?,
@@ -439,20 +492,32 @@ pub async fn run(args: IngestArgs, out: &Output) -> anyhow::Result<Exit> {
         ProgressStyle::with_template("{spinner} ingesting: {pos} records sent ({per_sec})")
             .expect("valid template"),
     );
-    let mut lines = Lines::open(&args.file, args.max_line_bytes as usize)?;
-    let mut decoder = decoder(&args);
-    // Only the batch not yet sent is held (with its line numbers); what ingest
-    // answered is counted, so memory does not grow with the file.
-    while let Some((number, read)) = lines.next()? {
-        match read.decode(&mut decoder) {
-            Ok(None) => {}
-            Ok(Some(line)) => sender.send(number, line, &mut summary, &bar).await?,
+    loop {
+        let next = if sender.events.is_empty() {
+            decoded.recv().await
+        } else {
+            // A pipe that goes quiet still gets its last lines sent.
+            match tokio::time::timeout(args.flush_after, decoded.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    sender.flush(&mut summary, &bar).await?;
+                    continue;
+                }
+            }
+        };
+        let Some(Decoded { number, result }) = next else {
+            break;
+        };
+        match result {
+            Ok(line) => sender.send(number, line, &mut summary, &bar).await?,
             Err(e) if e.header => return Err(header_error(number, &e)),
             Err(e) => summary.reject(Rejection::of_line(number, e), &bar),
         }
     }
     sender.flush(&mut summary, &bar).await?;
     bar.finish_and_clear();
-    summary.lines = lines.number;
+    summary.lines = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the file's reader panicked"))??;
     out.emit(&summary)
 }
