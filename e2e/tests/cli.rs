@@ -1,9 +1,10 @@
 //! The `payledger` binary against real services: `ingest` streams a file line by
 //! line (a pipe's lines are sent while it is open, a quiet pipe's partial batch
-//! too), rejects a bad line on its own (with its number, exit 4) or, with
-//! `--all-or-nothing`, sends nothing; FX rates and risk tiers from CSV and JSON
-//! lines reach the query service's reporting values; and `reconcile` exits 3 on
-//! missing rows with `--json` as without.
+//! too, and a file many times the process's memory goes through), rejects a bad
+//! line on its own (with its number, exit 4) or, with `--all-or-nothing`, sends
+//! nothing; FX rates and risk tiers from CSV and JSON lines reach the query
+//! service's reporting values; and `reconcile` exits 3 on missing rows with
+//! `--json` as without.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -274,6 +275,73 @@ async fn ingest_sends_lines_from_a_pipe_as_they_come() -> anyhow::Result<()> {
         stdout(&done)
     );
     wait_applied(&mut query, "m-pipe", 8).await?;
+    Ok(())
+}
+
+/// The high-water mark of a process's resident memory, in bytes.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_memory_stays_bounded_by_a_line_and_a_batch_not_the_file() -> anyhow::Result<()> {
+    const EVENTS: i64 = 3_000;
+    const PAD: usize = 40_000;
+    const BOUND: u64 = 48 << 20;
+    let s = stack(&[]).await?;
+    // Each line padded with blanks after its object: 120 MB of file, 3 000 events;
+    // the process itself, a debug build with its gRPC client, takes about 35 MB.
+    let path = s.h.dir.path().join("large.jsonl");
+    {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        let pad = " ".repeat(PAD);
+        for i in 1..=EVENTS {
+            let line = event_to_json(&capture(&format!("big-{i}"), "m-big", 1, "USD"));
+            writeln!(file, "{line}{pad}")?;
+        }
+        file.flush()?;
+    }
+    let size = std::fs::metadata(&path)?.len();
+    assert!(
+        size > 2 * BOUND,
+        "the file ({size} bytes) must dwarf the bound"
+    );
+    let mut child = s
+        .payledger()?
+        .args(["ingest", "--batch", "100"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let mut peak = None;
+    while child.try_wait()?.is_none() {
+        if let Some(bytes) = peak_rss(pid) {
+            peak = Some(bytes);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let done = child.wait_with_output()?;
+    assert_eq!(done.status.code(), Some(0), "{}", stderr(&done));
+    assert!(
+        stdout(&done).contains("3000 events sent: 3000 accepted"),
+        "{}",
+        stdout(&done)
+    );
+    let peak = peak.ok_or_else(|| anyhow::anyhow!("no memory reading while ingest ran"))?;
+    assert!(
+        peak < BOUND,
+        "peak resident memory {peak} bytes for a {size}-byte file"
+    );
     Ok(())
 }
 
