@@ -10,7 +10,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use payledger_e2e::{Harness, Service, binary, now_us, query_client, read_log};
+use payledger_e2e::{Stack, binary, deref_to_stack, now_us, query_client, read_log};
 use payledger_proto::lines::{event_to_json, format_time_us};
 use payledger_proto::v1::{self, query_service_client::QueryServiceClient};
 use payledger_semantics::{
@@ -21,41 +21,32 @@ use tonic::transport::Channel;
 
 const WITHIN: Duration = Duration::from_secs(60);
 
-/// Ingest without heartbeats (the log holds exactly what was accepted), the stream
-/// projector and query, all on the harness's nats-server.
-struct Stack {
-    h: Harness,
-    ingest: Service,
-    _projector: Service,
-    query: Service,
+/// The shared stack (ingest without heartbeats, so the log holds exactly what was
+/// accepted; the stream projector; query) and the CLI pointed at it.
+struct Cli {
+    stack: Stack,
 }
 
-async fn stack(query_args: &[&str]) -> anyhow::Result<Stack> {
-    let mut h = Harness::start()?;
-    let ingest = h
-        .spawn("payledger-ingest", &["--heartbeat-interval", "0s"])
+deref_to_stack!(Cli);
+
+async fn stack(query_args: &[&str]) -> anyhow::Result<Cli> {
+    let stack = Stack::builder()
+        .projector(&[])
+        .query(query_args)
+        .start()
         .await?;
-    let store = h.store();
-    let projector = h
-        .spawn(
-            "payledger-projector",
-            &["--store", &store, "--checkpoint-interval", "200ms"],
-        )
-        .await?;
-    let query = h.spawn("payledger-query", query_args).await?;
-    Ok(Stack {
-        h,
-        ingest,
-        _projector: projector,
-        query,
-    })
+    Ok(Cli { stack })
 }
 
-impl Stack {
+impl Cli {
+    fn query_url(&self) -> String {
+        self.query.as_ref().expect("the stack runs query").url()
+    }
+
     fn payledger(&self) -> anyhow::Result<Command> {
         let mut command = Command::new(binary("payledger")?);
         command.env("PAYLEDGER_INGEST_URL", self.ingest.url());
-        command.env("PAYLEDGER_QUERY_URL", self.query.url());
+        command.env("PAYLEDGER_QUERY_URL", self.query_url());
         Ok(command)
     }
 
@@ -137,7 +128,7 @@ async fn logged_ids(nats_url: &str) -> anyhow::Result<Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_sends_the_good_lines_and_names_the_bad_one() -> anyhow::Result<()> {
     let s = stack(&[]).await?;
-    let mut query = query_client(&s.query.url()).await?;
+    let mut query = query_client(&s.query_url()).await?;
     let mut lines: Vec<String> = (1..=9)
         .map(|i| event_to_json(&capture(&format!("ev-{i}"), "m-file", 100 * i, "EUR")))
         .collect();
@@ -232,7 +223,7 @@ async fn ingest_sends_the_good_lines_and_names_the_bad_one() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_sends_lines_from_a_pipe_as_they_come() -> anyhow::Result<()> {
     let s = stack(&[]).await?;
-    let mut query = query_client(&s.query.url()).await?;
+    let mut query = query_client(&s.query_url()).await?;
     let fifo = s.h.dir.path().join("events.fifo");
     let made = Command::new("mkfifo").arg(&fifo).status()?;
     anyhow::ensure!(made.success(), "mkfifo failed");
@@ -378,7 +369,7 @@ async fn reporting(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fx_rates_and_risk_tiers_from_csv_and_json_lines_reach_query() -> anyhow::Result<()> {
     let s = stack(&[]).await?;
-    let mut query = query_client(&s.query.url()).await?;
+    let mut query = query_client(&s.query_url()).await?;
     let today = Day::of_micros(now_us());
     let yesterday = Day(today.0 - 1);
     let fx_csv = s.file(
@@ -506,7 +497,7 @@ async fn commit_row_the_stream_lacks(store: &str, day: Day) -> anyhow::Result<()
     Ok(())
 }
 
-fn reconcile(s: &Stack, json: bool, day: Day) -> anyhow::Result<Output> {
+fn reconcile(s: &Cli, json: bool, day: Day) -> anyhow::Result<Output> {
     let day = day.to_string();
     let mut args = vec!["reconcile", "--from", &day, "--to", &day];
     if json {
