@@ -192,8 +192,17 @@ impl Decoder {
         &self,
         line: &'a str,
     ) -> Result<BTreeMap<&'static str, Cell<'a>>, LineError> {
-        let Pairs(pairs) = serde_json::from_str(line)
-            .map_err(|e| LineError::line(format!("not a JSON object: {e}")))?;
+        let Pairs(pairs) = serde_json::from_str(line).map_err(|e| {
+            // serde_json counts lines within the one line it was given: only the
+            // column means anything to whoever reads "line N: ...".
+            let text = e.to_string();
+            let located = format!(" at line {} column {}", e.line(), e.column());
+            let problem = text.strip_suffix(&located).unwrap_or(&text);
+            LineError::line(format!(
+                "not a JSON object: {problem} (column {})",
+                e.column()
+            ))
+        })?;
         let mut fields = BTreeMap::new();
         let mut named = Vec::with_capacity(pairs.len());
         for (key, value) in pairs {
@@ -640,7 +649,10 @@ mod tests {
             assert_eq!(error(&results[0]).field.as_deref(), Some(field), "{line}");
         }
         let not_json = decode_all(Kind::Events, "{\"event_id\":");
-        assert!(error(&not_json[0]).message.starts_with("not a JSON object"));
+        assert_eq!(
+            error(&not_json[0]).message,
+            "not a JSON object: EOF while parsing a value (column 12)"
+        );
         let risk = decode_all(
             Kind::Risk,
             "merchant_id,tier,reserve_bps,effective_date,version\nm-1,high,20000,2026-11-25,1",
