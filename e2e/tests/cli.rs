@@ -195,7 +195,14 @@ async fn ingest_sends_the_good_lines_and_names_the_bad_one() -> anyhow::Result<(
         .collect();
     whole[5] = whole[5].replace("\"EUR\"", "\"eur\"");
     let path = s.file("whole.jsonl", &whole.join("\n"))?;
-    let refused = s.run(&["--json", "ingest", "--all-or-nothing", &path])?;
+    let refused = s.run(&[
+        "--json",
+        "ingest",
+        "--all-or-nothing",
+        "--list-rejections",
+        "0",
+        &path,
+    ])?;
     assert_eq!(refused.status.code(), Some(4), "{}", stderr(&refused));
     assert!(
         stderr(&refused).contains("line 6: currency:"),
@@ -205,6 +212,8 @@ async fn ingest_sends_the_good_lines_and_names_the_bad_one() -> anyhow::Result<(
     let summary: serde_json::Value = serde_json::from_str(&stdout(&refused))?;
     assert_eq!(summary["sent"], 0);
     assert_eq!(summary["all_or_nothing_refused"], true);
+    assert_eq!(summary["rejected"], 1);
+    assert_eq!(summary["rejections"], serde_json::json!([]));
     // Ingest answers only once JetStream stored a record, and the command has
     // exited: whatever it sent is in the log now.
     let ids = logged_ids(&s.h.nats.url()).await?;

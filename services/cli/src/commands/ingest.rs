@@ -29,9 +29,6 @@ rejected (each is reported on stderr with its line number, field and reason, the
 others were sent; with --all-or-nothing none was); 1 the file could not be read or \
 ingest could not be reached (what was sent before stays sent).";
 
-/// Rejections listed in the summary (all are reported on stderr as they happen).
-const LISTED_REJECTIONS: usize = 100;
-
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum KindArg {
     Events,
@@ -73,6 +70,10 @@ pub struct IngestArgs {
     /// record for what only it knows, such as an event beyond the horizon.
     #[arg(long)]
     all_or_nothing: bool,
+    /// Rejections listed in the summary (each is reported on stderr as it happens;
+    /// the count is always complete).
+    #[arg(long, default_value_t = 100)]
+    list_rejections: usize,
     #[command(flatten)]
     endpoints: Endpoints,
 }
@@ -108,6 +109,8 @@ struct Summary {
     duplicate: u64,
     rejected: u64,
     rejections: Vec<Rejection>,
+    /// Most rejections kept for the summary (all are reported on stderr).
+    listed: usize,
     /// `--all-or-nothing` found bad lines: nothing was sent.
     refused_whole_file: bool,
 }
@@ -127,7 +130,7 @@ impl Summary {
             )
         });
         self.rejected += 1;
-        if self.rejections.len() < LISTED_REJECTIONS {
+        if self.rejections.len() < self.listed {
             self.rejections.push(rejection);
         }
     }
@@ -458,6 +461,7 @@ pub async fn run(args: IngestArgs, out: &Output) -> anyhow::Result<Exit> {
             KindArg::Fx => "FX rates",
             KindArg::Risk => "risk tiers",
         },
+        listed: args.list_rejections,
         ..Summary::default()
     };
     if args.all_or_nothing {
