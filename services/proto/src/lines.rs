@@ -5,7 +5,8 @@
 //! into an error naming the field and the problem. Reading and sending are the
 //! caller's, so a file of any length is read one line at a time.
 //!
-//! Fields (the same names as CSV columns and JSON keys; any other is refused):
+//! Fields (the same names as CSV columns and JSON keys; any other, or one given
+//! twice, is refused):
 //!
 //! * events: `event_id`, `merchant_id`, `kind` (`PAYMENT_CAPTURED`, ...),
 //!   `amount_minor` (integer minor units), `currency`, `event_time` (RFC 3339 UTC)
