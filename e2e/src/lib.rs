@@ -140,7 +140,7 @@ impl Harness {
     /// stack and was stopped would be found.
     pub fn start_from(fixture: &Path) -> anyhow::Result<Harness> {
         let dir = tempfile::tempdir()?;
-        payledger_cli::bench_history::copy_dir(fixture, dir.path())?;
+        payledger_bench::history::copy_dir(fixture, dir.path())?;
         let nats = LocalNats::start(&dir.path().join("nats"))?;
         Ok(Harness {
             dir,

@@ -1,14 +1,15 @@
 //! The `payledger` command line: a local dev stack, a traffic generator, and
-//! clients for ingest and query. The library half is what the end-to-end tests
-//! and benchmarks share with the binary.
+//! clients for ingest, query and the replay coordinator. Each command lives in
+//! `commands`, and prints only through the rendering layer (`render`), which
+//! also sets the exit status. The library half is what the end-to-end tests
+//! share with the binary.
 
-pub mod bench;
-pub mod bench_history;
-pub mod bench_query;
-mod bench_replay;
 pub mod check;
+pub mod commands;
 pub mod connect;
 pub mod dev;
-pub mod events_file;
-pub mod generate;
+pub mod render;
 pub mod replay;
+
+/// The traffic generator, which `payledger gen`, the bench and the tests share.
+pub use payledger_bench::generate;

@@ -316,13 +316,14 @@ pub fn started_line(r: &v1::Replay) -> String {
 }
 
 /// One line per replay, then one per shard with `shards`.
-pub fn print(r: &v1::Replay, shards: bool) {
+pub fn write(out: &mut dyn std::io::Write, r: &v1::Replay, shards: bool) -> std::io::Result<()> {
     let done = r
         .shards
         .iter()
         .filter(|s| s.state == i32::from(v1::ShardState::Done))
         .count();
-    println!(
+    writeln!(
+        out,
         "{}  {:<11} {} to {}  cutoff {}  shards {done}/{}  \"{}\"",
         r.replay_id,
         state_name(r.state),
@@ -331,18 +332,20 @@ pub fn print(r: &v1::Replay, shards: bool) {
         r.cutoff,
         r.shards.len(),
         r.reason
-    );
+    )?;
     if let Some(waiting) = archive_wait_line(r) {
-        println!("  {waiting}");
+        writeln!(out, "  {waiting}")?;
     }
     if r.commit_number > 0 {
-        println!(
+        writeln!(
+            out,
             "  committed #{} as snapshot {}",
             r.commit_number, r.snapshot_id
-        );
+        )?;
     }
     if let Some(c) = &r.reconciliation {
-        println!(
+        writeln!(
+            out,
             "  reconciliation: {} equal, {} stream ahead, {} divergent, {} missing{} ({})",
             c.rows_equal,
             c.rows_stream_ahead,
@@ -354,17 +357,18 @@ pub fn print(r: &v1::Replay, shards: bool) {
                 "; the stream had not caught up with the cutoff"
             },
             c.report_path
-        );
+        )?;
     }
     if !r.error.is_empty() {
-        println!("  error: {}", r.error);
+        writeln!(out, "  error: {}", r.error)?;
     }
     if shards {
         for s in &r.shards {
             let (seg_done, seg_total) = s
                 .progress
                 .map_or((0, 0), |p| (p.segments_done, p.segments_total));
-            println!(
+            writeln!(
+                out,
                 "  shard {:>3} p{:?} {:<8} {}/{} segments  attempts {}  {}{}",
                 s.index,
                 s.partitions,
@@ -378,9 +382,10 @@ pub fn print(r: &v1::Replay, shards: bool) {
                 } else {
                     format!("  last error: {}", s.last_error)
                 }
-            );
+            )?;
         }
     }
+    Ok(())
 }
 
 /// Follows a replay until it ends, with a bar per shard, and returns how it ended.

@@ -8,6 +8,7 @@ pub mod v1 {
 }
 
 mod convert;
+pub mod lines;
 pub mod reconcile;
 
 pub use convert::{

@@ -1,20 +1,29 @@
-//! `payledger bench`: end-to-end figures, each beside its baseline measured in the
-//! same run on the same machine, written as a Markdown table.
+//! The benchmark harness behind `payledger bench`, and the traffic generator it,
+//! `payledger gen` and the end-to-end tests share: end-to-end figures, each beside
+//! its baseline measured in the same run on the same machine, returned as a
+//! [`BenchReport`] (Markdown or JSON).
 //!
 //! * ingest over gRPC vs bare async-nats atomic batches of the same payloads;
 //! * stream projection vs a bare ordered consumer draining the same stream;
 //! * freshness (ingest ack → row visible in query) at half the ingest rate;
 //! * the semantics fold on one core, and memory per remembered identity;
-//! * authoritative reads through the query service's part cache (`bench_query`);
+//! * authoritative reads through the query service's part cache (`query`);
 //! * over a history longer than the dedup horizon, replays and a bootstrap from
 //!   committed replay states beside the same from the beginning of history, and
-//!   the encoded state's size (`bench_history`).
+//!   the encoded state's size (`history`).
 //!
 //! Both JetStream settings are measured: `sync_interval: always` (what the
 //! platform runs with) and nats-server's default flush.
 
+pub mod generate;
+pub mod history;
+mod query;
+mod replay;
+mod report;
+
+pub use report::BenchReport;
+
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,9 +73,9 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Section>,
     #[command(flatten)]
-    pub query: crate::bench_query::QueryBenchArgs,
+    pub query: crate::query::QueryBenchArgs,
     #[command(flatten)]
-    pub history: crate::bench_history::HistoryBenchArgs,
+    pub history: crate::history::HistoryBenchArgs,
 }
 
 /// The parts of the benchmark.
@@ -539,24 +548,24 @@ fn fold_and_memory(n: usize) -> (f64, f64, usize) {
     (rate, grown / identities.max(1) as f64, identities)
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let mut report = String::new();
-    writeln!(report, "# payledger bench\n")?;
-    writeln!(
-        report,
-        "{} events per throughput run, {} publishers, batches of 1000; {} cores; nats-server 2.15.1 on loopback.\n",
-        args.events,
-        args.publishers,
-        std::thread::available_parallelism()
+/// Runs the sections `args` asks for and writes the report's Markdown to `args.out`.
+pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
+    let mut report = BenchReport::default();
+    report.text("# payledger bench\n");
+    report.text(format!("{} events per throughput run, {} publishers, batches of 1000; {} cores; nats-server 2.15.1 on loopback.\n", args.events, args.publishers, std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(1)
-    )?;
+            .unwrap_or(1)));
     if [Section::Stream, Section::Fold, Section::Query]
         .into_iter()
         .any(|s| args.runs(s))
     {
-        writeln!(report, "| figure | payledger | baseline | ratio | target |")?;
-        writeln!(report, "|---|---|---|---|---|")?;
+        report.table([
+            String::from("figure"),
+            String::from("payledger"),
+            String::from("baseline"),
+            String::from("ratio"),
+            String::from("target"),
+        ]);
     }
     for fsync_always in [true, false]
         .into_iter()
@@ -578,20 +587,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let nats = LocalNats::start_with(&dir.path().join("nats"), free_port()?, fsync_always)?;
         let mut stack = Stack::start_ingest(&nats).await?;
         let grpc = grpc_publish(stack.ingest, &events(args.events, 1), args.publishers).await?;
-        writeln!(
-            report,
-            "| ingest events/s ({label}) | {grpc:.0} | {bare:.0} (bare async-nats atomic batches) | {:.2} | ≥ 0.7 |",
-            grpc / bare
-        )?;
+        report.row([
+            format!("ingest events/s ({label})"),
+            format!("{grpc:.0}"),
+            format!("{bare:.0} (bare async-nats atomic batches)"),
+            format!("{:.2}", grpc / bare),
+            String::from("≥ 0.7"),
+        ]);
 
         eprintln!("projection, {label}…");
         let drained = bare_drain(&nats, Settings::default().partitions).await?;
         let projected = project(&nats, &mut stack, &dir.path().join("store"), args.events).await?;
-        writeln!(
-            report,
-            "| stream projection events/s ({label}) | {projected:.0} | {drained:.0} (bare ordered consumers) | {:.2} | ≥ 0.8 |",
-            projected / drained
-        )?;
+        report.row([
+            format!("stream projection events/s ({label})"),
+            format!("{projected:.0}"),
+            format!("{drained:.0} (bare ordered consumers)"),
+            format!("{:.2}", projected / drained),
+            String::from("≥ 0.8"),
+        ]);
         if fsync_always {
             stack.start_query(&nats).await?;
             for (rate, publishers, batch) in [(grpc / 2.0, args.publishers, 1000), (1000.0, 1, 10)]
@@ -599,13 +612,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 eprintln!("freshness at {rate:.0} events/s offered…");
                 let (lat, achieved) =
                     freshness(&stack, rate, publishers, batch, args.freshness_secs).await?;
-                writeln!(
-                    report,
-                    "| freshness ack → visible, p50 / p99 ms ({rate:.0}/s offered by {publishers} clients in calls of {batch}, {achieved:.0}/s achieved, {} events) | {:.1} / {:.1} | | | < 10 / < 50 |",
-                    lat.len(),
-                    percentile(&lat, 0.5),
-                    percentile(&lat, 0.99)
-                )?;
+                report.row([format!("freshness ack → visible, p50 / p99 ms ({rate:.0}/s offered by {publishers} clients in calls of {batch}, {achieved:.0}/s achieved, {} events)", lat.len()), format!("{:.1} / {:.1}", percentile(&lat, 0.5), percentile(&lat, 0.99)), String::new(), String::new(), String::from("< 10 / < 50")]);
             }
         }
         stack.stop().await?;
@@ -613,20 +620,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.runs(Section::Fold) {
         eprintln!("fold and memory…");
         let (fold_rate, per_identity, identities) = fold_and_memory(1_000_000);
-        writeln!(
-            report,
-            "| semantics fold events/s, one core, one partition of 1 000 merchants × 1 000 events each (criterion `fold` is the reference) | {fold_rate:.0} | | | ≥ 5 000 000 |"
-        )?;
-        writeln!(
-            report,
-            "| resident bytes per remembered identity ({identities} identities) | {per_identity:.1} | | | ≤ 48 |"
-        )?;
+        report.row([String::from("semantics fold events/s, one core, one partition of 1 000 merchants × 1 000 events each (criterion `fold` is the reference)"), format!("{fold_rate:.0}"), String::new(), String::new(), String::from("≥ 5 000 000")]);
+        report.row([
+            format!("resident bytes per remembered identity ({identities} identities)"),
+            format!("{per_identity:.1}"),
+            String::new(),
+            String::new(),
+            String::from("≤ 48"),
+        ]);
     }
     if args.runs(Section::Query) {
-        crate::bench_query::write_rows(&args.query, &mut report).await?;
+        crate::query::write_rows(&args.query, &mut report).await?;
     }
     if args.runs(Section::Replay) {
-        crate::bench_replay::run(
+        crate::replay::run(
             &mut report,
             args.replay_events,
             args.replay_days,
@@ -635,13 +642,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .await?;
     }
     if args.runs(Section::History) {
-        crate::bench_history::run(&mut report, &args.history).await?;
+        crate::history::run(&mut report, &args.history).await?;
     }
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    std::fs::write(&args.out, &report)?;
-    println!("{report}");
+    std::fs::write(&args.out, report.markdown())?;
     eprintln!("written to {}", args.out.display());
-    Ok(())
+    Ok(report)
 }

@@ -3,7 +3,6 @@
 //! computing the same dedup and daily closing balances from the same files with the
 //! same thread count.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,7 @@ use payledger_server_common::local_nats::{LocalNats, free_port};
 use payledger_storage::{ArchiveStore, CutRange, open_store};
 use tokio::net::TcpListener;
 
+use crate::BenchReport;
 use crate::generate::{GenConfig, Generator};
 
 /// Records per cut of the generated archive (the archiver's default).
@@ -52,7 +52,7 @@ async fn write_history(store: &str, events: usize, days: u32) -> anyhow::Result<
         &HistoryPlan {
             events,
             merchants: 20_000,
-            start_us: crate::bench::now_us() - span_us,
+            start_us: crate::now_us() - span_us,
             days,
             batch: 10_000,
             cut_at_midnight: false,
@@ -123,7 +123,7 @@ pub(crate) async fn write_history_as(store: &str, plan: &HistoryPlan) -> anyhow:
     Ok(History {
         last_seq: seq,
         first_day: Day::of_micros(start_us - 3 * 86_400_000_000),
-        last_day: Day::of_micros(crate::bench::now_us()),
+        last_day: Day::of_micros(crate::now_us()),
         day_ends,
     })
 }
@@ -192,7 +192,8 @@ async fn replay_on(
     for u in urls.iter().chain([&url]) {
         wait_serving(u).await?;
     }
-    let mut client = crate::replay::client(&url).await?;
+    let mut client =
+        v1::replay_coordinator_client::ReplayCoordinatorClient::connect(url.clone()).await?;
     let started = Instant::now();
     let replay = client
         .start_replay(v1::StartReplayRequest {
@@ -224,7 +225,7 @@ async fn replay_on(
     anyhow::ensure!(
         last.state == i32::from(v1::ReplayState::Succeeded),
         "bench replay ended {}: {}",
-        crate::replay::state_name(last.state),
+        v1::ReplayState::try_from(last.state).map_or("unknown", |s| s.as_str_name()),
         last.error
     );
     let _ = stop.send(true);
@@ -314,7 +315,7 @@ async fn profile(store: &str, cutoff: u64, history: &History) -> anyhow::Result<
 
 /// Runs the section and appends its rows to `report`.
 pub async fn run(
-    report: &mut String,
+    report: &mut BenchReport,
     events: usize,
     days: u32,
     python: PathBuf,
@@ -331,20 +332,18 @@ pub async fn run(
         payledger_server_common::topology::ensure_stream(
             &js,
             &Settings::default().stream(),
-            &crate::bench::stream_options(),
+            &crate::stream_options(),
         )
         .await?;
     }
-    writeln!(
-        report,
-        "\n## Replay beside DuckDB\n\n{events} events over {days} days ({} records with duplicates, conflicts, corrections and late events), 16 partitions, archived in cuts of {CUT_RECORDS} records ({archived:.1} s to generate and write). Replay: StartReplay → every shard folded, its part written and verified, commit published; one shard per partition, one shard at a time per worker, workers in this process. DuckDB: `e2e/sql/bench_closing_balances.py` (first occurrence by sequence, daily closing balances by window sum, written to Parquet), `SET threads` as stated.\n",
-        history.last_seq
-    )?;
-    writeln!(
-        report,
-        "| threads | replay s (events/s) | replay incl. reconciliation s | DuckDB s (rows) | DuckDB / replay |"
-    )?;
-    writeln!(report, "|---|---|---|---|---|")?;
+    report.text(format!("\n## Replay beside DuckDB\n\n{events} events over {days} days ({} records with duplicates, conflicts, corrections and late events), 16 partitions, archived in cuts of {CUT_RECORDS} records ({archived:.1} s to generate and write). Replay: StartReplay → every shard folded, its part written and verified, commit published; one shard per partition, one shard at a time per worker, workers in this process. DuckDB: `e2e/sql/bench_closing_balances.py` (first occurrence by sequence, daily closing balances by window sum, written to Parquet), `SET threads` as stated.\n", history.last_seq));
+    report.table([
+        String::from("threads"),
+        String::from("replay s (events/s)"),
+        String::from("replay incl. reconciliation s"),
+        String::from("DuckDB s (rows)"),
+        String::from("DuckDB / replay"),
+    ]);
     for threads in [1usize, 2] {
         eprintln!("replay: {threads} worker(s)…");
         let (commit, total) = replay_on(&nats, &store, threads, &history).await?;
@@ -352,21 +351,16 @@ pub async fn run(
         let out = dir.path().join(format!("duckdb-{threads}.parquet"));
         let (duck, rows) = duckdb(&python, &store, threads, &out)?;
         let ours = commit.as_secs_f64();
-        writeln!(
-            report,
-            "| {threads} | {ours:.1} ({:.0}) | {:.1} | {duck:.1} ({rows}) | {:.2} |",
-            history.last_seq as f64 / ours,
-            total.as_secs_f64(),
-            duck / ours
-        )?;
+        report.row([
+            format!("{threads}"),
+            format!("{ours:.1} ({:.0})", history.last_seq as f64 / ours),
+            format!("{:.1}", total.as_secs_f64()),
+            format!("{duck:.1} ({rows})"),
+            format!("{:.2}", duck / ours),
+        ]);
     }
     eprintln!("replay: single-thread profile…");
     let (decode, whole) = profile(&store, history.last_seq, &history).await?;
-    writeln!(
-        report,
-        "\nProfile, one thread, all partitions in turn: reading and decoding the Parquet segments {decode:.1} s; reading, decoding, folding with every rule and writing the parts {whole:.1} s, so the fold and the part writing take {:.1} s ({:.0} % of the replay).",
-        whole - decode,
-        100.0 * (whole - decode) / whole
-    )?;
+    report.text(format!("\nProfile, one thread, all partitions in turn: reading and decoding the Parquet segments {decode:.1} s; reading, decoding, folding with every rule and writing the parts {whole:.1} s, so the fold and the part writing take {:.1} s ({:.0} % of the replay).", whole - decode, 100.0 * (whole - decode) / whole));
     Ok(())
 }

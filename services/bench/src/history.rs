@@ -14,7 +14,6 @@
 //! * the same steps once more, called one by one, say where each replay's time goes;
 //! * states of known shape are encoded to price a merchant-day and an identity.
 
-use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -28,7 +27,8 @@ use payledger_semantics::{
 };
 use payledger_storage::{Commit, SnapshotStore, StateStore, open_store, verify_tiling};
 
-use crate::bench_replay::{HistoryPlan, write_history_as};
+use crate::BenchReport;
+use crate::replay::{HistoryPlan, write_history_as};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HistoryBenchArgs {
@@ -296,7 +296,7 @@ fn shape_bytes(
 }
 
 /// Runs the section and appends it to `report`.
-pub async fn run(report: &mut String, args: &HistoryBenchArgs) -> anyhow::Result<()> {
+pub async fn run(report: &mut BenchReport, args: &HistoryBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.history_days >= 2,
         "--history-days must be at least 2: the nightly replay starts from the night before"
@@ -307,7 +307,7 @@ pub async fn run(report: &mut String, args: &HistoryBenchArgs) -> anyhow::Result
     let store = root.display().to_string();
     let (events, days) = (args.history_events, args.history_days);
     eprintln!("history: archiving {events} generated events over {days} days…");
-    let midnight = Day::of_micros(crate::bench::now_us()).start_us();
+    let midnight = Day::of_micros(crate::now_us()).start_us();
     let started = Instant::now();
     let history = write_history_as(
         &store,
@@ -475,68 +475,67 @@ pub async fn run(report: &mut String, args: &HistoryBenchArgs) -> anyhow::Result
     let per_merchant_day =
         ((one - half) as f64 - (one_ids - half_ids) as f64 * per_identity) / merchant_days;
 
-    writeln!(
-        report,
-        "\n## History longer than the horizon\n\n{events} generated events over {days} days ({} records with duplicates, conflicts, corrections and late events up to 20 h; {} merchants, 16 partitions, H = 35 days), archived with a cut closing at every midnight UTC of ingest time ({archived:.1} s to generate and write). Day N = {day}, closed by watermark {cutoff}; day N-1 by {previous_cutoff}. The previous night's replay (day N-1, the first, so from the beginning of history) took {previous_night:.2} s and committed the states at {previous_cutoff}. Replays in this process (`replay_and_commit`: every partition folded, its part and its state written, the commit published), one partition at a time.\n",
-        history.last_seq, args.history_merchants
-    )?;
-    writeln!(
-        report,
-        "| nightly replay of day N through {cutoff} | from the previous night's states | from the beginning of history | ratio | target |"
-    )?;
-    writeln!(report, "|---|---|---|---|---|")?;
-    writeln!(
-        report,
-        "| wall time s, median of {RUNS} (range) | {nightly_s:.2} ({}) | {genesis_s:.2} ({}) | {:.3} | ≤ 0.10 |",
-        range(&nightly_times),
-        range(&genesis_times),
-        nightly_s / genesis_s
-    )?;
-    let row = |report: &mut String, what: &str, a: u64, b: u64| {
+    report.text(format!("\n## History longer than the horizon\n\n{events} generated events over {days} days ({} records with duplicates, conflicts, corrections and late events up to 20 h; {} merchants, 16 partitions, H = 35 days), archived with a cut closing at every midnight UTC of ingest time ({archived:.1} s to generate and write). Day N = {day}, closed by watermark {cutoff}; day N-1 by {previous_cutoff}. The previous night's replay (day N-1, the first, so from the beginning of history) took {previous_night:.2} s and committed the states at {previous_cutoff}. Replays in this process (`replay_and_commit`: every partition folded, its part and its state written, the commit published), one partition at a time.\n", history.last_seq, args.history_merchants));
+    report.table([
+        format!("nightly replay of day N through {cutoff}"),
+        String::from("from the previous night's states"),
+        String::from("from the beginning of history"),
+        String::from("ratio"),
+        String::from("target"),
+    ]);
+    report.row([
+        format!("wall time s, median of {RUNS} (range)"),
+        format!("{nightly_s:.2} ({})", range(&nightly_times)),
+        format!("{genesis_s:.2} ({})", range(&genesis_times)),
+        format!("{:.3}", nightly_s / genesis_s),
+        String::from("≤ 0.10"),
+    ]);
+    let row = |report: &mut BenchReport, what: &str, a: u64, b: u64| {
         let ratio = if b == 0 {
             String::new()
         } else {
             format!("{:.3}", a as f64 / b as f64)
         };
-        writeln!(report, "| {what} | {a} | {b} | {ratio} | |")
+        report.row([
+            what.to_string(),
+            format!("{a}"),
+            format!("{b}"),
+            ratio,
+            String::new(),
+        ]);
     };
     row(
         report,
         "archive segments read",
         ours.segments as u64,
         base.segments as u64,
-    )?;
+    );
     row(
         report,
         "archive bytes read",
         ours.archive_bytes,
         base.archive_bytes,
-    )?;
-    row(report, "archive records read", ours.records, base.records)?;
+    );
+    row(report, "archive records read", ours.records, base.records);
     row(
         report,
         "state bytes read (16 partitions)",
         ours.state_bytes_read,
         base.state_bytes_read,
-    )?;
+    );
     row(
         report,
         "state bytes written (16 partitions)",
         ours.state_bytes_written,
         base.state_bytes_written,
-    )?;
-    writeln!(
-        report,
-        "\nBoth wrote the same parts and the same states (row counts and content hashes compared). The states at the cutoff hold {} daily rows in memory (the open merchant-day-currencies; final days are only a carried balance, docs/semantics.md R11): {:.1} state bytes per such row, identities included.\n",
-        split_nightly.state_rows,
-        ours.state_bytes_written as f64 / split_nightly.state_rows.max(1) as f64
-    )?;
-    writeln!(
-        report,
-        "Where the time goes: the same steps called one by one, partitions in turn, on one thread, s:\n"
-    )?;
-    writeln!(report, "| step | from the states | from genesis |")?;
-    writeln!(report, "|---|---|---|")?;
+    );
+    report.text(format!("\nBoth wrote the same parts and the same states (row counts and content hashes compared). The states at the cutoff hold {} daily rows in memory (the open merchant-day-currencies; final days are only a carried balance, docs/semantics.md R11): {:.1} state bytes per such row, identities included.\n", split_nightly.state_rows, ours.state_bytes_written as f64 / split_nightly.state_rows.max(1) as f64));
+    report.text("Where the time goes: the same steps called one by one, partitions in turn, on one thread, s:\n");
+    report.table([
+        String::from("step"),
+        String::from("from the states"),
+        String::from("from genesis"),
+    ]);
     for (what, a, b) in [
         (
             "start: list the commits, read and decode the state",
@@ -563,47 +562,46 @@ pub async fn run(report: &mut String, args: &HistoryBenchArgs) -> anyhow::Result
         ("write the state", split_nightly.state, split_genesis.state),
         ("total", split_nightly.total(), split_genesis.total()),
     ] {
-        writeln!(report, "| {what} | {a:.3} | {b:.3} |")?;
+        report.row([what.to_string(), format!("{a:.3}"), format!("{b:.3}")]);
     }
-    writeln!(
-        report,
-        "\n| bootstrap of partition 0 through {cutoff}, no checkpoint, the log holding nothing the archive has | from the committed replay state at {previous_cutoff} | from nothing | ratio |"
-    )?;
-    writeln!(report, "|---|---|---|---|")?;
-    writeln!(
-        report,
-        "| time ms (median of 3) | {:.1} | {:.1} | {:.3} |",
-        boot_state.as_secs_f64() * 1e3,
-        boot_genesis.as_secs_f64() * 1e3,
-        boot_state.as_secs_f64() / boot_genesis.as_secs_f64()
-    )?;
-    writeln!(
-        report,
-        "| archive segments read | {boot_state_segments} | {boot_genesis_segments} | {:.3} |",
-        boot_state_segments as f64 / boot_genesis_segments.max(1) as f64
-    )?;
-    writeln!(
-        report,
-        "| archive records read | {boot_state_records} | {boot_genesis_records} | {:.3} |",
-        boot_state_records as f64 / boot_genesis_records.max(1) as f64
-    )?;
-    writeln!(
-        report,
-        "\nBoth bootstraps ended in the same state (encodings compared).\n"
-    )?;
-    writeln!(report, "| encoded state | bytes | baseline | ratio |")?;
-    writeln!(report, "|---|---|---|---|")?;
-    writeln!(
-        report,
-        "| per remembered identity ({merchants} merchants × 30 days × {currencies} currencies, 3 events a merchant-day-currency against 1: {} identities more, {three} − {one} bytes) | {per_identity:.1} | 32 (the entry's fixed width: id hash, content hash, event time) | {:.2} |",
-        three_ids - one_ids,
-        per_identity / 32.0
-    )?;
-    writeln!(
-        report,
-        "| per merchant-day ({currencies} currencies, one bucket each; {merchants} merchants × 30 days against × 15, {one} − {half} bytes, less the identities) | {per_merchant_day:.1} ({:.1} per currency) | | |",
-        per_merchant_day / currencies as f64
-    )?;
+    report.text(String::new());
+    report.table([format!("bootstrap of partition 0 through {cutoff}, no checkpoint, the log holding nothing the archive has"), format!("from the committed replay state at {previous_cutoff}"), String::from("from nothing"), String::from("ratio")]);
+    report.row([
+        String::from("time ms (median of 3)"),
+        format!("{:.1}", boot_state.as_secs_f64() * 1e3),
+        format!("{:.1}", boot_genesis.as_secs_f64() * 1e3),
+        format!(
+            "{:.3}",
+            boot_state.as_secs_f64() / boot_genesis.as_secs_f64()
+        ),
+    ]);
+    report.row([
+        String::from("archive segments read"),
+        format!("{boot_state_segments}"),
+        format!("{boot_genesis_segments}"),
+        format!(
+            "{:.3}",
+            boot_state_segments as f64 / boot_genesis_segments.max(1) as f64
+        ),
+    ]);
+    report.row([
+        String::from("archive records read"),
+        format!("{boot_state_records}"),
+        format!("{boot_genesis_records}"),
+        format!(
+            "{:.3}",
+            boot_state_records as f64 / boot_genesis_records.max(1) as f64
+        ),
+    ]);
+    report.text("\nBoth bootstraps ended in the same state (encodings compared).\n");
+    report.table([
+        String::from("encoded state"),
+        String::from("bytes"),
+        String::from("baseline"),
+        String::from("ratio"),
+    ]);
+    report.row([format!("per remembered identity ({merchants} merchants × 30 days × {currencies} currencies, 3 events a merchant-day-currency against 1: {} identities more, {three} − {one} bytes)", three_ids - one_ids), format!("{per_identity:.1}"), String::from("32 (the entry's fixed width: id hash, content hash, event time)"), format!("{:.2}", per_identity / 32.0)]);
+    report.row([format!("per merchant-day ({currencies} currencies, one bucket each; {merchants} merchants × 30 days against × 15, {one} − {half} bytes, less the identities)"), format!("{per_merchant_day:.1} ({:.1} per currency)", per_merchant_day / currencies as f64), String::new(), String::new()]);
     Ok(())
 }
 
@@ -613,7 +611,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_short_history_replays_the_same_from_the_previous_night_as_from_genesis() {
-        let mut report = String::new();
+        let mut report = BenchReport::default();
         run(
             &mut report,
             &HistoryBenchArgs {
@@ -624,6 +622,7 @@ mod tests {
         )
         .await
         .unwrap();
+        let report = report.markdown();
         // Each day is one cut of 16 partitions; the nightly replay reads only the last.
         assert!(
             report.contains("| archive segments read | 16 | 48 |"),

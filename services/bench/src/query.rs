@@ -10,7 +10,6 @@
 //! * `calls` reads of random merchant-days on the warm cache, one at a time;
 //! * after a restart with a 1 MiB memory tier, reads answered from the disk tier.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
-use crate::bench::{connect, percentile, stream_options};
+use crate::{BenchReport, connect, percentile, stream_options};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct QueryBenchArgs {
@@ -70,7 +69,7 @@ async fn write_snapshot(
     merchants: usize,
     days: i32,
 ) -> anyhow::Result<(Day, Day)> {
-    let today = Day::of_micros(crate::bench::now_us());
+    let today = Day::of_micros(crate::now_us());
     let (from, to) = (Day(today.0 - days), Day(today.0 - 1));
     let mut parts: Vec<Vec<DailyRow>> = vec![Vec::new(); settings.partitions as usize];
     for m in 0..merchants {
@@ -187,7 +186,7 @@ fn difference(after: PartCacheStats, before: PartCacheStats) -> PartCacheStats {
 }
 
 /// Appends this section's rows to the report's table.
-pub async fn write_rows(args: &QueryBenchArgs, report: &mut String) -> anyhow::Result<()> {
+pub async fn write_rows(args: &QueryBenchArgs, report: &mut BenchReport) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let settings = Settings::default();
     let mut nats = LocalNats::start(&dir.path().join("nats"))?;
@@ -259,42 +258,21 @@ pub async fn write_rows(args: &QueryBenchArgs, report: &mut String) -> anyhow::R
     nats.stop();
 
     let ms = |us: i64| us as f64 / 1000.0;
-    writeln!(
-        report,
-        "| GetDailyExposure AUTHORITATIVE, cold: first read of a part, ms (object store read, Parquet decode, hash check; {} rows per part on average; first call / median / max of {} parts) | {:.1} / {:.1} / {:.1} | | | |",
-        rows / settings.partitions as usize,
-        cold.len(),
-        ms(first_cold),
-        percentile(&cold, 0.5),
-        percentile(&cold, 1.0),
-    )?;
-    writeln!(
-        report,
-        "| GetDailyExposure AUTHORITATIVE, warm cache, p50 / p99 / max ms ({} sequential calls over gRPC from one client, random merchant-days of {} merchants × {} days, {rate:.0} calls/s) | {:.3} / {:.3} / {:.3} | | | p99 < 2 |",
-        args.query_calls,
-        args.query_merchants,
-        args.query_days,
-        percentile(&warm, 0.5),
-        percentile(&warm, 0.99),
-        percentile(&warm, 1.0),
-    )?;
-    writeln!(
-        report,
-        "| part cache hit ratio over the warm calls (memory / disk / object store) | {:.4} ({} / {} / {}) | | | |",
-        warm_stats.hit_ratio(),
-        warm_stats.memory_hits,
-        warm_stats.disk_hits,
-        warm_stats.misses,
-    )?;
-    writeln!(
-        report,
-        "| GetDailyExposure AUTHORITATIVE after a restart, 1 MiB memory tier: p50 / p99 ms ({} calls; memory / disk / object store {} / {} / {}) | {:.2} / {:.2} | | | |",
-        disk.len(),
-        disk_stats.memory_hits,
-        disk_stats.disk_hits,
-        disk_stats.misses,
-        percentile(&disk, 0.5),
-        percentile(&disk, 0.99),
-    )?;
+    report.row([format!("GetDailyExposure AUTHORITATIVE, cold: first read of a part, ms (object store read, Parquet decode, hash check; {} rows per part on average; first call / median / max of {} parts)", rows / settings.partitions as usize, cold.len()), format!("{:.1} / {:.1} / {:.1}", ms(first_cold), percentile(&cold, 0.5), percentile(&cold, 1.0)), String::new(), String::new(), String::new()]);
+    report.row([format!("GetDailyExposure AUTHORITATIVE, warm cache, p50 / p99 / max ms ({} sequential calls over gRPC from one client, random merchant-days of {} merchants × {} days, {rate:.0} calls/s)", args.query_calls, args.query_merchants, args.query_days), format!("{:.3} / {:.3} / {:.3}", percentile(&warm, 0.5), percentile(&warm, 0.99), percentile(&warm, 1.0)), String::new(), String::new(), String::from("p99 < 2")]);
+    report.row([
+        String::from("part cache hit ratio over the warm calls (memory / disk / object store)"),
+        format!(
+            "{:.4} ({} / {} / {})",
+            warm_stats.hit_ratio(),
+            warm_stats.memory_hits,
+            warm_stats.disk_hits,
+            warm_stats.misses
+        ),
+        String::new(),
+        String::new(),
+        String::new(),
+    ]);
+    report.row([format!("GetDailyExposure AUTHORITATIVE after a restart, 1 MiB memory tier: p50 / p99 ms ({} calls; memory / disk / object store {} / {} / {})", disk.len(), disk_stats.memory_hits, disk_stats.disk_hits, disk_stats.misses), format!("{:.2} / {:.2}", percentile(&disk, 0.5), percentile(&disk, 0.99)), String::new(), String::new(), String::new()]);
     Ok(())
 }
