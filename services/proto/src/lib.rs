@@ -8,6 +8,7 @@ pub mod v1 {
 }
 
 mod convert;
+pub mod page_token;
 pub mod reconcile;
 
 pub use convert::{
