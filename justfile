@@ -79,3 +79,21 @@ bench: setup
     cargo bench -p payledger-semantics --bench fold -- --noplot
     cargo run --quiet --release --bin payledger -- bench --events 500000
 
+fuzz_targets := "semantics/partition_state proto/log_record proto/page_token proto/reconcile_report storage/archive_events storage/archive_dims storage/snapshot_part storage/commit_json"
+
+# New inputs go to a scratch corpus, so the committed seeds stay as they are; a
+# crash fails the recipe and its input is kept in services/<crate>/fuzz/artifacts/.
+# Fuzz each decoder of outside bytes for `seconds` (README, "Fuzzing"), e.g. `just fuzz 600 storage/archive_events`.
+fuzz seconds="60" *targets=fuzz_targets:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
+    scratch="$(mktemp -d)"
+    trap 'rm -rf "$scratch"' EXIT
+    for target in {{targets}}; do
+        crate="${target%%/*}" name="${target#*/}"
+        echo "fuzzing $crate/$name for {{seconds}} s"
+        mkdir -p "$scratch/$target"
+        (cd "services/$crate" && cargo +nightly fuzz run "$name" "$scratch/$target" "fuzz/corpus/$name" \
+            -- -max_total_time={{seconds}} -print_final_stats=1)
+    done
