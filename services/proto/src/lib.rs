@@ -9,6 +9,7 @@ pub mod v1 {
 
 mod convert;
 pub mod lines;
+pub mod page_token;
 pub mod reconcile;
 
 pub use convert::{

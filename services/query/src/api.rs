@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use payledger_proto::page_token::{PagePosition, PageQuery, decode_page_token, encode_page_token};
 use payledger_proto::reconcile::{DayRows, MAX_RECONCILE_DAYS, SnapshotSide, compare_day};
 use payledger_proto::v1::query_service_server::{QueryService, QueryServiceServer};
 use payledger_proto::{daily_row_from_proto, v1};
@@ -490,14 +491,21 @@ impl QueryService for QueryApi {
             }
             n => n,
         };
-        let after = decode_token(&request.page_token)?;
+        let page_query = PageQuery {
+            merchant_id: &request.merchant_id,
+            from_day: from,
+            to_day: to,
+            consistency: consistency as i32,
+        };
+        let after =
+            decode_page_token(&page_query, &request.page_token).map_err(|e| e.to_status())?;
         // Group by merchant-day, in (merchant, day) order, resuming after the token.
         let mut groups: BTreeMap<(String, Day), Vec<v1::DailyRow>> = BTreeMap::new();
         let mut more = false;
         {
             let daily = self.tables.daily.read().expect("daily table lock");
             let start = match (&after, request.merchant_id.is_empty()) {
-                (Some((m, d)), _) => (m.clone(), Day(d.0 + 1), String::new()),
+                (Some(p), _) => (p.merchant_id.clone(), Day(p.day.0 + 1), String::new()),
                 (None, false) => (request.merchant_id.clone(), from, String::new()),
                 (None, true) => (String::new(), Day(i32::MIN), String::new()),
             };
@@ -516,7 +524,13 @@ impl QueryService for QueryApi {
             }
         }
         let next_page_token = match (more, groups.keys().next_back()) {
-            (true, Some((m, d))) => encode_token(m, *d),
+            (true, Some((m, d))) => encode_page_token(
+                &page_query,
+                &PagePosition {
+                    merchant_id: m.clone(),
+                    day: *d,
+                },
+            ),
             _ => String::new(),
         };
         // The page is the merchant-days the stream knows; each answers from its own source.
@@ -596,26 +610,6 @@ impl QueryService for QueryApi {
         }
         Ok(Response::new(report))
     }
-}
-
-fn encode_token(merchant_id: &str, day: Day) -> String {
-    format!(
-        "{}.{}",
-        payledger_server_common::topology::encode_id(merchant_id),
-        day
-    )
-}
-
-fn decode_token(token: &str) -> Result<Option<(String, Day)>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || {
-        Status::invalid_argument("page_token: not a token this service issued; start without one")
-    };
-    let (m, d) = token.rsplit_once('.').ok_or_else(bad)?;
-    let merchant = payledger_server_common::topology::decode_id(m).map_err(|_| bad())?;
-    Ok(Some((merchant, Day::parse(d).map_err(|_| bad())?)))
 }
 
 /// A response stream that first yields `initial`, then what `produce` sends.

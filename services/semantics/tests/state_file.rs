@@ -153,3 +153,15 @@ fn state_of_another_version_key_partition_or_format_is_refused() {
         );
     }
 }
+
+/// Found by the `partition_state` fuzz target: a state whose day lies beyond the
+/// microseconds an i64 holds overflowed building its encoding. State bytes come
+/// from object storage, so what no fold can build is refused at decode.
+#[test]
+fn a_state_no_fold_can_reach_is_refused_at_decode() {
+    let beyond = include_bytes!("data/fuzz-day-beyond-i64.bin");
+    match PartitionState::decode(beyond, &Settings::default(), 3) {
+        Err(StateFileError::Invalid(why)) => assert!(why.contains("day"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

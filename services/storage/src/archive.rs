@@ -360,6 +360,25 @@ pub(crate) struct ParquetObject {
 
 /// Parses an object's footer once, then its batches.
 pub(crate) fn decode_object(path: &str, bytes: Bytes) -> Result<ParquetObject, StorageError> {
+    // The parquet and arrow readers panic on some malformed input (found by the
+    // archive fuzz targets, README "Fuzzing") instead of returning an error. An
+    // object is outside input, so such a panic is the object's corruption; the
+    // decode owns everything it touches, so nothing is left half-changed.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_parquet(path, bytes)))
+        .unwrap_or_else(|panic| {
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(StorageError::Corrupt {
+                path: path.to_string(),
+                message: format!("the Parquet reader failed on it: {reason}"),
+            })
+        })
+}
+
+fn decode_parquet(path: &str, bytes: Bytes) -> Result<ParquetObject, StorageError> {
     let bad = |message: String| StorageError::Corrupt {
         path: path.to_string(),
         message,

@@ -17,11 +17,12 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CurrencyBook, DayState, MerchantState, PartitionState, Remembered, identity_expired, is_final,
+    CurrencyBook, DayState, MAX_MINOR, MerchantState, PartitionState, Remembered, identity_expired,
+    is_final,
 };
 use crate::currency::Currency;
-use crate::settings::Settings;
-use crate::time::Day;
+use crate::settings::{Settings, partition_of};
+use crate::time::{Day, MICROS_PER_DAY};
 use crate::{SEMANTICS_VERSION, STATE_FORMAT};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -46,7 +47,14 @@ pub enum StateFileError {
     },
     #[error("the state holds partition {found}, not partition {expected}")]
     Partition { found: u32, expected: u32 },
+    #[error("the state is not one a fold can reach: {0}")]
+    Invalid(String),
 }
+
+/// The days whose start and end are both microseconds an `i64` holds: every day of
+/// an event time ingest accepts, with room for the fold's arithmetic on them.
+const FIRST_DAY: i32 = -106_751_991;
+const LAST_DAY: i32 = 106_751_990;
 
 #[derive(Serialize, Deserialize)]
 struct File {
@@ -157,7 +165,7 @@ impl PartitionState {
                         expected,
                     });
                 }
-                from_file(file, *settings)
+                from_file(file, *settings)?
             }
             1 => legacy::decode(bytes, settings)?,
             other => return Err(StateFileError::Format(other)),
@@ -208,7 +216,78 @@ fn book_file(b: &CurrencyBook, is_final: impl Fn(Day) -> bool) -> BookFile {
     }
 }
 
-fn from_file(file: File, settings: Settings) -> PartitionState {
+/// Checks what the fold guarantees of every state it builds and the rows and
+/// encoding rely on, so that state bytes from outside (a corrupt or forged object)
+/// are refused here instead of overflowing or misreading later: merchants of this
+/// partition; a book per currency; days and buckets in order, inside the range of
+/// representable days and of a day's buckets; and the balances bounded by `gross`
+/// as docs/semantics.md R4 bounds them (each day's total the sum of its buckets,
+/// the balance the carried balance plus the days', every prefix sum within gross).
+fn validate(file: &File, settings: &Settings) -> Result<(), StateFileError> {
+    let invalid = |what: String| Err(StateFileError::Invalid(what));
+    let days_ok = |d: Day| (FIRST_DAY..=LAST_DAY).contains(&d.0);
+    let buckets_per_day = (MICROS_PER_DAY / settings.bucket_width_us) as u64;
+    for m in &file.merchants {
+        let id = &m.merchant_id;
+        if partition_of(id, settings.partitions) != file.partition {
+            return invalid(format!(
+                "merchant '{id}' is not of partition {}",
+                file.partition
+            ));
+        }
+        if let Some((_, _, t)) = m
+            .identities
+            .iter()
+            .find(|(_, _, t)| !days_ok(Day::of_micros(*t)))
+        {
+            return invalid(format!("merchant '{id}' remembers an event at {t} µs"));
+        }
+        for (i, b) in m.books.iter().enumerate() {
+            let book = format!("merchant '{id}' in {}", b.currency);
+            if m.books[..i].iter().any(|o| o.currency == b.currency) {
+                return invalid(format!("{book}: a second book"));
+            }
+            if !(0..=MAX_MINOR).contains(&b.gross) {
+                return invalid(format!("{book}: gross {} out of range", b.gross));
+            }
+            // |carried| plus every bucket's |delta| bounds every prefix sum.
+            let mut bound = b.carried.unsigned_abs();
+            let mut balance = b.carried;
+            for (j, (day, d)) in b.days.iter().enumerate() {
+                if !days_ok(*day) || (j > 0 && b.days[j - 1].0 >= *day) {
+                    return invalid(format!("{book}: day {} out of order or range", day.0));
+                }
+                let mut total: i128 = 0;
+                for (k, (bucket, delta)) in d.buckets.iter().enumerate() {
+                    if *bucket >= buckets_per_day || (k > 0 && d.buckets[k - 1].0 >= *bucket) {
+                        return invalid(format!(
+                            "{book}, day {day}: bucket {bucket} out of order or range"
+                        ));
+                    }
+                    bound = bound.saturating_add(delta.unsigned_abs());
+                    total = total.saturating_add(*delta);
+                }
+                if bound > b.gross.unsigned_abs() || total != d.total {
+                    return invalid(format!(
+                        "{book}, day {day}: balances beyond gross {}",
+                        b.gross
+                    ));
+                }
+                balance += d.total;
+            }
+            if balance != b.balance {
+                return invalid(format!(
+                    "{book}: balance {} is not its days' {balance}",
+                    b.balance
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn from_file(file: File, settings: Settings) -> Result<PartitionState, StateFileError> {
+    validate(&file, &settings)?;
     let merchants = file
         .merchants
         .into_iter()
@@ -271,14 +350,14 @@ fn from_file(file: File, settings: Settings) -> PartitionState {
             (m.merchant_id, merchant)
         })
         .collect();
-    PartitionState {
+    Ok(PartitionState {
         partition: file.partition,
         settings,
         last_seq: file.last_seq,
         max_ingest_time_us: file.max_ingest_time_us,
         merchants,
         keep_from: Day(i32::MIN),
-    }
+    })
 }
 
 /// Format 1 as the first releases wrote it: postcard of these structs, field for
@@ -378,6 +457,6 @@ mod legacy {
                 })
                 .collect(),
         };
-        Ok(from_file(file, *settings))
+        from_file(file, *settings)
     }
 }
