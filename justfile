@@ -48,6 +48,16 @@ test-rust: setup
     cargo nextest run --workspace --no-fail-fast
     cargo test --workspace --doc --quiet
 
+# The fault matrix (e2e/tests/fault_matrix.rs) at a larger size than `just test` runs it
+# (`batches` of 20 events per row), then its table, as the README shows it.
+faults batches="150": setup
+    cargo build --workspace --bins
+    rm -rf target/fault-matrix
+    PAYLEDGER_FAULT_BATCHES={{batches}} cargo nextest run -p payledger-e2e --test fault_matrix --no-fail-fast
+    @echo "| row | NATS | fault | events acknowledged | records in the log | first write after the fault | longest a client waited | stream = archive fold after | codes the client saw |"
+    @echo "|---|---|---|---|---|---|---|---|---|"
+    @cat target/fault-matrix/*.md
+
 # Chart and image checks without a cluster or Docker: lint, render, Kubernetes schemas, rejected values (charts/tests/run.sh).
 chart-test: setup
     bash charts/tests/run.sh
@@ -79,7 +89,9 @@ bench: setup
     cargo bench -p payledger-semantics --bench fold -- --noplot
     cargo run --quiet --release --bin payledger -- bench --events 500000
 
-fuzz_targets := "semantics/partition_state proto/log_record proto/page_token proto/reconcile_report storage/archive_events storage/archive_dims storage/snapshot_part storage/commit_json"
+# `--dev` builds without optimisation: minutes faster to build, for short runs (.ci/run).
+fuzz_profile := env_var_or_default("PAYLEDGER_FUZZ_PROFILE", "")
+fuzz_targets := "semantics/partition_state proto/log_record proto/file_line proto/page_token proto/reconcile_report storage/archive_events storage/archive_dims storage/snapshot_part storage/commit_json"
 
 # New inputs go to a scratch corpus, so the committed seeds stay as they are; a
 # crash fails the recipe and its input is kept in services/<crate>/fuzz/artifacts/.
@@ -94,6 +106,8 @@ fuzz seconds="60" *targets=fuzz_targets:
         crate="${target%%/*}" name="${target#*/}"
         echo "fuzzing $crate/$name for {{seconds}} s"
         mkdir -p "$scratch/$target"
-        (cd "services/$crate" && cargo +nightly fuzz run "$name" "$scratch/$target" "fuzz/corpus/$name" \
+        # One target directory for the three fuzz crates: their dependencies build once.
+        (cd "services/$crate" && cargo +nightly fuzz run {{fuzz_profile}} --target-dir "{{justfile_directory()}}/target/fuzz" \
+            "$name" "$scratch/$target" "fuzz/corpus/$name" \
             -- -max_total_time={{seconds}} -print_final_stats=1)
     done

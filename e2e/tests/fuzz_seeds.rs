@@ -487,6 +487,45 @@ fn commit_json(seeds: &mut Seeds) {
     }
 }
 
+/// `payledger ingest` files: the first byte picks kind and format (see the
+/// target), the rest is the README's examples.
+fn file_line(seeds: &mut Seeds) {
+    let files: [(&str, u8, &str); 5] = [
+        (
+            "events.csv",
+            3,
+            "event_id,merchant_id,kind,amount_minor,currency,event_time,corrects_event_id\n\
+             ev-1,m-1,PAYMENT_CAPTURED,1250,EUR,2026-11-25T09:30:00Z,\n\
+             ev-2,m-1,CORRECTION,-250,EUR,2026-11-25T10:00:00Z,ev-1\n",
+        ),
+        (
+            "events.jsonl",
+            6,
+            "{\"event_id\":\"ev-1\",\"merchant_id\":\"m-1\",\"kind\":\"PAYMENT_CAPTURED\",\"amount_minor\":1250,\"currency\":\"EUR\",\"event_time\":\"2026-11-25T09:30:00Z\"}\n",
+        ),
+        (
+            "fx.csv",
+            4,
+            "currency,rate,effective_date,version\nEUR,1.0842,2026-11-25,1\nGBP,1.2710,2026-11-25,1\n",
+        ),
+        (
+            "fx.jsonl",
+            7,
+            "{\"currency\":\"EUR\",\"rate\":\"1.0842\",\"effective_date\":\"2026-11-25\",\"version\":1}\n",
+        ),
+        (
+            "risk.csv",
+            5,
+            "merchant_id,tier,reserve_bps,effective_date,version\nm-1,high,500,2026-11-25,1\n",
+        ),
+    ];
+    for (name, choice, text) in files {
+        let mut bytes = vec![choice];
+        bytes.extend_from_slice(text.as_bytes());
+        seeds.seed("proto", "file_line", name, &bytes);
+    }
+}
+
 #[tokio::test]
 async fn committed_seeds_are_what_the_writers_produce() {
     let mut seeds = Seeds::new();
@@ -494,6 +533,7 @@ async fn committed_seeds_are_what_the_writers_produce() {
     log_record(&mut seeds);
     page_token(&mut seeds);
     reconcile_report(&mut seeds);
+    file_line(&mut seeds);
     archive_segments(&mut seeds).await;
     snapshot_part(&mut seeds).await;
     commit_json(&mut seeds);

@@ -1,7 +1,8 @@
 //! The line formats of `payledger ingest`: events, FX rates and risk tiers as CSV
 //! (a header row naming the columns, then one record per line) or as JSON lines
 //! (one object per line). A line decodes on its own, into the wire message checked
-//! as ingest checks it (`fact_from_event`, `fx_from_proto`, `risk_from_proto`), or
+//! as ingest checks it (`fact_from_event`, `fx_from_proto`, `risk_from_proto` and the
+//! semantics' rules for new records), or
 //! into an error naming the field and the problem. Reading and sending are the
 //! caller's, so a file of any length is read one line at a time.
 //!
@@ -440,7 +441,10 @@ impl Record<'_> {
             event_time_us,
             corrects_event_id: self.text("corrects_event_id")?.unwrap_or_default(),
         };
-        fact_from_event(&event)?;
+        // The rules ingest applies to new records, so a line is refused here as there.
+        fact_from_event(&event)?
+            .validate_new()
+            .map_err(crate::FieldViolation::from)?;
         Ok(event)
     }
 
@@ -451,7 +455,9 @@ impl Record<'_> {
             effective_date: self.required_text("effective_date")?,
             version: self.int32("version")?,
         };
-        fx_from_proto(&fx)?;
+        fx_from_proto(&fx)?
+            .validate()
+            .map_err(crate::FieldViolation::from)?;
         Ok(fx)
     }
 
@@ -463,7 +469,9 @@ impl Record<'_> {
             effective_date: self.required_text("effective_date")?,
             version: self.int32("version")?,
         };
-        risk_from_proto(&risk)?;
+        risk_from_proto(&risk)?
+            .validate()
+            .map_err(crate::FieldViolation::from)?;
         Ok(risk)
     }
 }

@@ -18,6 +18,11 @@ pub use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 pub use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+/// The families every server exports for its readiness (see `crate::readiness`);
+/// named here with the rest, where the dashboard's metric list is checked against.
+pub(crate) const READY: &str = "payledger_ready";
+pub(crate) const READINESS_FAILING: &str = "payledger_readiness_failing";
+
 /// Label sets as (name, value) pairs.
 pub type Labels = Vec<(&'static str, String)>;
 

@@ -71,12 +71,12 @@ impl Readiness {
     /// Registers `payledger_ready` (1 ready, 0 not) in `registry`.
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
-            "payledger_ready",
+            crate::metrics::READY,
             "1 while the service can do its job (its readiness probe answers SERVING), 0 while not",
             self.gauge.clone(),
         );
         registry.register(
-            "payledger_readiness_failing",
+            crate::metrics::READINESS_FAILING,
             "1 while the readiness condition fails (nats_connection, jetstream_write), 0 once it holds",
             self.failing.clone(),
         );
