@@ -518,6 +518,8 @@ pub struct PacedClient {
 #[derive(Clone, Default)]
 pub struct Progress {
     acked: Arc<AtomicUsize>,
+    /// Every batch is acknowledged.
+    finished: Arc<std::sync::atomic::AtomicBool>,
     last_ack: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
@@ -540,10 +542,14 @@ impl Progress {
         within: Duration,
     ) -> anyhow::Result<Duration> {
         loop {
-            if let Some(at) = *self.last_ack.lock().expect("progress lock")
-                && at > since
-            {
-                return Ok(at - since);
+            if let Some(at) = *self.last_ack.lock().expect("progress lock") {
+                if at > since {
+                    return Ok(at - since);
+                }
+                // Everything was written before `since`: nothing was kept waiting.
+                if self.finished.load(Ordering::Relaxed) {
+                    return Ok(Duration::ZERO);
+                }
             }
             anyhow::ensure!(
                 since.elapsed() < within,
@@ -687,6 +693,7 @@ impl PacedClient {
             progress.acked_one();
             tokio::time::sleep(self.pace).await;
         }
+        progress.finished.store(true, Ordering::Relaxed);
         let report = Arc::try_unwrap(report)
             .map_err(|_| anyhow::anyhow!("report still shared"))?
             .into_inner();
