@@ -204,10 +204,7 @@ impl FaultStack {
     }
 
     pub fn archive(&self) -> anyhow::Result<ArchiveStore> {
-        Ok(ArchiveStore::new(
-            open_store(&self.store)?,
-            payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
-        ))
+        crate::archive_at(&self.store)
     }
 
     /// Fails if a platform process has exited: the matrix's faults are all

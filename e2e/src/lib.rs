@@ -581,6 +581,15 @@ pub async fn read_log(nats_url: &str) -> anyhow::Result<Vec<LogEntry>> {
     Ok(entries)
 }
 
+/// The archive at `store` (a local path or an object-store URL), for a stream of
+/// the default settings.
+pub fn archive_at(store: &str) -> anyhow::Result<payledger_storage::ArchiveStore> {
+    Ok(payledger_storage::ArchiveStore::new(
+        payledger_storage::open_store(store)?,
+        payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
+    ))
+}
+
 /// A NATS client on `urls`, one server or a comma-separated list of a cluster's.
 pub async fn connect_nats(urls: &str) -> anyhow::Result<async_nats::Client> {
     let servers = urls

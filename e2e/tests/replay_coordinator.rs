@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use payledger_cli::generate::{GenConfig, Generator};
 use payledger_e2e::convergence::{history_config, publish_history};
 use payledger_e2e::{
-    AcceptedLog, Archive, Service, Stack, binary, ingest_client, now_us, query_client,
+    AcceptedLog, Archive, Service, Stack, archive_at, binary, ingest_client, now_us, query_client,
     stream_messages, wait_until_archived,
 };
 use payledger_projector::replay::fold_partitions;
 use payledger_proto::v1::{self, replay_coordinator_client::ReplayCoordinatorClient};
 use payledger_semantics::{DailyRow, Day, Settings};
-use payledger_storage::{ArchiveStore, SnapshotStore, open_store};
+use payledger_storage::{SnapshotStore, open_store};
 use tonic::transport::Channel;
 
 /// Records a worker folds per second: slow enough that a shard is still running
@@ -63,13 +63,6 @@ async fn stack(workers: usize) -> anyhow::Result<Replays> {
     })
 }
 
-fn archive(store: &str) -> anyhow::Result<ArchiveStore> {
-    Ok(ArchiveStore::new(
-        open_store(store)?,
-        payledger_semantics::RecordedStream::new(payledger_semantics::StreamSettings::default()),
-    ))
-}
-
 impl Replays {
     async fn coordinator(&mut self, extra: &[&str]) -> anyhow::Result<Service> {
         let mut args = vec!["--shard-stall-timeout", "10s", "--reconcile-wait", "60s"];
@@ -93,7 +86,7 @@ impl Replays {
     async fn expected_rows(&self, from: Day, to: Day) -> anyhow::Result<Vec<DailyRow>> {
         let partitions: Vec<u32> = (0..Settings::default().partitions).collect();
         let folded = fold_partitions(
-            &archive(&self.store)?,
+            &archive_at(&self.store)?,
             Settings::default(),
             &partitions,
             self.cutoff,
@@ -122,7 +115,7 @@ impl Replays {
             publish_history(&mut client, history, batches, Duration::from_millis(150)).await?;
         self.log.records.extend(more.records);
         let messages = stream_messages(&self.h.nats.url()).await?;
-        wait_until_archived(&archive(&self.store)?, messages).await?;
+        wait_until_archived(&archive_at(&self.store)?, messages).await?;
         self.cutoff = messages;
         Ok(())
     }
@@ -132,7 +125,7 @@ impl Replays {
     /// the stream; returns the stream's last sequence and the archive's highest
     /// watermark. Ingest stays stopped: the caller resumes it.
     async fn burst_ahead_of_the_archive(&mut self, seed: u64) -> anyhow::Result<(u64, u64)> {
-        let archive = archive(&self.store)?;
+        let archive = archive_at(&self.store)?;
         let mut ingest = ingest_client(&self.ingest.url()).await?;
         let mut burst = Generator::new(GenConfig {
             seed,
