@@ -237,7 +237,9 @@ impl FaultStack {
 
         let last = log.last().map(|e| e.seq).unwrap_or(0);
         let archive = self.archive()?;
-        crate::wait_until_archived(&archive, last).await?;
+        if let Err(e) = crate::wait_until_archived(&archive, last).await {
+            anyhow::bail!("{e}\n{}", notable(&self.ingest));
+        }
         let in_archive = archived_event_ids(&archive).await?;
         check_exactly_once("archive", acked, &in_archive)?;
 
@@ -252,13 +254,79 @@ impl FaultStack {
         )
         .await?;
         let mut q = query_client(&self.query.url()).await?;
-        crate::assert_converges(&mut q, &folded, Duration::from_secs(90)).await?;
+        if let Err(e) = crate::assert_converges(&mut q, &folded, Duration::from_secs(90)).await {
+            let found = self.where_rows_stall(&urls, &folded).await;
+
+            anyhow::bail!("{e}\n{found}");
+        }
+        // Readers the row left silent and that made their consumer again.
+        for service in [&self.ingest, &self.projector, &self.query] {
+            for line in service.log().lines().filter(|l| l.contains("stalled:")) {
+                eprintln!("{}: {line}", service.name);
+            }
+        }
         Ok(Verified {
             log_records: log.len(),
             cutoff,
             converged_in: started.elapsed(),
             archive_rows: folded.daily_rows(),
         })
+    }
+
+    /// Where served rows stall behind the log: each partition's last record in the
+    /// stream beside what the projector reports applied, the KV rows beside the
+    /// archive's fold, and what the projector and query logged about it.
+    async fn where_rows_stall(&self, urls: &str, folded: &payledger_semantics::Exposure) -> String {
+        use futures::StreamExt;
+        use payledger_server_common::topology;
+        use prost::Message;
+        let mut out = String::new();
+        let found: anyhow::Result<()> = async {
+            let js = async_nats::jetstream::new(crate::connect_nats(urls).await?);
+            let stream = js.get_stream(topology::STREAM).await?;
+            let progress = js.get_key_value(topology::PROGRESS_BUCKET).await?;
+            for p in 0..Settings::default().partitions {
+                let last = stream
+                    .get_last_raw_message_by_subject(&topology::event_subject(p))
+                    .await
+                    .map(|m| m.sequence)
+                    .unwrap_or(0);
+                let applied = progress
+                    .get(topology::progress_key(p))
+                    .await?
+                    .and_then(|b| v1::PartitionProgress::decode(b).ok())
+                    .map(|r| r.applied_sequence);
+                out += &format!("partition {p}: last record {last}, applied {applied:?}\n");
+            }
+            let daily = js.get_key_value(topology::DAILY_BUCKET).await?;
+            let mut keys = daily.keys().await?;
+            let mut in_kv = Vec::new();
+            while let Some(key) = keys.next().await {
+                if let Some(bytes) = daily.get(key?).await? {
+                    in_kv.push(v1::DailyRow::decode(bytes)?);
+                }
+            }
+            let want = folded.daily_rows();
+            let differ = want
+                .iter()
+                .filter(|w| !in_kv.contains(&payledger_proto::daily_row_to_proto(w)))
+                .count();
+            out += &format!(
+                "KV {}: {} rows, {differ} of the fold's {} rows not among them\n",
+                topology::DAILY_BUCKET,
+                in_kv.len(),
+                want.len()
+            );
+            Ok(())
+        }
+        .await;
+        if let Err(e) = found {
+            out += &format!("(could not read the cluster: {e:#})\n");
+        }
+        for service in [&self.projector, &self.query] {
+            out += &notable(service);
+        }
+        out
     }
 
     /// Runs a replay of every day the client wrote through a worker and a
@@ -311,16 +379,31 @@ impl FaultStack {
                 .connect()
                 .await?,
         );
-        let started = client
-            .start_replay(v1::StartReplayRequest {
-                from_day: from.to_string(),
-                to_day: to.to_string(),
-                reason: "fault matrix".into(),
-                cutoff: verified.cutoff,
-                from_genesis: false,
-            })
-            .await?
-            .into_inner();
+        let request = v1::StartReplayRequest {
+            from_day: from.to_string(),
+            to_day: to.to_string(),
+            reason: "fault matrix".into(),
+            cutoff: verified.cutoff,
+            from_genesis: false,
+        };
+        // As `payledger replay start` does: sent again only after a refusal that
+        // says nothing was started.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let started = loop {
+            match client.start_replay(request.clone()).await {
+                Ok(answer) => break answer.into_inner(),
+                Err(status)
+                    if payledger_cli::replay::retryable(
+                        payledger_cli::replay::Call::Start,
+                        &status,
+                    ) && Instant::now() < deadline =>
+                {
+                    eprintln!("start replay: {status:?}; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        };
         let deadline = Instant::now() + Duration::from_secs(120);
         let done = loop {
             let replay = client
@@ -366,6 +449,24 @@ impl FaultStack {
         );
         Ok(())
     }
+}
+
+/// The last warnings, errors and recoveries `service` logged.
+fn notable(service: &crate::Service) -> String {
+    let log = service.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            ["WARN", "ERROR", "re-created", "resumed"]
+                .iter()
+                .any(|mark| l.contains(mark))
+        })
+        .collect();
+    format!(
+        "{} logged:\n{}\n",
+        service.name,
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    )
 }
 
 /// What [`FaultStack::verify`] found.

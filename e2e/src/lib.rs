@@ -566,10 +566,19 @@ pub async fn read_log(nats_url: &str) -> anyhow::Result<Vec<LogEntry>> {
         return Ok(entries);
     }
     for seq in state.first_sequence..=state.last_sequence {
-        let message = stream
-            .get_raw_message(seq)
-            .await
-            .map_err(|e| anyhow::anyhow!("reading sequence {seq} of the stream: {e}"))?;
+        // A cluster that has just healed may answer "temporarily unavailable"
+        // for a few seconds: asked again, for at most 30 s.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let message = loop {
+            match stream.get_raw_message(seq).await {
+                Ok(message) => break message,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("reading sequence {seq} of the stream: {e}; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => anyhow::bail!("reading sequence {seq} of the stream: {e}"),
+            }
+        };
         let record = v1::LogRecord::decode(message.payload.as_ref())
             .map_err(|e| anyhow::anyhow!("sequence {seq} is not a LogRecord: {e}"))?;
         entries.push(LogEntry {

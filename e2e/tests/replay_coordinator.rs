@@ -555,6 +555,63 @@ async fn bad_replay_requests_are_refused_and_start_nothing() -> anyhow::Result<(
     Ok(())
 }
 
+/// A StartReplay that NATS does not answer (a stalled server, an election) is
+/// refused as UNAVAILABLE with the marker that says nothing was started, so the
+/// CLI sends it again; once NATS answers, it starts exactly one replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_nats_does_not_answer_is_refused_as_safe_to_send_again() -> anyhow::Result<()> {
+    let mut s = stack(1).await?;
+    let coordinator = s.coordinator(&[]).await?;
+    let mut client = coordinator_client(&coordinator.url()).await?;
+    let today = Day::of_micros(now_us());
+    let request = v1::StartReplayRequest {
+        // Without a cutoff the coordinator asks the stream where it ends.
+        cutoff: 0,
+        ..start(Day(today.0 - 1), today, "stalled NATS")
+    };
+    s.h.nats.pause()?;
+    let refused = client.start_replay(request.clone()).await;
+    s.h.nats.resume()?;
+    let status = refused.expect_err("NATS answered nothing, so nothing can have started");
+    anyhow::ensure!(
+        status.code() == tonic::Code::Unavailable
+            && payledger_cli::replay::retryable(payledger_cli::replay::Call::Start, &status)
+            && status.message().contains("NATS did not answer")
+            && status.message().contains("nothing was started"),
+        "{status:?}"
+    );
+    let listed = client
+        .list_replays(v1::ListReplaysRequest::default())
+        .await?
+        .into_inner();
+    anyhow::ensure!(listed.replays.is_empty(), "a refused start left {listed:?}");
+    // The Lease may have lapsed while NATS was stalled: sent again as the CLI does.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let started = loop {
+        match client.start_replay(request.clone()).await {
+            Ok(answer) => break answer.into_inner(),
+            Err(status)
+                if payledger_cli::replay::retryable(
+                    payledger_cli::replay::Call::Start,
+                    &status,
+                ) && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => return Err(status.into()),
+        }
+    };
+    let listed = client
+        .list_replays(v1::ListReplaysRequest::default())
+        .await?
+        .into_inner();
+    anyhow::ensure!(
+        listed.replays.len() == 1 && listed.replays[0].replay_id == started.replay_id,
+        "{listed:?}"
+    );
+    Ok(())
+}
+
 /// A nightly replay starts each partition from the state the previous night's
 /// commit wrote and reads only the archive after it; a replay from genesis at the
 /// same cutoff gives the same rows and the same state bytes; a state that no

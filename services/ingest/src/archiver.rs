@@ -23,6 +23,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
 use futures::StreamExt;
 use payledger_proto::{fx_from_proto, record_from_log, risk_from_proto, v1};
 use payledger_semantics::Record;
+use payledger_server_common::stall::Stall;
 use payledger_server_common::topology::{STREAM, partition_of_subject};
 use payledger_storage::{ArchiveStore, ArchivedDim, CutRange, DimRecord};
 use prost::Message;
@@ -36,6 +37,8 @@ pub struct ArchiverTuning {
     pub flush_interval: Duration,
     /// ...or once it holds this many records.
     pub max_cut_records: usize,
+    /// `--nats-stall-timeout` (server_common::stall).
+    pub stall_timeout: Duration,
 }
 
 /// What the archiver tells the rest of the process as it goes.
@@ -254,6 +257,8 @@ pub async fn run(
     // Once asked to stop: read through the stream's last sequence at that moment
     // (what this process appended included), for at most DRAIN_TIMEOUT.
     let mut drain: Option<(u64, tokio::time::Instant)> = None;
+    let mut stall = Stall::new(tuning.stall_timeout);
+    let mut stall_checks = stall.checks();
     loop {
         // A cut that was cut short is completed with exactly its old range.
         let forced_end = resume_cut.filter(|end| *end > watermark);
@@ -275,8 +280,19 @@ pub async fn run(
                 break;
             }
             _ = tokio::time::sleep_until(deadline), if flush_at.is_some() && forced_end.is_none() => None,
+            _ = stall_checks.tick(), if drain.is_none() => {
+                // The stream's end could not be read: NATS is away, which the
+                // consumer reports itself.
+                if let Ok(info) = stream.info().await {
+                    stall.judge("the archiver's consumer", next_seq - 1, info.state.last_sequence)?;
+                }
+                continue;
+            }
             next = messages.next() => Some(next),
         };
+        if matches!(next, Some(Some(_))) {
+            stall.delivered();
+        }
         match next {
             None => {}
             Some(Some(Ok(message))) => {

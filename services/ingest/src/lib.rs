@@ -205,6 +205,7 @@ pub async fn run(
             let tuning = archiver::ArchiverTuning {
                 flush_interval: config.archive_flush_interval,
                 max_cut_records: config.archive_cut_records.max(1),
+                stall_timeout: config.server.nats.stall_timeout,
             };
             let (watermark, watermark_seen) = tokio::sync::watch::channel(None);
             let progress = archiver::Progress {

@@ -235,6 +235,7 @@ pub async fn run(
         checkpoint_every_records: config.checkpoint_every_records.max(1),
         checkpoint_interval: config.checkpoint_interval,
         ack_timeout: config.ack_timeout,
+        stall_timeout: config.server.nats.stall_timeout,
     });
     let position_daily = |b: &[u8]| {
         v1::DailyRow::decode(b)

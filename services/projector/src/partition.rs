@@ -15,6 +15,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull, kv};
 use futures::StreamExt;
 use payledger_proto::{current_row_to_proto, daily_row_to_proto, record_from_log, v1};
 use payledger_semantics::{Currency, Day, PartitionState, RecordBody, Settings, Status, Touched};
+use payledger_server_common::stall::Stall;
 use payledger_server_common::topology::{
     DAILY_BUCKET, STREAM, current_key, daily_key, event_subject, progress_key,
 };
@@ -36,6 +37,8 @@ pub struct Tuning {
     pub checkpoint_every_records: u64,
     pub checkpoint_interval: Duration,
     pub ack_timeout: Duration,
+    /// `--nats-stall-timeout` (server_common::stall).
+    pub stall_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -425,6 +428,9 @@ pub(crate) async fn run(
     };
     let mut first_applied: Option<u64> = None;
     let mut flush_at: Option<tokio::time::Instant> = None;
+    let mut stall = Stall::new(p.ctx.tuning.stall_timeout);
+    let mut stall_checks = stall.checks();
+    let subject = event_subject(partition);
     loop {
         let deadline =
             flush_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
@@ -436,8 +442,17 @@ pub(crate) async fn run(
                 flush_at = p.next_due();
                 continue;
             }
+            _ = stall_checks.tick() => {
+                // The stream's end could not be read: NATS is away, which the
+                // consumer reports itself.
+                if let Ok(end) = stream.get_last_raw_message_by_subject(&subject).await {
+                    stall.judge(&format!("the consumer of partition {partition}"), p.state.last_seq(), end.sequence)?;
+                }
+                continue;
+            }
             next = messages.next() => next,
         };
+        stall.delivered();
         let message = match next {
             Some(Ok(m)) => m,
             Some(Err(e)) => return Err(anyhow::anyhow!("reading partition {partition}: {e}")),

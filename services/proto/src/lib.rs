@@ -18,9 +18,10 @@ pub use convert::{
     kind_to_proto, record_from_log, risk_from_proto,
 };
 
-/// Metadata key on the UNAVAILABLE with which a replay coordinator that does not
-/// lead refuses StartReplay and CancelReplay. It refuses before doing anything, so
-/// a call refused with this key is safe to send again (to it or another replica);
+/// Metadata key on the UNAVAILABLE with which a replay coordinator refuses
+/// StartReplay and CancelReplay before doing anything: it does not lead, or NATS
+/// did not answer before the replay was recorded. A call refused with this key is
+/// safe to send again (to it or another replica);
 /// an UNAVAILABLE without it (a broken connection, a proxy) may come after the
 /// call took effect.
 pub const NOT_LEADER_METADATA: &str = "payledger-not-leader";

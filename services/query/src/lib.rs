@@ -163,14 +163,17 @@ pub async fn run_with_counters(
     followers.spawn(tables::follow_bucket(
         js.get_key_value(CURRENT_BUCKET).await?,
         tables::current_applier(tables.clone(), changes.clone()),
+        config.server.nats.stall_timeout,
     ));
     followers.spawn(tables::follow_bucket(
         js.get_key_value(DAILY_BUCKET).await?,
         tables::daily_applier(tables.clone()),
+        config.server.nats.stall_timeout,
     ));
     followers.spawn(tables::follow_bucket(
         js.get_key_value(PROGRESS_BUCKET).await?,
         tables::progress_applier(tables.clone()),
+        config.server.nats.stall_timeout,
     ));
     followers.spawn(dims::follow_dimensions_riding_out_restarts(
         js.clone(),

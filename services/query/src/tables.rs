@@ -12,6 +12,8 @@ use payledger_semantics::Day;
 use prost::Message;
 use tokio::sync::broadcast;
 
+use payledger_server_common::stall::Stall;
+
 use crate::dims::ProvisionalDims;
 
 /// (merchant_id, day, currency) -> row, ordered for range scans.
@@ -110,41 +112,99 @@ fn transient(e: impl Into<anyhow::Error>) -> Lost {
     Lost::Transient(e.into())
 }
 
-/// Fails with [`Lost::Reset`] when `stream` ends below `last`, a sequence
-/// already read from it.
-async fn check_not_reset(stream: &jetstream::stream::Stream, last: u64) -> Result<(), Lost> {
-    if last == 0 {
-        return Ok(());
+/// How long a stream may answer with fewer messages than were already read from
+/// it before that counts as a reset. A replica that was cut off, or a leader just
+/// back from a partition, answers from a state behind the majority's until it has
+/// caught up (seconds); a store restored from an older backup stays behind.
+const BEHIND_GRACE: Duration = Duration::from_secs(30);
+
+/// What tells a stream that went back in time from an answer that is behind:
+/// the creation time of the stream first read from, and since when its answers
+/// have ended below what was read.
+#[derive(Default)]
+struct Lineage {
+    created: Option<String>,
+    behind_since: Option<Instant>,
+}
+
+impl Lineage {
+    /// Fails with [`Lost::Reset`] when `stream` is not the one first read from (a
+    /// store wiped and the stream made again), or has ended below `last`, a
+    /// sequence already read from it, for longer than [`BEHIND_GRACE`]; with
+    /// [`Lost::Transient`] while it is behind for less. Returns where the
+    /// stream ends.
+    async fn check(&mut self, stream: &jetstream::stream::Stream, last: u64) -> Result<u64, Lost> {
+        let info = stream.get_info().await.map_err(transient)?;
+        self.observe(
+            &info.config.name,
+            info.created.to_string(),
+            info.state.last_sequence,
+            last,
+            Instant::now(),
+        )?;
+        Ok(info.state.last_sequence)
     }
-    let info = stream.get_info().await.map_err(transient)?;
-    if info.state.last_sequence < last {
-        return Err(Lost::Reset(anyhow::anyhow!(
-            "stream {} was reset: it ends at sequence {}, below sequence {last} already read",
-            info.config.name,
-            info.state.last_sequence
-        )));
+
+    fn observe(
+        &mut self,
+        name: &str,
+        created: String,
+        last_sequence: u64,
+        last: u64,
+        now: Instant,
+    ) -> Result<(), Lost> {
+        match &self.created {
+            None => self.created = Some(created),
+            Some(first) if *first != created => {
+                return Err(Lost::Reset(anyhow::anyhow!(
+                    "stream {name} was reset: it was made again at {created}; the one read from was made at {first}"
+                )));
+            }
+            Some(_) => {}
+        }
+        if last_sequence >= last {
+            self.behind_since = None;
+            return Ok(());
+        }
+        let since = *self.behind_since.get_or_insert(now);
+        let behind = format!(
+            "stream {name} ends at sequence {last_sequence}, below sequence {last} already read"
+        );
+        if now.duration_since(since) >= BEHIND_GRACE {
+            return Err(Lost::Reset(anyhow::anyhow!(
+                "{behind} for {BEHIND_GRACE:?}: it was reset"
+            )));
+        }
+        Err(transient(anyhow::anyhow!(
+            "{behind}: an answer from a replica that has not caught up yet"
+        )))
     }
-    Ok(())
 }
 
 /// Follows a KV bucket from its start, handing each live value to `apply`.
 ///
 /// A NATS server that restarts, or loses the watch's consumer, ends the watch; it
 /// is then re-created from the revision after the last one seen, so no update is
-/// missed and none is applied out of order. Only a bucket that went back in time
-/// ends the follower, since the rows already served can no longer be trusted.
+/// missed and none is applied out of order; so is a watch that has gone silent
+/// while the bucket holds later revisions (server_common::stall). Only a bucket
+/// that went back in time ends the follower, since the rows already served can no
+/// longer be trusted.
 pub(crate) async fn follow_bucket(
     store: kv::Store,
     apply: impl Fn(&[u8]) + Send + 'static,
+    stall_timeout: Duration,
 ) -> anyhow::Result<()> {
     let bucket = store.name.clone();
     let mut last_revision = 0u64;
     let mut backoff = Backoff::new();
-    let mut reset_check = tokio::time::interval(RESET_CHECK_INTERVAL);
+    let mut lineage = Lineage::default();
+    let mut stall = Stall::new(stall_timeout);
+    let mut reset_check = tokio::time::interval(RESET_CHECK_INTERVAL.min(stall_timeout / 2));
     reset_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let lost = match watch_after(&store, last_revision).await {
+        let lost = match watch_after(&store, last_revision, &mut lineage).await {
             Ok(mut watch) => {
+                stall.delivered();
                 if backoff.lost_before {
                     tracing::info!(
                         %bucket,
@@ -156,6 +216,7 @@ pub(crate) async fn follow_bucket(
                     tokio::select! {
                         entry = watch.next() => match entry {
                             Some(Ok(entry)) => {
+                                stall.delivered();
                                 last_revision = entry.revision;
                                 backoff.progressed();
                                 if matches!(entry.operation, kv::Operation::Put) {
@@ -166,11 +227,16 @@ pub(crate) async fn follow_bucket(
                             None => break transient(anyhow::anyhow!("the watch ended")),
                         },
                         _ = reset_check.tick() => {
-                            // Only a reset matters here: the watch reports its own losses.
-                            if let Err(Lost::Reset(e)) =
-                                check_not_reset(&store.stream, last_revision).await
-                            {
-                                break Lost::Reset(e);
+                            // The watch reports its own losses, except going silent.
+                            match lineage.check(&store.stream, last_revision).await {
+                                Err(Lost::Reset(e)) => break Lost::Reset(e),
+                                Err(Lost::Transient(_)) => {}
+                                Ok(end) => {
+                                    let what = format!("the watch of bucket {bucket}");
+                                    if let Err(e) = stall.judge(&what, last_revision, end) {
+                                        break transient(e);
+                                    }
+                                }
                             }
                         }
                     }
@@ -197,11 +263,15 @@ pub(crate) async fn follow_bucket(
     }
 }
 
-async fn watch_after(store: &kv::Store, last_revision: u64) -> Result<kv::Watch, Lost> {
+async fn watch_after(
+    store: &kv::Store,
+    last_revision: u64,
+    lineage: &mut Lineage,
+) -> Result<kv::Watch, Lost> {
+    lineage.check(&store.stream, last_revision).await?;
     if last_revision == 0 {
         return store.watch_with_history(">").await.map_err(transient);
     }
-    check_not_reset(&store.stream, last_revision).await?;
     store
         .watch_from_revision(">", last_revision + 1)
         .await
@@ -238,5 +308,68 @@ pub(crate) fn progress_applier(tables: Arc<Tables>) -> impl Fn(&[u8]) + Send + '
                 .expect("progress lock")
                 .insert(p.partition, (p, Instant::now()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(r: Result<(), Lost>) -> &'static str {
+        match r {
+            Ok(()) => "ok",
+            Err(Lost::Transient(_)) => "transient",
+            Err(Lost::Reset(_)) => "reset",
+        }
+    }
+
+    #[test]
+    fn a_stream_made_again_is_a_reset_at_once() {
+        let mut lineage = Lineage::default();
+        let t = Instant::now();
+        assert_eq!(
+            verdict(lineage.observe("KV_x", "t1".into(), 10, 5, t)),
+            "ok"
+        );
+        assert_eq!(
+            verdict(lineage.observe("KV_x", "t2".into(), 50, 10, t)),
+            "reset"
+        );
+    }
+
+    #[test]
+    fn an_answer_behind_is_transient_until_the_grace_has_passed() {
+        let mut lineage = Lineage::default();
+        let t = Instant::now();
+        assert_eq!(
+            verdict(lineage.observe("KV_x", "t1".into(), 400, 400, t)),
+            "ok"
+        );
+        // A replica back from a partition answers from its older state.
+        assert_eq!(
+            verdict(lineage.observe("KV_x", "t1".into(), 130, 400, t)),
+            "transient"
+        );
+        let later = t + BEHIND_GRACE - Duration::from_secs(1);
+        assert_eq!(
+            verdict(lineage.observe("KV_x", "t1".into(), 130, 400, later)),
+            "transient"
+        );
+        // Caught up: the next time behind starts a new grace.
+        assert_eq!(
+            verdict(lineage.observe("KV_x", "t1".into(), 401, 400, later)),
+            "ok"
+        );
+        let again = later + Duration::from_secs(1);
+        assert_eq!(
+            verdict(lineage.observe("KV_x", "t1".into(), 130, 401, again)),
+            "transient"
+        );
+        // Behind for the whole grace: a store restored from an older copy.
+        let stuck = again + BEHIND_GRACE;
+        assert_eq!(
+            verdict(lineage.observe("KV_x", "t1".into(), 130, 401, stuck)),
+            "reset"
+        );
     }
 }

@@ -77,6 +77,42 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
+/// UNAVAILABLE with `NOT_LEADER_METADATA`: the call was refused before anything
+/// was done, so sending it again cannot start a replay twice.
+fn refused_before_anything(message: String) -> Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(
+        payledger_proto::NOT_LEADER_METADATA,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    Status::with_metadata(tonic::Code::Unavailable, message, metadata)
+}
+
+/// NATS did not answer before anything was written: a leader election or a
+/// partition healing passes by itself, so this is UNAVAILABLE, and safe to send again.
+fn nats_unavailable(e: impl std::fmt::Display) -> Status {
+    refused_before_anything(format!(
+        "NATS did not answer ({e}); nothing was started: try again"
+    ))
+}
+
+/// The replay's record could not be written to NATS. When no stream answered,
+/// nothing was stored and the call is safe to send again; after any other
+/// failure (an acknowledgement that did not come) the record may be stored.
+fn record_not_written(e: anyhow::Error) -> Status {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+    let nothing_stored = e
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<PublishError>())
+        .any(|p| p.kind() == PublishErrorKind::StreamNotFound);
+    if nothing_stored {
+        return nats_unavailable(format!("{e:#}"));
+    }
+    Status::unavailable(format!(
+        "recording the replay in NATS failed ({e:#}); it may have been recorded: look for it with `payledger replay list` before starting it again"
+    ))
+}
+
 type ReplayStream = Pin<Box<dyn Stream<Item = Result<v1::Replay, Status>> + Send>>;
 
 impl CoordinatorApi {
@@ -93,18 +129,7 @@ impl CoordinatorApi {
         if ctx.drivers.leading() {
             return Ok(());
         }
-        let refuse = |message: String| {
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            metadata.insert(
-                payledger_proto::NOT_LEADER_METADATA,
-                tonic::metadata::MetadataValue::from_static("true"),
-            );
-            Err(Status::with_metadata(
-                tonic::Code::Unavailable,
-                message,
-                metadata,
-            ))
-        };
+        let refuse = |message: String| Err(refused_before_anything(message));
         let Some(lease) = &ctx.lease else {
             return refuse("the coordinator is starting; try again".into());
         };
@@ -189,7 +214,7 @@ impl ReplayCoordinator for CoordinatorApi {
                     .stream
                     .get_info()
                     .await
-                    .map_err(internal)?
+                    .map_err(nats_unavailable)?
                     .state
                     .last_sequence;
                 match highest {
@@ -235,7 +260,7 @@ impl ReplayCoordinator for CoordinatorApi {
         ctx.registry
             .insert(replay.clone())
             .await
-            .map_err(internal)?;
+            .map_err(record_not_written)?;
         tracing::info!(replay = %replay_id, %from_day, %to_day, cutoff, awaited_sequence, reason, shards = replay.shards.len(), from_genesis = request.from_genesis, "replay started");
         if !ctx.drivers.start(ctx, replay_id.clone()) {
             // The Lease was lost since the check above: the replay is in the KV

@@ -100,9 +100,20 @@ pub struct NatsArgs {
         value_parser = parse_duration
     )]
     pub ping_interval: Duration,
+    /// How long a reader of the log or of a bucket may receive nothing while its
+    /// stream holds records it has not read, before it makes its consumer again
+    /// (a consumer left silent after a partition healed).
+    #[arg(
+        long = "nats-stall-timeout",
+        env = "PAYLEDGER_NATS_STALL_TIMEOUT",
+        default_value = NATS_STALL_TIMEOUT,
+        value_parser = parse_duration
+    )]
+    pub stall_timeout: Duration,
 }
 
 const NATS_PING_INTERVAL: &str = "2s";
+const NATS_STALL_TIMEOUT: &str = "10s";
 
 impl NatsArgs {
     pub fn new(url: impl Into<String>) -> Self {
@@ -110,6 +121,7 @@ impl NatsArgs {
             url: url.into(),
             creds: None,
             ping_interval: parse_duration(NATS_PING_INTERVAL).expect("a valid default"),
+            stall_timeout: parse_duration(NATS_STALL_TIMEOUT).expect("a valid default"),
         }
     }
 
@@ -141,6 +153,10 @@ impl NatsArgs {
         anyhow::ensure!(
             !self.ping_interval.is_zero(),
             "--nats-ping-interval must be longer than 0 (it bounds how long a cut-off server is trusted)"
+        );
+        anyhow::ensure!(
+            !self.stall_timeout.is_zero(),
+            "--nats-stall-timeout must be longer than 0 (a reader that is merely between records is not stalled)"
         );
         let mut options = async_nats::ConnectOptions::new()
             .name(name)

@@ -13,6 +13,7 @@ mod reload;
 pub mod request_errors;
 pub mod serve;
 pub mod shutdown;
+pub mod stall;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;
