@@ -122,6 +122,21 @@ impl LocalNats {
         self.port
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGSTOP: the server freezes, its connections open but nothing answered,
+    /// until it is stopped (SIGKILL ends a frozen process too).
+    pub fn pause(&self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-STOP", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -STOP nats-server failed");
+        Ok(())
+    }
+
+    /// SIGKILL, and wait for the process to end; again is a no-op.
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
