@@ -434,3 +434,186 @@ async fn disk_full_and_freed() -> anyhow::Result<()> {
     )
     .await
 }
+
+/// The sum over every sample of `name` (one per partition) in `text`, and how
+/// many samples there are.
+fn sum_of(text: &str, name: &str) -> (f64, usize) {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (values.iter().sum(), values.len())
+}
+
+/// History longer than the log: a first client's history is archived, the
+/// stream's head below its last quarter purged (what `max_age` drops), the
+/// projector's store and the row buckets gone. A new projector bootstraps from
+/// the archive alone, and the single nats-server is SIGKILLed while it does
+/// (the projector's `payledger_projector_bootstrapping` says so before the kill
+/// and still after it: no partition can hand over to the log without NATS) and
+/// restarted at once, while a second client writes. The projector does not
+/// exit, its rows equal the archive's fold, a replay equals them; the row
+/// records how long after NATS came back every partition was reading the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_node_sigkill_while_a_projector_bootstraps() -> anyhow::Result<()> {
+    let partitions = payledger_semantics::Settings::default().partitions as usize;
+    // Small cuts: many archive segments for the bootstrap to fold.
+    let mut stack = FaultStack::start_with(Nats::Single, &["--archive-cut-records", "25"]).await?;
+    let mut old = PacedClient::new(stack.ingest.url(), "boot-old", 2 * batches());
+    old.pace = Duration::ZERO;
+    let old = old.spawn().1.await??;
+    let log = payledger_e2e::read_log(&stack.h.nats.url()).await?;
+    let last = log.last().map(|e| e.seq).unwrap_or(0);
+    payledger_e2e::wait_until_archived(&stack.archive()?, last).await?;
+
+    // A new deployment: the projector stopped (its leases released) and its store
+    // removed, the rows and progress purged, the log's head gone.
+    stack.projector.terminate().await?;
+    std::fs::remove_dir_all(format!("{}-projector", stack.store))?;
+    let keep_from = last - last / 4;
+    {
+        let js =
+            async_nats::jetstream::new(payledger_e2e::connect_nats(&stack.h.nats.url()).await?);
+        let mut stream = js
+            .get_stream(payledger_server_common::topology::STREAM)
+            .await?;
+        stream.purge().sequence(keep_from).await?;
+        anyhow::ensure!(stream.info().await?.state.first_sequence == keep_from);
+        use payledger_server_common::topology::{CURRENT_BUCKET, DAILY_BUCKET, PROGRESS_BUCKET};
+        for bucket in [DAILY_BUCKET, CURRENT_BUCKET, PROGRESS_BUCKET] {
+            js.get_stream(format!("KV_{bucket}")).await?.purge().await?;
+        }
+    }
+    stack.log_head_dropped_below = Some(keep_from);
+
+    let metrics = format!(
+        "127.0.0.1:{}",
+        payledger_server_common::local_nats::free_port()?
+    );
+    let own = format!("{}-bootstrap", stack.store);
+    let archive = stack.store.clone();
+    stack.projector = stack
+        .h
+        .spawn(
+            "payledger-projector",
+            &[
+                "--store",
+                &own,
+                "--archive-store",
+                &archive,
+                "--checkpoint-interval",
+                "1s",
+                "--metrics-listen",
+                &metrics,
+            ],
+        )
+        .await?;
+    let (progress, client) = PacedClient::new(stack.ingest.url(), "boot-new", batches()).spawn();
+
+    // Positive evidence that the bootstrap is under way: partitions starting,
+    // archive segments read.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = payledger_e2e::scrape_metrics(&metrics).await?;
+        let (starting, _) = sum_of(&text, "payledger_projector_bootstrapping");
+        let (read, _) = sum_of(&text, "payledger_projector_bootstrap_segments_read_total");
+        if starting > 0.0 && read > 0.0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no bootstrap seen within 60 s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stack.h.nats.stop();
+    let killed = Instant::now();
+    // Without NATS no partition hands over to the log: those still starting now
+    // were bootstrapping when nats-server died.
+    let text = payledger_e2e::scrape_metrics(&metrics).await?;
+    let (at_kill, _) = sum_of(&text, "payledger_projector_bootstrapping");
+    let (segments_at_kill, _) = sum_of(&text, "payledger_projector_bootstrap_segments_read_total");
+    anyhow::ensure!(
+        at_kill > 0.0,
+        "every partition had bootstrapped before nats-server was killed; the row needs a longer history:\n{text}"
+    );
+    let port = stack.h.nats.port();
+    let dir = stack.h.dir.path().join("nats");
+    stack.h.nats = payledger_server_common::local_nats::LocalNats::start_on(&dir, port)?;
+    let restarted = Instant::now();
+    let first_ack = {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            progress
+                .first_ack_after(killed, Duration::from_secs(120))
+                .await
+        })
+    };
+
+    // Every partition reading the log again.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let bootstrapped_after = loop {
+        stack.ensure_running()?;
+        let text = payledger_e2e::scrape_metrics(&metrics).await?;
+        let (starting, samples) = sum_of(&text, "payledger_projector_bootstrapping");
+        if samples == partitions && starting == 0.0 {
+            break restarted.elapsed();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{starting} partitions still starting 120 s after nats-server came back:\n{}",
+            stack.projector.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let recovered = first_ack.await??;
+    let text = payledger_e2e::scrape_metrics(&metrics).await?;
+    let (segments, _) = sum_of(&text, "payledger_projector_bootstrap_segments_read_total");
+    let log = stack.projector.log();
+    let failed = log.matches("partition failed").count();
+    eprintln!(
+        "{at_kill} of {partitions} partitions bootstrapping at the kill ({segments_at_kill} segments read); \
+         all reading the log {:.1} s after nats-server came back; {segments} segments read in all, \
+         {failed} partition starts failed and were tried again",
+        bootstrapped_after.as_secs_f64()
+    );
+    // A start waiting on NATS when it died gave up at once, saying why, rather
+    // than when its request timed out after NATS was back.
+    anyhow::ensure!(
+        !log.contains("timed out"),
+        "a partition's start waited out a timeout:\n{log}"
+    );
+    for line in log
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+        .take(20)
+    {
+        eprintln!("projector: {line}");
+    }
+
+    let new = client.await??;
+    anyhow::ensure!(
+        new.acked.sequences.len() == batches() * 20,
+        "{} events acknowledged after the purge, {} sent",
+        new.acked.sequences.len(),
+        batches() * 20
+    );
+    let report = ClientReport::merge(vec![old, new])?;
+    let verified = stack.verify(&report.acked).await?;
+    stack.verify_replay(&verified).await?;
+    MatrixLine {
+        row: "nats-server SIGKILL while a projector bootstraps",
+        nats: "1 node",
+        fault: &format!(
+            "log head purged (history {last} records, log from {keep_from}); SIGKILL with {at_kill} of \
+             {partitions} partitions bootstrapping from the archive, restarted at once; bootstrap \
+             done {:.1} s after NATS was back",
+            bootstrapped_after.as_secs_f64()
+        ),
+        report: &report,
+        verified: &verified,
+        recovery: recovered,
+    }
+    .write()
+}

@@ -6,14 +6,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use payledger_e2e::{
-    Harness, Service, assert_converges, binary, ingest_client, now_us, query_client, read_log,
-    wait_healthy,
+    Harness, Service, assert_converges, binary, ingest_client, metric_value, now_us, query_client,
+    read_log, scrape_metrics, wait_healthy,
 };
 use payledger_proto::v1::{
     self, EventKind, ingest_service_client::IngestServiceClient,
     query_service_client::QueryServiceClient,
 };
-use payledger_semantics::{Exposure, Settings};
+use payledger_semantics::{Exposure, RecordBody, Settings};
 use payledger_server_common::local_nats::free_port;
 use tonic::transport::Channel;
 
@@ -256,6 +256,147 @@ async fn a_server_list_whose_first_node_is_down_connects_to_the_next() -> anyhow
         stored.len(),
         round_events(0).len()
     );
+    Ok(())
+}
+
+/// Waits until the sample `name` at the metrics address `metrics` satisfies `holds`.
+async fn wait_for_metric(
+    metrics: &str,
+    name: &str,
+    holds: impl Fn(f64) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = scrape_metrics(metrics).await?;
+        let value = metric_value(&text, name);
+        if value.is_some_and(&holds) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{name} is {value:?} after 30 s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Publish call waiting for JetStream's ack when the connection to NATS drops
+/// is answered at once with UNAVAILABLE saying the connection was lost (its ack
+/// was due on that connection and cannot come), not when --ack-timeout runs
+/// out; the same call retried once nats-server is back stores its events once.
+/// Both ways of writing: one atomic batch (20 events) and pipelined single
+/// publishes (4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_waiting_for_its_ack_when_the_connection_drops_is_answered_at_once()
+-> anyhow::Result<()> {
+    let mut h = Harness::start()?;
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    // Acks may take a minute and pings are a minute apart: only the connection
+    // closing can end the wait early.
+    let ingest = h
+        .spawn(
+            "payledger-ingest",
+            &[
+                "--heartbeat-interval",
+                "0s",
+                "--ack-timeout",
+                "60s",
+                "--nats-ping-interval",
+                "60s",
+                "--metrics-listen",
+                &metrics,
+            ],
+        )
+        .await?;
+    let mut client = ingest_client(&ingest.url()).await?;
+    publish_round(&mut client, 0).await?;
+    let mut stored = round_events(0).len();
+    for (round, count) in [(1, 20), (2, 4)] {
+        let events: Vec<v1::Event> = round_events(round).into_iter().take(count).collect();
+        // Frozen: the write reaches the server's socket, no ack can come.
+        h.nats.pause()?;
+        let call = tokio::spawn({
+            let (mut client, events) = (client.clone(), events.clone());
+            async move { client.publish(v1::PublishRequest { events }).await }
+        });
+        wait_for_metric(&metrics, "payledger_ingest_writes_awaiting_ack", |v| {
+            v >= 1.0
+        })
+        .await?;
+        // SIGKILL: the TCP connection closes.
+        h.nats.stop();
+        let answer = tokio::time::timeout(Duration::from_secs(90), call)
+            .await
+            .map_err(|_| anyhow::anyhow!("round {round}: no answer within 90 s"))??;
+        let status = match answer {
+            Ok(r) => anyhow::bail!("round {round}: answered without nats-server: {r:?}"),
+            Err(status) => status,
+        };
+        eprintln!("round {round} ({count} events): {status:?}");
+        anyhow::ensure!(
+            status.code() == tonic::Code::Unavailable,
+            "round {round}: {status:?}"
+        );
+        for part in [
+            "connection to NATS was lost",
+            "safe to retry the same call with the same event ids",
+        ] {
+            anyhow::ensure!(
+                status.message().contains(part),
+                "round {round}: {part:?} missing from {status:?}"
+            );
+        }
+        anyhow::ensure!(
+            !status.message().contains("no ack"),
+            "round {round}: answered as an ack timeout: {status:?}"
+        );
+
+        // Back on the same port and store; the retry is answered once ingest
+        // has reconnected.
+        h.restart_nats_hard()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let results = loop {
+            match client
+                .publish(v1::PublishRequest {
+                    events: events.clone(),
+                })
+                .await
+            {
+                Ok(r) => break r.into_inner().results,
+                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(s) => anyhow::bail!("round {round}: the retry failed: {s:?}"),
+            }
+        };
+        anyhow::ensure!(
+            results.len() == count
+                && results.iter().all(|r| matches!(
+                    r.outcome,
+                    Some(
+                        v1::publish_result::Outcome::Accepted(_)
+                            | v1::publish_result::Outcome::Duplicate(_)
+                    )
+                )),
+            "round {round}: the retry was not taken whole: {results:?}"
+        );
+        stored += count;
+        let mut ids = Vec::new();
+        for entry in read_log(&h.nats.url()).await? {
+            if let RecordBody::Fact(f) = entry.to_record()?.body {
+                ids.push(f.event_id);
+            }
+        }
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        anyhow::ensure!(
+            ids.len() == stored && unique.len() == stored,
+            "round {round}: the log holds {} events ({} distinct), expected {stored} once each",
+            ids.len(),
+            unique.len()
+        );
+    }
     Ok(())
 }
 

@@ -139,7 +139,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     let settings = config.stream.settings()?;
-    let client = config.server.nats.connect("payledger-ingest").await?;
+    let (client, losses) = config
+        .server
+        .nats
+        .connect_watched("payledger-ingest")
+        .await?;
     let js = async_nats::jetstream::new(client.clone());
     let recorded = ensure_stream(
         &js,
@@ -168,15 +172,17 @@ pub async fn run(
 
     let probe_client = client.clone();
     let (stop_probe, stop_probe_rx) = tokio::sync::watch::channel(false);
-    let publisher = Arc::new(publisher::Publisher::new(
-        client,
-        js.clone(),
-        settings,
-        &config,
-    ));
     let local: SocketAddr = listener.local_addr()?;
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::IngestMetrics::register(&mut registry);
+    let publisher = Arc::new(publisher::Publisher::new(
+        client,
+        losses,
+        js.clone(),
+        settings,
+        &config,
+        metrics.awaiting_ack.clone(),
+    ));
     let readiness = payledger_server_common::readiness::Readiness::new();
     readiness.register(&mut registry);
     // Heartbeats stop first, so that the archiver's last cut holds everything

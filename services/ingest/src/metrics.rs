@@ -12,6 +12,8 @@ use payledger_server_common::metrics::{
 pub(crate) struct IngestMetrics {
     events: Family<Labels, Counter>,
     publish: Histogram,
+    /// Writes sent to JetStream whose ack is awaited.
+    pub awaiting_ack: Gauge,
 }
 
 impl IngestMetrics {
@@ -28,7 +30,18 @@ impl IngestMetrics {
             "Time to answer a Publish call, JetStream's acknowledgement included",
             publish.clone(),
         );
-        Arc::new(Self { events, publish })
+        let awaiting_ack = Gauge::default();
+        registry.register(
+            "payledger_ingest_writes_awaiting_ack",
+            "Writes (atomic batches, groups of single publishes, dimension records) sent to \
+             JetStream whose acknowledgement is awaited",
+            awaiting_ack.clone(),
+        );
+        Arc::new(Self {
+            events,
+            publish,
+            awaiting_ack,
+        })
     }
 
     pub fn answered(&self, outcome: &'static str, events: u64) {

@@ -72,6 +72,10 @@ pub(crate) const TABLE: &[(ErrorCode, Class, &str)] = &[
     ),
 ];
 
+/// The reason given when the connection to NATS was lost during a write.
+pub(crate) const CONNECTION_LOST: &str = "the connection to NATS was lost before JetStream \
+    acknowledged the write, which may or may not be stored";
+
 /// A failed write, as far as the caller is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Failure {
@@ -79,6 +83,10 @@ pub(crate) enum Failure {
     Refused { err_code: u64, description: String },
     /// No answer, or none that could be read: the write may or may not be stored.
     NoAck(String),
+    /// The connection to NATS was lost while the ack was awaited: it cannot come
+    /// (it was due on that connection), so the call is answered at once. The write
+    /// may or may not be stored.
+    ConnectionLost,
     /// Nothing listens on the subject (what was sent where): no stream takes it.
     NoStream(String),
     /// Nothing listened on the subject although the stream exists: its replica
@@ -110,6 +118,7 @@ impl Failure {
                 description: description.clone(),
             },
             BatchError::NoAck(reason) => Failure::NoAck(reason.clone()),
+            BatchError::ConnectionLost => Failure::ConnectionLost,
             BatchError::NoStream(subject) => {
                 Failure::NoStream(format!("nothing listens on subject {subject}"))
             }
@@ -150,7 +159,9 @@ impl Failure {
     pub(crate) fn class(&self) -> Class {
         match self {
             Failure::Refused { err_code, .. } => row(*err_code).map_or(Class::Permanent, |r| r.1),
-            Failure::NoAck(_) | Failure::Leaderless(_) => Class::Transient,
+            Failure::NoAck(_) | Failure::ConnectionLost | Failure::Leaderless(_) => {
+                Class::Transient
+            }
             Failure::NoStream(_) | Failure::Broken(_) => Class::Permanent,
         }
     }
@@ -162,6 +173,7 @@ impl Failure {
                 description,
             } => format!("{description} (err_code {err_code})"),
             Failure::NoAck(reason) => format!("no acknowledgement: {reason}"),
+            Failure::ConnectionLost => CONNECTION_LOST.to_string(),
             Failure::NoStream(what) => {
                 format!("{what}: the stream {STREAM} is missing or does not take it")
             }
@@ -179,7 +191,8 @@ impl Failure {
         match self.class() {
             Class::Transient => Status::unavailable(format!(
                 "JetStream did not take the write ({reason}); it is safe to retry the same \
-                 call: events it did store are answered as duplicates"
+                 call with the same event ids: events it did store are answered as duplicates \
+                 (JetStream deduplicates them by Nats-Msg-Id)"
             )),
             Class::Exhausted => Status::resource_exhausted(format!(
                 "JetStream has no room for the write ({reason}); retry with backoff once an \
@@ -323,6 +336,23 @@ mod tests {
             assert_eq!(status.code(), Code::Unavailable, "{status:?}");
             assert!(status.message().contains("safe to retry"), "{status:?}");
         }
+    }
+
+    #[test]
+    fn a_lost_connection_is_unavailable_and_says_so() {
+        let status = of_batch(&BatchError::ConnectionLost);
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        for part in [
+            "connection to NATS was lost",
+            "safe to retry the same call with the same event ids",
+            "Nats-Msg-Id",
+        ] {
+            assert!(
+                status.message().contains(part),
+                "{part:?} missing: {status:?}"
+            );
+        }
+        assert!(!status.message().contains("no ack"), "{status:?}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! gets its own answer), dimension records and heartbeats.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::IntoFuture;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -13,8 +14,10 @@ use bytes::Bytes;
 use payledger_proto::v1;
 use payledger_semantics::StreamSettings;
 use payledger_server_common::atomic_batch::{
-    BatchError, BatchMessage, ERR_DUPLICATE_MSG_ID, MAX_BATCH_MESSAGES, publish_atomic,
+    BatchError, BatchMessage, ERR_DUPLICATE_MSG_ID, MAX_BATCH_MESSAGES, publish_atomic_watched,
 };
+use payledger_server_common::connection::ConnectionLosses;
+use payledger_server_common::metrics::Gauge;
 use payledger_server_common::topology::{STREAM, event_subject};
 use payledger_server_common::trace_context::{TraceHeaders, exported_span};
 use prost::Message;
@@ -46,11 +49,30 @@ pub(crate) enum Appended {
 pub(crate) struct Publisher {
     client: async_nats::Client,
     js: jetstream::Context,
+    /// Calls waiting for an ack are answered at once when the connection drops.
+    losses: ConnectionLosses,
+    awaiting_ack: Gauge,
     pub settings: StreamSettings,
     ack_timeout: Duration,
     /// Per partition: ingest clock of the last record appended, for heartbeats.
     last_record_us: Vec<AtomicI64>,
     recent: Mutex<RecentIds>,
+}
+
+/// Counts a write in `payledger_ingest_writes_awaiting_ack` while it lives.
+struct Awaiting<'a>(&'a Gauge);
+
+impl<'a> Awaiting<'a> {
+    fn ack(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Awaiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Ids acked within the duplicate window, bounded in count. Only a shortcut:
@@ -91,13 +113,21 @@ impl RecentIds {
 impl Publisher {
     pub fn new(
         client: async_nats::Client,
+        losses: ConnectionLosses,
         js: jetstream::Context,
         settings: StreamSettings,
         config: &IngestConfig,
+        awaiting_ack: Gauge,
     ) -> Self {
+        // Single publishes wait --ack-timeout for their acks too (the context's
+        // default is 5 s).
+        let mut js = js;
+        js.set_timeout(config.ack_timeout);
         Self {
             client,
             js,
+            losses,
+            awaiting_ack,
             settings,
             ack_timeout: config.ack_timeout,
             last_record_us: (0..settings.partitions)
@@ -220,7 +250,10 @@ impl Publisher {
                     }
                 })
                 .collect();
-            match publish_atomic(&self.client, messages, self.ack_timeout).await {
+            let mut lost = self.losses.since_now();
+            let _awaiting = Awaiting::ack(&self.awaiting_ack);
+            match publish_atomic_watched(&self.client, messages, self.ack_timeout, &mut lost).await
+            {
                 Ok(ack) => {
                     for (k, &i) in part.iter().enumerate() {
                         out[i] = Some(Appended::Stored(ack.sequence_of(k)));
@@ -243,6 +276,8 @@ impl Publisher {
         events: impl Iterator<Item = &Prepared>,
         trace: &TraceHeaders,
     ) -> Result<Vec<Appended>, Status> {
+        let mut lost = self.losses.since_now();
+        let _awaiting = Awaiting::ack(&self.awaiting_ack);
         let mut acks = Vec::new();
         for event in events {
             let mut headers = HeaderMap::new();
@@ -266,9 +301,10 @@ impl Publisher {
         }
         let mut out = Vec::with_capacity(acks.len());
         for ack in acks {
-            let ack = match ack.await {
-                Ok(ack) => ack,
-                Err(e) => return Err(self.status_of(Failure::of_publish(&e)).await),
+            let ack = match lost.or_lost(ack.into_future()).await {
+                Ok(Ok(ack)) => ack,
+                Ok(Err(e)) => return Err(self.status_of(Failure::of_publish(&e)).await),
+                Err(_) => return Err(self.status_of(Failure::ConnectionLost).await),
             };
             out.push(if ack.duplicate {
                 Appended::Duplicate(ack.sequence)
@@ -289,17 +325,20 @@ impl Publisher {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
         TraceHeaders::current().add_to_nats(&mut headers);
+        let mut lost = self.losses.since_now();
+        let _awaiting = Awaiting::ack(&self.awaiting_ack);
         let acked = match self
             .js
             .publish_with_headers(subject.to_string(), headers, payload)
             .await
         {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
+            Ok(ack) => lost.or_lost(ack.into_future()).await,
+            Err(e) => Ok(Err(e)),
         };
         let ack = match acked {
-            Ok(ack) => ack,
-            Err(e) => return Err(self.status_of(Failure::of_publish(&e)).await),
+            Ok(Ok(ack)) => ack,
+            Ok(Err(e)) => return Err(self.status_of(Failure::of_publish(&e)).await),
+            Err(_) => return Err(self.status_of(Failure::ConnectionLost).await),
         };
         Ok(if ack.duplicate {
             Appended::Duplicate(ack.sequence)
@@ -364,7 +403,8 @@ impl Publisher {
                 ),
             })
             .collect();
-        publish_atomic(&self.client, messages, self.ack_timeout).await?;
+        let mut lost = self.losses.since_now();
+        publish_atomic_watched(&self.client, messages, self.ack_timeout, &mut lost).await?;
         for p in partitions {
             self.last_record_us[*p as usize].fetch_max(now_us, Ordering::Relaxed);
         }

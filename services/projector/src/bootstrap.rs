@@ -11,8 +11,11 @@
 //! in between are gone: the partition is refused, never folded from a partial
 //! history.
 
+use std::future::Future;
+
 use async_nats::jetstream;
 use payledger_semantics::{PartitionState, Settings};
+use payledger_server_common::connection::ConnectionLosses;
 use payledger_storage::{CheckpointStore, verify_tiling};
 
 use crate::metrics::ProjectorMetrics;
@@ -36,6 +39,23 @@ impl std::fmt::Display for Source {
             Source::ReplayState(path) => write!(f, "replay state {path}"),
             Source::Genesis => write!(f, "the beginning of history"),
         }
+    }
+}
+
+/// A request of a starting partition to NATS, given up as soon as the connection
+/// is lost: its answer was due on that connection and cannot come. The partition
+/// then starts again (its next requests go out once the client has reconnected)
+/// instead of waiting out the request timeout after NATS is back.
+pub(crate) async fn request<T, E: Into<anyhow::Error>>(
+    losses: &ConnectionLosses,
+    what: &str,
+    fut: impl Future<Output = Result<T, E>>,
+) -> anyhow::Result<T> {
+    match losses.since_now().or_lost(fut).await {
+        Ok(answer) => answer.map_err(Into::into),
+        Err(lost) => Err(anyhow::anyhow!(
+            "{what}: {lost} while waiting for the answer; the partition starts again once it is back"
+        )),
     }
 }
 
@@ -102,12 +122,16 @@ pub(crate) async fn catch_up(
     stream: &mut jetstream::stream::Stream,
     stores: &ReplayStores,
     metrics: &ProjectorMetrics,
+    losses: &ConnectionLosses,
 ) -> Result<(PartitionState, u64), anyhow::Error> {
     let partition = state.partition();
     // Records of the partition through `covered` are in the state.
     let mut segments_read = 0u64;
     loop {
-        let log_first = stream.info().await?.state.first_sequence;
+        let log_first = request(losses, "reading the log's head", stream.info())
+            .await?
+            .state
+            .first_sequence;
         if log_first <= covered + 1 {
             if segments_read > 0 {
                 tracing::info!(
@@ -160,5 +184,72 @@ pub(crate) async fn catch_up(
         state = folded;
         segments_read += read.len() as u64;
         covered = watermark;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use payledger_semantics::{RecordedStream, StreamSettings};
+    use payledger_server_common::config::NatsArgs;
+    use payledger_server_common::local_nats::LocalNats;
+    use payledger_server_common::topology::STREAM;
+
+    use super::*;
+
+    /// A partition starting while nats-server goes away: the request it waits on
+    /// (the log's head) is given up as soon as the connection drops, with the
+    /// reason, instead of when the request times out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_waiting_on_nats_fails_at_once_when_the_connection_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nats = LocalNats::start(&dir.path().join("nats")).unwrap();
+        // Pings a minute apart: only the connection closing ends the wait early.
+        let mut args = NatsArgs::new(nats.url());
+        args.ping_interval = Duration::from_secs(60);
+        let (client, losses) = args.connect_watched("test").await.unwrap();
+        let js = jetstream::new(client);
+        js.create_stream(jetstream::stream::Config {
+            name: STREAM.to_string(),
+            subjects: vec!["payledger.events.>".to_string()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut stream = js.get_stream(STREAM).await.unwrap();
+        let stores = ReplayStores::at(
+            payledger_storage::open_store(dir.path().join("store").to_str().unwrap()).unwrap(),
+            RecordedStream::new(StreamSettings::default()),
+        );
+        let metrics = ProjectorMetrics::register(&mut Default::default());
+        let settings = Settings::default();
+
+        // Frozen: the request reaches the server's socket, no answer can come.
+        nats.pause().unwrap();
+        let start = catch_up(
+            PartitionState::new(0, settings),
+            &Source::Genesis,
+            0,
+            &mut stream,
+            &stores,
+            &metrics,
+            &losses,
+        );
+        tokio::pin!(start);
+        assert!(
+            futures::poll!(&mut start).is_pending(),
+            "waits on nats-server"
+        );
+        // SIGKILL: the connection closes.
+        nats.stop();
+        let error = match start.await {
+            Ok(_) => panic!("the partition started without nats-server"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            error.contains("the connection to NATS was lost") && !error.contains("timed out"),
+            "{error}"
+        );
     }
 }

@@ -23,6 +23,9 @@ use async_nats::jetstream::kv::{self, Operation, UpdateErrorKind};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use payledger_server_common::connection::ConnectionLosses;
+
+use crate::bootstrap::request;
 use crate::metrics::ProjectorMetrics;
 use crate::partition::now_us;
 
@@ -51,6 +54,8 @@ pub(crate) struct PartitionLeases {
     started_at_us: i64,
     ttl: Duration,
     metrics: Arc<ProjectorMetrics>,
+    /// A lease read or written when the connection drops is given up at once.
+    losses: ConnectionLosses,
 }
 
 /// A lease held by this process: renewed in the background until released or lost.
@@ -69,6 +74,7 @@ impl PartitionLeases {
         pod: Option<String>,
         ttl: Duration,
         metrics: Arc<ProjectorMetrics>,
+        losses: ConnectionLosses,
     ) -> Self {
         let host = pod.clone().unwrap_or_else(|| "projector".to_string());
         let started_at_us = now_us();
@@ -80,6 +86,7 @@ impl PartitionLeases {
             started_at_us,
             ttl,
             metrics,
+            losses,
         }
     }
 
@@ -114,7 +121,12 @@ impl PartitionLeases {
             if *stop.borrow() {
                 return Ok(None);
             }
-            let entry = self.kv.entry(key.as_str()).await?;
+            let entry = request(
+                &self.losses,
+                "reading the partition's lease",
+                self.kv.entry(key.as_str()),
+            )
+            .await?;
             let attempt = match &entry {
                 None => Some((0, "free")),
                 Some(e) if e.operation != Operation::Put => Some((e.revision, "released")),
@@ -155,7 +167,13 @@ impl PartitionLeases {
                 }
             };
             if let Some((revision, why)) = attempt {
-                match self.kv.update(key.as_str(), self.record(), revision).await {
+                let update = self
+                    .losses
+                    .since_now()
+                    .or_lost(self.kv.update(key.as_str(), self.record(), revision))
+                    .await
+                    .map_err(|lost| anyhow::anyhow!("taking the partition's lease: {lost}"))?;
+                match update {
                     Ok(revision) => {
                         tracing::info!(
                             partition,
@@ -307,7 +325,13 @@ mod tests {
 
     fn leases(kv: &kv::Store, pod: Option<&str>) -> PartitionLeases {
         let metrics = ProjectorMetrics::register(&mut Default::default());
-        PartitionLeases::new(kv.clone(), pod.map(String::from), TTL, metrics)
+        PartitionLeases::new(
+            kv.clone(),
+            pod.map(String::from),
+            TTL,
+            metrics,
+            ConnectionLosses::none(),
+        )
     }
 
     fn running() -> watch::Receiver<bool> {
@@ -323,6 +347,39 @@ mod tests {
                 .unwrap()
                 .holder
         })
+    }
+
+    /// A lease read in flight when nats-server goes away is given up as soon as
+    /// the connection drops, not when the request times out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acquiring_fails_at_once_when_the_connection_drops() {
+        let (_dir, mut nats, _) = nats_with_bucket().await;
+        let mut args = payledger_server_common::config::NatsArgs::new(nats.url());
+        args.ping_interval = Duration::from_secs(60);
+        let (client, losses) = args.connect_watched("test").await.unwrap();
+        let kv = async_nats::jetstream::new(client)
+            .get_key_value(payledger_server_common::topology::LEASE_BUCKET)
+            .await
+            .unwrap();
+        let metrics = ProjectorMetrics::register(&mut Default::default());
+        let leases = PartitionLeases::new(kv, None, TTL, metrics, losses);
+        let mut stop = running();
+        nats.pause().unwrap();
+        let acquire = leases.acquire(3, &mut stop);
+        tokio::pin!(acquire);
+        assert!(
+            futures::poll!(&mut acquire).is_pending(),
+            "waits on nats-server"
+        );
+        nats.stop();
+        let error = match acquire.await {
+            Ok(_) => panic!("a lease acquired without nats-server"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            error.contains("the connection to NATS was lost") && !error.contains("timed out"),
+            "{error}"
+        );
     }
 
     #[tokio::test]

@@ -212,7 +212,11 @@ pub async fn run(
         .metrics
         .serve(registry, std::future::pending())
         .await?;
-    let client = config.server.nats.connect("payledger-projector").await?;
+    let (client, losses) = config
+        .server
+        .nats
+        .connect_watched("payledger-projector")
+        .await?;
     let js = async_nats::jetstream::new(client.clone());
     let (stream, settings) = wait_for_settings(&js, config.projection.settings()?).await?;
     ensure_buckets(&js, config.kv_replicas).await?;
@@ -254,6 +258,7 @@ pub async fn run(
             DAILY_BUCKET,
             position_daily,
             config.ack_timeout,
+            losses.clone(),
         ),
         rows::RowWriter::new(
             client.clone(),
@@ -261,6 +266,7 @@ pub async fn run(
             CURRENT_BUCKET,
             position_current,
             config.ack_timeout,
+            losses.clone(),
         ),
     );
     // The archive and the committed replay states: where a partition starts when
@@ -275,6 +281,7 @@ pub async fn run(
         config.pod_name.clone(),
         config.partition_lease_ttl,
         metrics.clone(),
+        losses.clone(),
     );
     let mut tasks = Vec::new();
     for partition in owned.iter().copied() {
@@ -288,6 +295,7 @@ pub async fn run(
             progress: js.get_key_value(PROGRESS_BUCKET).await?,
             tuning: tuning.clone(),
             metrics: metrics.clone(),
+            losses: losses.clone(),
         };
         tasks.push(tokio::spawn(own_partition(
             ctx,

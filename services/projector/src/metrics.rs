@@ -18,6 +18,7 @@ pub(crate) struct ProjectorMetrics {
     leases_taken_over: Family<Labels, Counter>,
     refused: Family<Labels, Gauge>,
     bootstrap_segments: Family<Labels, Counter>,
+    bootstrapping: Family<Labels, Gauge>,
     pub shards: Family<Labels, Counter>,
 }
 
@@ -37,6 +38,7 @@ impl ProjectorMetrics {
             leases_taken_over: Family::default(),
             refused: Family::default(),
             bootstrap_segments: Family::default(),
+            bootstrapping: Family::default(),
             shards: Family::default(),
         };
         registry.register(
@@ -85,6 +87,13 @@ impl ProjectorMetrics {
             m.bootstrap_segments.clone(),
         );
         registry.register(
+            "payledger_projector_bootstrapping",
+            "1 while the partition starts: restores its state, fills in from the archive what the log \
+             no longer holds and writes its rows, until it reads the log (stays 1 while a failed start \
+             is tried again)",
+            m.bootstrapping.clone(),
+        );
+        registry.register(
             "payledger_replay_shards",
             "Replay shards this worker ran, by outcome (done, failed, cancelled)",
             m.shards.clone(),
@@ -130,6 +139,12 @@ impl ProjectorMetrics {
 
     pub fn bootstrap_segment_read(&self, p: u32) {
         self.bootstrap_segments.get_or_create(&partition(p)).inc();
+    }
+
+    pub fn bootstrapping(&self, p: u32, bootstrapping: bool) {
+        self.bootstrapping
+            .get_or_create(&partition(p))
+            .set(bootstrapping.into());
     }
 
     pub fn shard(&self, outcome: &'static str) {

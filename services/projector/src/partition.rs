@@ -53,6 +53,9 @@ pub(crate) struct PartitionContext {
     pub progress: kv::Store,
     pub tuning: Arc<Tuning>,
     pub metrics: Arc<crate::metrics::ProjectorMetrics>,
+    /// The NATS connection's losses: a starting partition gives up a request in
+    /// flight when the connection drops.
+    pub losses: payledger_server_common::connection::ConnectionLosses,
 }
 
 /// Changed rows since the last flush, per merchant and currency.
@@ -278,11 +281,15 @@ impl Projection {
 /// Fails when the log no longer holds the record right after `covered`: then the
 /// partition starts again, reading the archive further.
 async fn hand_over_holds(
+    ctx: &PartitionContext,
     stream: &mut jetstream::stream::Stream,
-    partition: u32,
     covered: u64,
 ) -> anyhow::Result<()> {
-    let log_first = stream.info().await?.state.first_sequence;
+    let partition = ctx.partition;
+    let log_first = bootstrap::request(&ctx.losses, "reading the log's head", stream.info())
+        .await?
+        .state
+        .first_sequence;
     anyhow::ensure!(
         log_first <= covered + 1,
         "the log's head moved to {log_first} while partition {partition} was handed over after {covered}; starting it again"
@@ -291,8 +298,14 @@ async fn hand_over_holds(
 }
 
 async fn rows_are_empty(ctx: &PartitionContext) -> anyhow::Result<bool> {
-    let mut daily = ctx.js.get_stream(format!("KV_{DAILY_BUCKET}")).await?;
-    Ok(daily.info().await?.state.messages == 0)
+    let what = "reading the row bucket";
+    let stream = format!("KV_{DAILY_BUCKET}");
+    let mut daily = bootstrap::request(&ctx.losses, what, ctx.js.get_stream(stream)).await?;
+    Ok(bootstrap::request(&ctx.losses, what, daily.info())
+        .await?
+        .state
+        .messages
+        == 0)
 }
 
 /// Writes every row of the state (fenced: a stored row with a higher log
@@ -354,6 +367,7 @@ pub(crate) async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let partition = ctx.partition;
+    ctx.metrics.bootstrapping(partition, true);
     let (mut state, source, covered) =
         bootstrap::restore(partition, &ctx.settings, &ctx.checkpoints, &ctx.stores).await?;
     // Rows are written as they change, so no final day need stay in memory.
@@ -366,7 +380,8 @@ pub(crate) async fn run(
         identities = state.identities_remembered(),
         "restored partition"
     );
-    let mut stream = ctx.js.get_stream(STREAM).await?;
+    let mut stream =
+        bootstrap::request(&ctx.losses, "opening the stream", ctx.js.get_stream(STREAM)).await?;
     let (state, covered) = match bootstrap::catch_up(
         state,
         &source,
@@ -374,6 +389,7 @@ pub(crate) async fn run(
         &mut stream,
         &ctx.stores,
         &ctx.metrics,
+        &ctx.losses,
     )
     .await
     {
@@ -402,15 +418,20 @@ pub(crate) async fn run(
             start_sequence: covered + 1,
         }
     };
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
+    let consumer = bootstrap::request(
+        &ctx.losses,
+        "creating the partition's consumer",
+        stream.create_consumer(pull::OrderedConfig {
             filter_subject: event_subject(partition),
             deliver_policy,
             ..Default::default()
-        })
-        .await?;
-    hand_over_holds(&mut stream, partition, covered).await?;
+        }),
+    )
+    .await?;
+    hand_over_holds(&ctx, &mut stream, covered).await?;
     let mut messages = consumer.messages().await?;
+    ctx.metrics.bootstrapping(partition, false);
+    tracing::info!(partition, hand_over_after = covered, "reading the log");
 
     let mut p = Projection {
         ctx,
@@ -464,7 +485,7 @@ pub(crate) async fn run(
         let seq = info.stream_sequence;
         if first_applied.is_none() && seq > covered + 1 {
             // The head may have moved past the hand-over point since it was checked.
-            hand_over_holds(&mut stream, partition, covered).await?;
+            hand_over_holds(&p.ctx, &mut stream, covered).await?;
         }
         p.pending_records = info.pending;
         {

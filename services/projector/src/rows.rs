@@ -15,8 +15,9 @@ use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt;
 use payledger_server_common::atomic_batch::{
-    BatchMessage, ERR_WRONG_LAST_SEQUENCE, MAX_BATCH_MESSAGES, publish_atomic,
+    BatchMessage, ERR_WRONG_LAST_SEQUENCE, MAX_BATCH_MESSAGES, publish_atomic_watched,
 };
+use payledger_server_common::connection::ConnectionLosses;
 use payledger_server_common::topology::kv_subject;
 use payledger_server_common::trace_context::{SpanLink, join_traces};
 use tracing::Instrument;
@@ -43,6 +44,8 @@ pub(crate) struct RowWriter {
     /// Reads the stored row's log_position from its value.
     position_of: fn(&[u8]) -> Option<u64>,
     ack_timeout: Duration,
+    /// A write waiting for its ack fails at once when the connection drops.
+    losses: ConnectionLosses,
 }
 
 const MAX_FENCE_RETRIES: usize = 8;
@@ -59,6 +62,7 @@ impl RowWriter {
         bucket: &str,
         position_of: fn(&[u8]) -> Option<u64>,
         ack_timeout: Duration,
+        losses: ConnectionLosses,
     ) -> Self {
         Self {
             js: async_nats::jetstream::new(client.clone()),
@@ -68,6 +72,7 @@ impl RowWriter {
             known: HashMap::new(),
             position_of,
             ack_timeout,
+            losses,
         }
     }
 
@@ -108,7 +113,8 @@ impl RowWriter {
         messages: Vec<BatchMessage>,
     ) -> anyhow::Result<Vec<Option<u64>>> {
         let n = messages.len();
-        match publish_atomic(&self.client, messages, self.ack_timeout).await {
+        let mut lost = self.losses.since_now();
+        match publish_atomic_watched(&self.client, messages, self.ack_timeout, &mut lost).await {
             Ok(ack) => Ok((0..n).map(|i| Some(ack.sequence_of(i))).collect()),
             Err(e) if e.err_code() == Some(ERR_WRONG_LAST_SEQUENCE) => Ok(vec![None; n]),
             Err(e) => Err(e.into()),
@@ -121,6 +127,7 @@ impl RowWriter {
         &self,
         messages: Vec<BatchMessage>,
     ) -> anyhow::Result<Vec<Option<u64>>> {
+        let mut lost = self.losses.since_now();
         let mut acks = Vec::with_capacity(messages.len());
         for m in messages {
             acks.push(
@@ -131,7 +138,11 @@ impl RowWriter {
         }
         let mut stored = Vec::with_capacity(acks.len());
         for ack in acks {
-            match ack.await {
+            let acked = lost
+                .or_lost(std::future::IntoFuture::into_future(ack))
+                .await
+                .map_err(|lost| anyhow::anyhow!("writing rows: {lost} before their ack came"))?;
+            match acked {
                 Ok(ack) => stored.push(Some(ack.sequence)),
                 Err(e)
                     if e.kind()

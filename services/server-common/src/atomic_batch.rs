@@ -14,6 +14,8 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde::Deserialize;
 
+use crate::connection::{ConnectionLosses, LossWatch};
+
 /// The server's ceiling for one batch (`jetstream.limits.batch.max_msgs`).
 pub const MAX_BATCH_MESSAGES: usize = 1000;
 
@@ -56,6 +58,10 @@ pub enum BatchError {
     NoStream(String),
     #[error("jetstream acknowledged {got} messages of a batch of {sent}")]
     Mismatch { sent: usize, got: u64 },
+    /// The connection to NATS was lost before the ack came: it never will (its
+    /// reply was due on that connection). The batch may or may not be stored.
+    #[error("the connection to NATS was lost before jetstream acknowledged the batch")]
+    ConnectionLost,
 }
 
 impl BatchError {
@@ -99,11 +105,31 @@ fn batch_id() -> String {
     )
 }
 
-/// Publishes `messages` as one atomic batch and waits for the commit's ack.
+/// Publishes `messages` as one atomic batch and waits for the commit's ack, at
+/// most `timeout`.
 pub async fn publish_atomic(
     client: &async_nats::Client,
     messages: Vec<BatchMessage>,
     timeout: Duration,
+) -> Result<BatchAck, BatchError> {
+    publish_atomic_watched(
+        client,
+        messages,
+        timeout,
+        &mut ConnectionLosses::none().since_now(),
+    )
+    .await
+}
+
+/// [`publish_atomic`], answering [`BatchError::ConnectionLost`] as soon as
+/// `lost` sees the connection go (made before the call, so that a loss while
+/// the batch's first messages are sent counts too), instead of waiting out
+/// `timeout` for an ack that cannot come.
+pub async fn publish_atomic_watched(
+    client: &async_nats::Client,
+    messages: Vec<BatchMessage>,
+    timeout: Duration,
+    lost: &mut LossWatch,
 ) -> Result<BatchAck, BatchError> {
     let sent = messages.len();
     if sent == 0 {
@@ -131,16 +157,26 @@ pub async fn publish_atomic(
     }
     let commit = commit.expect("a non-empty batch has a last message");
     let subject = commit.subject.clone();
-    let reply = tokio::time::timeout(
-        timeout,
-        client.request_with_headers(commit.subject, commit.headers, commit.payload),
-    )
-    .await
-    .map_err(|_| BatchError::NoAck(format!("no ack within {timeout:?}")))?
-    .map_err(|e| match e.kind() {
-        async_nats::RequestErrorKind::NoResponders => BatchError::NoStream(subject),
-        _ => BatchError::NoAck(e.to_string()),
-    })?;
+    // The request's own timeout is the client's (10 s by default); `timeout` bounds it instead.
+    let request = async_nats::Request::new()
+        .headers(commit.headers)
+        .payload(commit.payload)
+        .timeout(Some(timeout));
+    let reply = lost
+        .or_lost(tokio::time::timeout(
+            timeout,
+            client.send_request(commit.subject, request),
+        ))
+        .await
+        .map_err(|_| BatchError::ConnectionLost)?
+        .map_err(|_| BatchError::NoAck(format!("no ack within {timeout:?}")))?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => BatchError::NoStream(subject),
+            async_nats::RequestErrorKind::TimedOut => {
+                BatchError::NoAck(format!("no ack within {timeout:?}"))
+            }
+            _ => BatchError::NoAck(e.to_string()),
+        })?;
     let ack: Ack = serde_json::from_slice(&reply.payload)
         .map_err(|e| BatchError::NoAck(format!("unreadable ack: {e}")))?;
     if let Some(error) = ack.error {

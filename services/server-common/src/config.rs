@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::connection::ConnectionLosses;
 use payledger_semantics::{ProjectionSettings, Settings, StreamSettings};
 
 /// Parses durations such as `90s`, `5m`, `35d`.
@@ -149,6 +150,16 @@ impl NatsArgs {
     }
 
     pub async fn connect(&self, name: &str) -> anyhow::Result<async_nats::Client> {
+        Ok(self.connect_watched(name).await?.0)
+    }
+
+    /// [`NatsArgs::connect`], with the client's connection losses to watch: a
+    /// caller waiting for an answer gives up once the connection it was due on
+    /// is gone.
+    pub async fn connect_watched(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<(async_nats::Client, ConnectionLosses)> {
         let servers = self.servers()?;
         anyhow::ensure!(
             !self.ping_interval.is_zero(),
@@ -162,6 +173,24 @@ impl NatsArgs {
             .name(name)
             .ping_interval(self.ping_interval)
             .retry_on_initial_connect();
+        let (losses, recorder) = ConnectionLosses::channel();
+        let recorder = std::sync::Arc::new(recorder);
+        let client_name = name.to_string();
+        options = options.event_callback(move |event| {
+            let (recorder, client_name) = (recorder.clone(), client_name.clone());
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        recorder.record();
+                        tracing::info!(client = %client_name, "lost the connection to NATS; reconnecting");
+                    }
+                    async_nats::Event::Connected => {
+                        tracing::info!(client = %client_name, "connected to NATS");
+                    }
+                    _ => {}
+                }
+            }
+        });
         if let Some(creds) = &self.creds {
             options = options.credentials_file(creds).await?;
         }
@@ -173,7 +202,7 @@ impl NatsArgs {
                     self.url
                 )
             })??;
-        Ok(client)
+        Ok((client, losses))
     }
 }
 

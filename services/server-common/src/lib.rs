@@ -6,6 +6,7 @@ pub mod atomic_batch;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod local_nats;
 pub mod metrics;
 pub mod readiness;

@@ -122,8 +122,12 @@ impl LocalNats {
         self.port
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGSTOP: the server holds its connections open and answers nothing (a
-    /// stalled node) until [`Self::resume`].
+    /// stalled node) until [`Self::resume`] (SIGKILL ends a frozen process too).
     pub fn pause(&self) -> anyhow::Result<()> {
         self.signal("-STOP")
     }
@@ -141,6 +145,7 @@ impl LocalNats {
         Ok(())
     }
 
+    /// SIGKILL, and wait for the process to end; again is a no-op.
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
