@@ -216,8 +216,14 @@ impl FaultStack {
         }
         let metrics = match stores {
             Stores::S3 => Some((
-                format!("127.0.0.1:{}", payledger_server_common::local_nats::free_port()?),
-                format!("127.0.0.1:{}", payledger_server_common::local_nats::free_port()?),
+                format!(
+                    "127.0.0.1:{}",
+                    payledger_server_common::local_nats::free_port()?
+                ),
+                format!(
+                    "127.0.0.1:{}",
+                    payledger_server_common::local_nats::free_port()?
+                ),
             )),
             Stores::Fs => None,
         };
@@ -427,7 +433,9 @@ impl FaultStack {
     }
 
     /// The days the client wrote, first and last.
-    pub fn days(verified: &Verified) -> anyhow::Result<(payledger_semantics::Day, payledger_semantics::Day)> {
+    pub fn days(
+        verified: &Verified,
+    ) -> anyhow::Result<(payledger_semantics::Day, payledger_semantics::Day)> {
         match (
             verified.archive_rows.iter().map(|r| r.day).min(),
             verified.archive_rows.iter().map(|r| r.day).max(),

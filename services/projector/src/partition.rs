@@ -250,7 +250,11 @@ impl Projection {
         };
         let error = match c.write.await {
             Ok(Ok(())) => {
-                tracing::debug!(partition = self.ctx.partition, seq = c.seq, "checkpoint written");
+                tracing::debug!(
+                    partition = self.ctx.partition,
+                    seq = c.seq,
+                    "checkpoint written"
+                );
                 self.ctx.metrics.checkpointed(self.ctx.partition, now_us());
                 return;
             }
