@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 
 use payledger_proto::v1;
 use payledger_semantics::{DailyRow, Settings};
-use payledger_storage::{ArchiveStore, SnapshotStore, open_store, verify_tiling};
+use payledger_semantics::{RecordedStream, StreamSettings};
+use payledger_storage::{ArchiveStore, SnapshotStore, open_store_with_env, verify_tiling};
 use tokio::sync::Mutex;
 
 use crate::cluster::{NatsCluster, Network};
+use crate::seaweed::SeaweedFs;
 use crate::{Harness, Service, ingest_client, now_us, query_client, read_log};
 
 const MINUTE_US: i64 = 60_000_000;
@@ -104,13 +106,34 @@ pub async fn health_of(url: &str, service: &str) -> Option<i32> {
     Some(answer.into_inner().status)
 }
 
-/// Ingest (archiving to the local store), a stream projector, query, and on
+/// Where every store of a [`FaultStack`] lives: the archive, the projector's
+/// checkpoints, query's tables, the replay worker's and coordinator's stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stores {
+    /// Directories of the harness's temporary directory.
+    Fs,
+    /// Prefixes of the bucket of a private SeaweedFS, which a row can take away
+    /// and bring back ([`SeaweedFs::kill`], [`SeaweedFs::restart`]).
+    S3,
+}
+
+/// The replay worker and coordinator [`FaultStack::replayers`] started, and a
+/// client of the coordinator.
+pub struct Replayers {
+    pub worker: Service,
+    pub coordinator: Service,
+    pub client: v1::replay_coordinator_client::ReplayCoordinatorClient<tonic::transport::Channel>,
+}
+
+/// Ingest (archiving to the stack's store), a stream projector, query, and on
 /// demand a replay worker and coordinator, on one nats-server or a cluster.
 pub struct FaultStack {
     pub h: Harness,
     /// The store of a [`Nats::SingleOnTmpfs`] server; dropped after `h`'s processes.
     pub cluster: Option<NatsCluster>,
     pub store: String,
+    /// The stream projector's `--store` (its checkpoints).
+    pub projector_store: String,
     pub ingest: Service,
     pub projector: Service,
     pub query: Service,
@@ -121,6 +144,13 @@ pub struct FaultStack {
     /// history longer than the log): acknowledged events below this sequence are
     /// looked for in the archive only.
     pub log_head_dropped_below: Option<u64>,
+    /// The object store of a [`Stores::S3`] stack; dropped after the services.
+    pub s3: Option<SeaweedFs>,
+    /// The environment every service gets (the S3 endpoint and credentials).
+    pub env: Vec<(String, String)>,
+    /// `--metrics-listen` of ingest and of the stream projector in a
+    /// [`Stores::S3`] stack.
+    pub metrics: Option<(String, String)>,
 }
 
 impl FaultStack {
@@ -130,6 +160,15 @@ impl FaultStack {
 
     /// [`FaultStack::start`] with `ingest_extra` flags for ingest.
     pub async fn start_with(nats: Nats, ingest_extra: &[&str]) -> anyhow::Result<FaultStack> {
+        Self::start_on(nats, Stores::Fs, ingest_extra).await
+    }
+
+    /// [`FaultStack::start_with`] with every store where `stores` says.
+    pub async fn start_on(
+        nats: Nats,
+        stores: Stores,
+        ingest_extra: &[&str],
+    ) -> anyhow::Result<FaultStack> {
         let mut h = Harness::start()?;
         let mut tmpfs = None;
         let cluster = match nats {
@@ -155,7 +194,19 @@ impl FaultStack {
             Some(c) => c.urls(),
             None => h.nats.url(),
         };
-        let store = h.store();
+        let (s3, store, projector_store, env) = match stores {
+            Stores::Fs => {
+                let store = h.store();
+                let projector = format!("{store}-projector");
+                (None, store, projector, Vec::new())
+            }
+            Stores::S3 => {
+                let s3 = SeaweedFs::start().await?;
+                let (store, projector) = (s3.s3_url("lake"), s3.s3_url("projector"));
+                let env = s3.envs();
+                (Some(s3), store, projector, env)
+            }
+        };
         let mut ingest_args = vec![
             "--archive-store",
             store.as_str(),
@@ -167,11 +218,26 @@ impl FaultStack {
         if cluster.is_some() {
             ingest_args.extend(["--stream-replicas", "3"]);
         }
+        let metrics = match stores {
+            Stores::S3 => Some((
+                format!(
+                    "127.0.0.1:{}",
+                    payledger_server_common::local_nats::free_port()?
+                ),
+                format!(
+                    "127.0.0.1:{}",
+                    payledger_server_common::local_nats::free_port()?
+                ),
+            )),
+            Stores::Fs => None,
+        };
+        if let Some((ingest, _)) = &metrics {
+            ingest_args.extend(["--metrics-listen", ingest.as_str()]);
+        }
         ingest_args.extend_from_slice(ingest_extra);
         let ingest = h
-            .spawn_with_nats_url("payledger-ingest", &urls, &ingest_args, &[])
+            .spawn_with_nats_url("payledger-ingest", &urls, &ingest_args, &env)
             .await?;
-        let projector_store = format!("{store}-projector");
         let mut projector_args = vec![
             "--store",
             projector_store.as_str(),
@@ -179,25 +245,61 @@ impl FaultStack {
             "1s",
         ];
         projector_args.extend(replicas.iter().copied());
+        if let Some((_, projector)) = &metrics {
+            projector_args.extend(["--metrics-listen", projector.as_str()]);
+        }
         let projector = h
-            .spawn_with_nats_url("payledger-projector", &urls, &projector_args, &[])
+            .spawn_with_nats_url("payledger-projector", &urls, &projector_args, &env)
             .await?;
         let mut query_args = vec!["--store", store.as_str(), "--commit-poll-interval", "100ms"];
         query_args.extend(replicas.iter().copied());
         let query = h
-            .spawn_with_nats_url("payledger-query", &urls, &query_args, &[])
+            .spawn_with_nats_url("payledger-query", &urls, &query_args, &env)
             .await?;
         Ok(FaultStack {
             h,
             cluster,
             store,
+            projector_store,
             ingest,
             projector,
             query,
             replicas,
             tmpfs,
             log_head_dropped_below: None,
+            s3,
+            env,
+            metrics,
         })
+    }
+
+    /// Starts the stream projector again with the flags it was started with
+    /// (after [`Service::kill_hard`], say).
+    pub async fn respawn_projector(&mut self) -> anyhow::Result<()> {
+        let urls = self.nats_urls();
+        let mut args = vec![
+            "--store",
+            self.projector_store.as_str(),
+            "--checkpoint-interval",
+            "1s",
+        ];
+        args.extend(self.replicas.iter().copied());
+        if let Some((_, metrics)) = &self.metrics {
+            args.extend(["--metrics-listen", metrics.as_str()]);
+        }
+        self.projector = self
+            .h
+            .spawn_with_nats_url("payledger-projector", &urls, &args, &self.env)
+            .await?;
+        Ok(())
+    }
+
+    /// `location` opened as the services open it.
+    pub fn open(&self, location: &str) -> anyhow::Result<Arc<dyn object_store::ObjectStore>> {
+        Ok(open_store_with_env(
+            location,
+            std::env::vars().chain(self.env.iter().cloned()),
+        )?)
     }
 
     /// `--nats-url` of the services.
@@ -209,7 +311,10 @@ impl FaultStack {
     }
 
     pub fn archive(&self) -> anyhow::Result<ArchiveStore> {
-        crate::archive_at(&self.store)
+        Ok(ArchiveStore::new(
+            self.open(&self.store)?,
+            RecordedStream::new(StreamSettings::default()),
+        ))
     }
 
     /// Fails if a platform process has exited: the matrix's faults are all
@@ -351,8 +456,24 @@ impl FaultStack {
     /// coordinator, and checks its committed snapshot equals the archive's fold
     /// (and so the stream's rows, which [`FaultStack::verify`] compared).
     pub async fn verify_replay(&mut self, verified: &Verified) -> anyhow::Result<()> {
+        let mut replayers = self.replayers().await?;
+        let id = Self::start_replay(&mut replayers, verified).await?;
+        let done = Self::replay_outcome(&mut replayers, &id, Duration::from_secs(120)).await?;
+        anyhow::ensure!(
+            done.state == v1::ReplayState::Succeeded as i32,
+            "the replay failed: {done:?}\n{}",
+            replayers.coordinator.log()
+        );
+        self.check_committed(&done.snapshot_id, verified).await
+    }
+
+    /// Starts a replay worker and a coordinator on the stack's stores.
+    pub async fn replayers(&mut self) -> anyhow::Result<Replayers> {
         let urls = self.nats_urls();
-        let own = format!("{}-worker", self.store);
+        let own = match &self.s3 {
+            Some(s3) => s3.s3_url("worker"),
+            None => format!("{}-worker", self.store),
+        };
         let mut worker_args = vec![
             "--mode",
             "replay",
@@ -364,7 +485,7 @@ impl FaultStack {
         worker_args.extend(self.replicas.iter().copied());
         let worker = self
             .h
-            .spawn_with_nats_url("payledger-projector", &urls, &worker_args, &[])
+            .spawn_with_nats_url("payledger-projector", &urls, &worker_args, &self.env)
             .await?;
         let workers = worker.url();
         let mut coordinator_args = vec![
@@ -382,21 +503,41 @@ impl FaultStack {
                 "payledger-replay-coordinator",
                 &urls,
                 &coordinator_args,
-                &[],
+                &self.env,
             )
             .await?;
-        let (from, to) = match (
-            verified.archive_rows.iter().map(|r| r.day).min(),
-            verified.archive_rows.iter().map(|r| r.day).max(),
-        ) {
-            (Some(from), Some(to)) => (from, to),
-            _ => anyhow::bail!("no rows to replay"),
-        };
-        let mut client = v1::replay_coordinator_client::ReplayCoordinatorClient::new(
+        let client = v1::replay_coordinator_client::ReplayCoordinatorClient::new(
             tonic::transport::Channel::from_shared(coordinator.url())?
                 .connect()
                 .await?,
         );
+        Ok(Replayers {
+            worker,
+            coordinator,
+            client,
+        })
+    }
+
+    /// The days the client wrote, first and last.
+    pub fn days(
+        verified: &Verified,
+    ) -> anyhow::Result<(payledger_semantics::Day, payledger_semantics::Day)> {
+        match (
+            verified.archive_rows.iter().map(|r| r.day).min(),
+            verified.archive_rows.iter().map(|r| r.day).max(),
+        ) {
+            (Some(from), Some(to)) => Ok((from, to)),
+            _ => anyhow::bail!("no rows to replay"),
+        }
+    }
+
+    /// Asks the coordinator for a replay of every day the client wrote, through
+    /// the cutoff [`FaultStack::verify`] folded; returns its id.
+    pub async fn start_replay(
+        replayers: &mut Replayers,
+        verified: &Verified,
+    ) -> anyhow::Result<String> {
+        let (from, to) = Self::days(verified)?;
         let request = v1::StartReplayRequest {
             from_day: from.to_string(),
             to_day: to.to_string(),
@@ -407,9 +548,9 @@ impl FaultStack {
         // As `payledger replay start` does: sent again only after a refusal that
         // says nothing was started.
         let deadline = Instant::now() + Duration::from_secs(60);
-        let started = loop {
-            match client.start_replay(request.clone()).await {
-                Ok(answer) => break answer.into_inner(),
+        loop {
+            match replayers.client.start_replay(request.clone()).await {
+                Ok(answer) => return Ok(answer.into_inner().replay_id),
                 Err(status)
                     if payledger_cli::replay::retryable(
                         payledger_cli::replay::Call::Start,
@@ -421,33 +562,50 @@ impl FaultStack {
                 }
                 Err(status) => return Err(status.into()),
             }
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let done = loop {
-            let replay = client
+        }
+    }
+
+    /// Polls the replay until it ends (SUCCEEDED or FAILED), for at most `within`.
+    pub async fn replay_outcome(
+        replayers: &mut Replayers,
+        id: &str,
+        within: Duration,
+    ) -> anyhow::Result<v1::Replay> {
+        let deadline = Instant::now() + within;
+        loop {
+            let replay = replayers
+                .client
                 .get_replay(v1::GetReplayRequest {
-                    replay_id: started.replay_id.clone(),
+                    replay_id: id.to_string(),
                 })
                 .await?
                 .into_inner();
-            if replay.state == v1::ReplayState::Succeeded as i32 {
-                break replay;
+            if replay.state == v1::ReplayState::Succeeded as i32
+                || replay.state == v1::ReplayState::Failed as i32
+            {
+                return Ok(replay);
             }
             anyhow::ensure!(
-                replay.state != v1::ReplayState::Failed as i32,
-                "the replay failed: {replay:?}\n{}",
-                coordinator.log()
-            );
-            anyhow::ensure!(
                 Instant::now() < deadline,
-                "the replay did not succeed within 120 s: {replay:?}"
+                "the replay did not end within {within:?}: {replay:?}\n{}",
+                replayers.coordinator.log()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        let snapshots = SnapshotStore::new(open_store(&self.store)?);
+        }
+    }
+
+    /// Checks the snapshot `snapshot_id` holds exactly the archive's fold of the
+    /// days the client wrote.
+    pub async fn check_committed(
+        &self,
+        snapshot_id: &str,
+        verified: &Verified,
+    ) -> anyhow::Result<()> {
+        let (from, to) = Self::days(verified)?;
+        let snapshots = SnapshotStore::new(self.open(&self.store)?);
         let mut committed = Vec::new();
         for p in 0..Settings::default().partitions {
-            committed.extend(snapshots.read_part(&done.snapshot_id, p).await?);
+            committed.extend(snapshots.read_part(snapshot_id, p).await?);
         }
         let mut expected: Vec<DailyRow> = verified
             .archive_rows

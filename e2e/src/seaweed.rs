@@ -66,7 +66,9 @@ pub fn find_weed() -> anyhow::Result<PathBuf> {
 
 /// A running `weed mini`.
 pub struct SeaweedFs {
-    child: Child,
+    /// None while [`Self::kill`] has taken it away.
+    child: Option<Child>,
+    binary: PathBuf,
     /// HTTP port of each of [`COMPONENTS`], in that order.
     ports: [u16; 5],
     log: PathBuf,
@@ -84,7 +86,7 @@ impl SeaweedFs {
             let mut weed = Self::spawn(&binary)?;
             match weed.wait_ready().await {
                 Ok(()) => return Ok(weed),
-                Err(e) if attempt < 3 && weed.child.try_wait()?.is_some() => {
+                Err(e) if attempt < 3 && weed.has_exited()? => {
                     eprintln!(
                         "weed mini exited during start-up (attempt {attempt}), retrying on other ports: {e:#}"
                     );
@@ -97,12 +99,68 @@ impl SeaweedFs {
 
     fn spawn(binary: &Path) -> anyhow::Result<SeaweedFs> {
         let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("data"))?;
+        std::fs::create_dir_all(dir.path().join("tmp"))?;
+        let mut weed = SeaweedFs {
+            child: None,
+            binary: binary.to_path_buf(),
+            ports: free_port_pairs()?,
+            log: dir.path().join("weed.log"),
+            dir,
+        };
+        weed.launch()?;
+        Ok(weed)
+    }
+
+    /// Whether the process has ended (true while it is taken away).
+    fn has_exited(&mut self) -> anyhow::Result<bool> {
+        Ok(match &mut self.child {
+            Some(child) => child.try_wait()?.is_some(),
+            None => true,
+        })
+    }
+
+    /// SIGKILLs `weed mini` and waits until it is gone: the object store is
+    /// unreachable (connections to its ports are refused) until [`Self::restart`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts `weed mini` again on the same ports and data directory, so that the
+    /// endpoint the services were given serves the same bucket and objects, and
+    /// waits until it answers S3 again.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        // A killed weed leaves its gRPC sockets behind.
+        self.remove_sockets();
+        self.launch()?;
+        self.wait_ready().await
+    }
+
+    fn remove_sockets(&self) {
+        for (name, port) in COMPONENTS.iter().zip(self.ports) {
+            let socket = PathBuf::from(format!(
+                "/tmp/seaweedfs-{name}-grpc-{}.sock",
+                port + GRPC_PORT_OFFSET
+            ));
+            let _ = std::fs::remove_file(socket);
+        }
+        for socket in ["filer.sock", "s3.sock"] {
+            let _ = std::fs::remove_file(self.dir.path().join(socket));
+        }
+    }
+
+    /// Starts the process on `self`'s ports and directory, its output appended
+    /// to the log.
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let dir = &self.dir;
+        let binary = &self.binary;
+        let ports = self.ports;
         let data = dir.path().join("data");
         let tmp = dir.path().join("tmp");
-        std::fs::create_dir_all(&data)?;
-        std::fs::create_dir_all(&tmp)?;
-        let ports = free_port_pairs()?;
-        let log = dir.path().join("weed.log");
         let mut command = Command::new(binary);
         command
             // All of glog's output to our log file; configuration only from our
@@ -148,7 +206,10 @@ impl SeaweedFs {
                 command.env_remove(key.as_ref());
             }
         }
-        let stdout = std::fs::File::create(&log)?;
+        let stdout = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let stderr = stdout.try_clone()?;
         let child = command
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
@@ -161,12 +222,8 @@ impl SeaweedFs {
             .stderr(stderr)
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {}: {e}", binary.display()))?;
-        Ok(SeaweedFs {
-            child,
-            ports,
-            log,
-            dir,
-        })
+        self.child = Some(child);
+        Ok(())
     }
 
     /// Polls until a signed listing of the bucket succeeds: the S3 gateway is up, the
@@ -175,9 +232,9 @@ impl SeaweedFs {
         let client = self.probe_client()?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if self.has_exited()? {
                 anyhow::bail!(
-                    "weed mini exited with {status} before serving S3; the end of its log:\n{}",
+                    "weed mini exited before serving S3; the end of its log:\n{}",
                     self.log_tail(40)
                 );
             }
@@ -271,28 +328,23 @@ impl SeaweedFs {
 impl Drop for SeaweedFs {
     fn drop(&mut self) {
         // SIGTERM lets weed remove its gRPC sockets from /tmp; SIGKILL if it lingers.
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                break;
+        if let Some(child) = &mut self.child {
+            let pid = child.id().to_string();
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid])
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         // The sockets named after our ports are ours; a killed weed leaves them behind.
-        for (name, port) in COMPONENTS.iter().zip(self.ports) {
-            let socket = PathBuf::from(format!(
-                "/tmp/seaweedfs-{name}-grpc-{}.sock",
-                port + GRPC_PORT_OFFSET
-            ));
-            let _ = std::fs::remove_file(socket);
-        }
+        self.remove_sockets();
         // `dir` is removed when the field drops, after this.
     }
 }

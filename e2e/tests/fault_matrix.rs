@@ -8,10 +8,13 @@
 //!
 //! `PAYLEDGER_FAULT_BATCHES` sets the batches of 20 events each row writes.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use payledger_e2e::cluster::Network;
-use payledger_e2e::faults::{ClientReport, FaultStack, MatrixLine, Nats, PacedClient, Progress};
+use payledger_e2e::faults::{
+    ClientReport, FaultStack, MatrixLine, Nats, PacedClient, Progress, Stores,
+};
 
 fn batches() -> usize {
     std::env::var("PAYLEDGER_FAULT_BATCHES")
@@ -77,7 +80,7 @@ async fn recovery(
 }
 
 async fn finish(
-    mut stack: FaultStack,
+    stack: FaultStack,
     client: tokio::task::JoinHandle<anyhow::Result<ClientReport>>,
     row: &str,
     nats: &str,
@@ -85,11 +88,24 @@ async fn finish(
     recovered: Duration,
 ) -> anyhow::Result<()> {
     let report = client.await??;
+    finish_with(stack, report, batches(), row, nats, fault, recovered).await
+}
+
+/// [`finish`] with the client's report already in hand, of `sent` batches.
+async fn finish_with(
+    mut stack: FaultStack,
+    report: ClientReport,
+    sent: usize,
+    row: &str,
+    nats: &str,
+    fault: &str,
+    recovered: Duration,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
-        report.acked.sequences.len() == batches() * 20,
+        report.acked.sequences.len() == sent * 20,
         "{} events acknowledged, {} sent",
         report.acked.sequences.len(),
-        batches() * 20
+        sent * 20
     );
     let verified = stack.verify(&report.acked).await?;
     stack.verify_replay(&verified).await?;
@@ -614,6 +630,669 @@ async fn single_node_sigkill_while_a_projector_bootstraps() -> anyhow::Result<()
         report: &report,
         verified: &verified,
         recovery: recovered,
+    }
+    .write()
+}
+
+/// How long a row keeps the object store away.
+const STORE_DOWN: Duration = Duration::from_secs(20);
+
+/// Brings the object store back on the same endpoint and data and waits until
+/// it serves again; the instant it did.
+async fn store_back(stack: &mut FaultStack) -> anyhow::Result<Instant> {
+    stack.s3.as_mut().expect("an S3 stack").restart().await?;
+    Ok(Instant::now())
+}
+
+/// The stream's last sequence.
+async fn last_sequence(stack: &FaultStack) -> anyhow::Result<u64> {
+    let client = payledger_e2e::connect_nats(&stack.nats_urls()).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(payledger_server_common::topology::STREAM)
+        .await?;
+    Ok(stream.info().await?.state.last_sequence)
+}
+
+/// Waits until the archive's highest watermark reaches `through`; how long it took.
+async fn archived_through(
+    stack: &FaultStack,
+    through: u64,
+    within: Duration,
+) -> anyhow::Result<Duration> {
+    let began = Instant::now();
+    let archive = stack.archive()?;
+    loop {
+        let watermark = match payledger_projector::replay::latest_cutoff(&archive).await {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("reading the archive's watermarks: {e}");
+                0
+            }
+        };
+        if watermark >= through {
+            return Ok(began.elapsed());
+        }
+        anyhow::ensure!(
+            began.elapsed() < within,
+            "the archive reached {watermark}, not {through}, within {within:?}; ingest's log ends:\n{}",
+            tail(&stack.ingest.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Prints the WARN and ERROR lines of a service's log (once each, with a count):
+/// what an operator reading it during the row would have seen.
+fn print_warnings(name: &str, log: &str) {
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+    {
+        // Without the timestamp, so that repeats count as one.
+        let text = line
+            .split_once(' ')
+            .map(|(_, rest)| rest)
+            .unwrap_or(line)
+            .to_string();
+        match seen.iter_mut().find(|(t, _)| *t == text) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((text, 1)),
+        }
+    }
+    eprintln!(
+        "{name}: {} warning/error lines",
+        seen.iter().map(|(_, n)| n).sum::<usize>()
+    );
+    for (text, n) in seen.iter().take(15) {
+        let text: String = text.chars().take(400).collect();
+        eprintln!("  {n}x {text}");
+    }
+}
+
+fn tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The object store goes away for 20 s while the client writes: ingest goes on
+/// acknowledging (the log is NATS), the archiver catches up once the store is
+/// back, and the end checks hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_down_20s_mid_archive() -> anyhow::Result<()> {
+    let mut stack = FaultStack::start_on(Nats::Single, Stores::S3, &[]).await?;
+    let (progress, client) = client_running(&stack, "s3-archive").await?;
+    let ingest_metrics = stack.metrics.clone().expect("metrics").0;
+    let acked_before = progress.batches_acked();
+    let killed = Instant::now();
+    let first_ack = {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            progress
+                .first_ack_after(killed, STORE_DOWN + Duration::from_secs(60))
+                .await
+        })
+    };
+    stack.s3.as_mut().expect("an S3 stack").kill();
+    // The archiver's lag shows the outage: positive evidence that records were
+    // acknowledged and not archived while the store was away.
+    let mut lag_seen = 0.0f64;
+    let until = killed + STORE_DOWN;
+    let readiness: [(&str, String); 2] = [
+        ("payledger.v1.IngestService", stack.ingest.url()),
+        ("payledger.v1.ProjectorService", stack.projector.url()),
+    ];
+    while Instant::now() < until {
+        stack.ensure_running()?;
+        // The services need NATS to be ready, not the object store.
+        for (service, url) in &readiness {
+            let status = payledger_e2e::faults::health_of(url, service).await;
+            anyhow::ensure!(
+                status == Some(SERVING),
+                "{service} answered readiness {status:?} while the object store was down"
+            );
+        }
+        if let Ok(text) = payledger_e2e::scrape_metrics(&ingest_metrics).await
+            && let Some(lag) = payledger_e2e::metric_value(&text, "payledger_archive_lag_records")
+        {
+            lag_seen = lag_seen.max(lag);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let acked_while_down = progress.batches_acked() - acked_before;
+    anyhow::ensure!(
+        acked_while_down > 0,
+        "no batch was acknowledged while the object store was down ({acked_before} before)"
+    );
+    store_back(&mut stack).await?;
+    let recovered = first_ack.await??;
+    let report = client.await??;
+    let last = last_sequence(&stack).await?;
+    let caught_up = archived_through(&stack, last, Duration::from_secs(120)).await?;
+    let text = payledger_e2e::scrape_metrics(&ingest_metrics).await?;
+    eprintln!(
+        "{acked_while_down} batches acknowledged while the store was down, archive lag up to {lag_seen}; \
+         the archive reached sequence {last} {:.1} s after the store was back; lag metric now {:?}",
+        caught_up.as_secs_f64(),
+        payledger_e2e::metric_value(&text, "payledger_archive_lag_records")
+    );
+    print_warnings("ingest", &stack.ingest.log());
+    anyhow::ensure!(
+        lag_seen > 0.0,
+        "payledger_archive_lag_records never rose while the store was down"
+    );
+    finish_with(
+        stack,
+        report,
+        batches(),
+        "object store down 20 s mid-archive",
+        "1 node; stores on SeaweedFS",
+        &format!(
+            "weed SIGKILL, back after 20 s; {acked_while_down} batches acknowledged while down, \
+             readiness SERVING, archive lag up to {lag_seen} records; archive caught up {:.1} s after the store was back",
+            caught_up.as_secs_f64()
+        ),
+        recovered,
+    )
+    .await
+}
+
+/// The newest checkpoint of each partition in the projector's store.
+async fn newest_checkpoints(stack: &FaultStack) -> anyhow::Result<BTreeMap<u32, u64>> {
+    use futures::TryStreamExt;
+    let store = stack.open(&stack.projector_store)?;
+    let objects: Vec<_> = store
+        .list(Some(&object_store::path::Path::from("checkpoints")))
+        .try_collect()
+        .await?;
+    let mut newest = BTreeMap::new();
+    for o in objects {
+        let parts: Vec<&str> = o.location.as_ref().split('/').collect();
+        if let [.., p, name] = parts.as_slice()
+            && let (Some(p), Some(seq)) = (
+                p.strip_prefix('p').and_then(|p| p.parse::<u32>().ok()),
+                name.strip_suffix(".bin")
+                    .and_then(|s| s.parse::<u64>().ok()),
+            )
+        {
+            let e = newest.entry(p).or_insert(0);
+            *e = (*e).max(seq);
+        }
+    }
+    Ok(newest)
+}
+
+/// The last sequence of each partition in the log.
+async fn last_of_each_partition(stack: &FaultStack) -> anyhow::Result<BTreeMap<u32, u64>> {
+    let mut last = BTreeMap::new();
+    for entry in payledger_e2e::read_log(&stack.nats_urls()).await? {
+        if let Some(p) = entry.partition() {
+            last.insert(p, entry.seq);
+        }
+    }
+    Ok(last)
+}
+
+/// The stream's rows as a fold of the log (NATS is up while the store is not).
+async fn fold_of_the_log(stack: &FaultStack) -> anyhow::Result<payledger_semantics::Exposure> {
+    let mut exposure = payledger_semantics::Exposure::new(payledger_semantics::Settings::default());
+    for entry in payledger_e2e::read_log(&stack.nats_urls()).await? {
+        if entry.partition().is_some() {
+            exposure.apply_fact(&entry.to_record()?)?;
+        }
+    }
+    Ok(exposure)
+}
+
+/// The object store goes away for 20 s while the projector checkpoints every
+/// second: its checkpoints fail meanwhile, the stream's rows go on (they are in
+/// NATS), checkpoints resume once the store is back; then the projector is
+/// SIGKILLed and restarted, restores every partition from a checkpoint, and its
+/// rows still equal the archive's fold, also after every row changed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_down_20s_mid_checkpoint() -> anyhow::Result<()> {
+    let mut stack = FaultStack::start_on(Nats::Single, Stores::S3, &[]).await?;
+    let projector_metrics = stack.metrics.clone().expect("metrics").1;
+    let (progress, client) = client_running(&stack, "s3-ckpt").await?;
+    let killed = Instant::now();
+    let first_ack = {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            progress
+                .first_ack_after(killed, STORE_DOWN + Duration::from_secs(60))
+                .await
+        })
+    };
+    stack.s3.as_mut().expect("an S3 stack").kill();
+    let until = killed + STORE_DOWN;
+    // While the store is still away, once the client is done (unless it writes
+    // until 5 s before the store returns, at larger sizes): the stream's rows
+    // reach a fold of the log.
+    let mut client = client;
+    let written = tokio::time::timeout(
+        until
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(Duration::from_secs(5)),
+        &mut client,
+    )
+    .await;
+    let (report, rows_while_down) = match written {
+        Ok(report) => {
+            let report = report??;
+            let oracle = fold_of_the_log(&stack).await?;
+            let mut q = payledger_e2e::query_client(&stack.query.url()).await?;
+            let rows = payledger_e2e::assert_converges(
+                &mut q,
+                &oracle,
+                until.saturating_duration_since(Instant::now()),
+            )
+            .await;
+            (Some(report), Some(rows))
+        }
+        Err(_) => (None, None),
+    };
+    while Instant::now() < until {
+        stack.ensure_running()?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let text = payledger_e2e::scrape_metrics(&projector_metrics).await?;
+    let newest_checkpoint_at = text
+        .lines()
+        .filter(|l| l.starts_with("payledger_projector_checkpoint_timestamp_seconds"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0f64, f64::max);
+    let checkpoint_age_at_end = payledger_e2e::now_us() as f64 / 1e6 - newest_checkpoint_at;
+    eprintln!(
+        "rows while the store was down: {rows_while_down:?}; newest checkpoint {checkpoint_age_at_end:.1} s old \
+         at the end of the outage"
+    );
+    print_warnings("projector", &stack.projector.log());
+    let rows_while_down = match rows_while_down {
+        Some(rows) => {
+            rows?;
+            "stream rows = fold of the log while the store was down"
+        }
+        None => "the client wrote until the store returned (rows not compared during the outage)",
+    };
+    let report = match report {
+        Some(report) => report,
+        None => client.await??,
+    };
+    let failures = sum_of(&text, "payledger_projector_checkpoint_failures_total").0;
+    let back = store_back(&mut stack).await?;
+    // Checkpoints resume: each partition's newest covers its last record.
+    let wanted = last_of_each_partition(&stack).await?;
+    let resumed = loop {
+        let newest = newest_checkpoints(&stack).await.unwrap_or_default();
+        if wanted
+            .iter()
+            .all(|(p, seq)| newest.get(p).is_some_and(|n| n >= seq))
+        {
+            break back.elapsed();
+        }
+        anyhow::ensure!(
+            back.elapsed() < Duration::from_secs(90),
+            "checkpoints did not reach the log's last records within 90 s of the store's return: \
+             have {newest:?}, want {wanted:?}; the projector's log ends:\n{}",
+            tail(&stack.projector.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    stack.ensure_running()?;
+    stack.projector.kill_hard();
+    stack.respawn_projector().await?;
+    // Every partition restores from a checkpoint, none from the beginning.
+    let restored_from = loop {
+        let log = stack.projector.log();
+        let restored: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("restored partition"))
+            .filter(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("partition="))
+                    .and_then(|p| p.parse::<u32>().ok())
+                    .is_some_and(|p| wanted.contains_key(&p))
+            })
+            .collect();
+        if restored.len() >= wanted.len() {
+            break restored.iter().map(|l| l.to_string()).collect::<Vec<_>>();
+        }
+        anyhow::ensure!(
+            back.elapsed() < Duration::from_secs(180),
+            "the restarted projector restored {} partitions:\n{}",
+            restored.len(),
+            tail(&log, 30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for line in &restored_from {
+        anyhow::ensure!(
+            line.contains("from=checkpoint "),
+            "a partition did not restore from its checkpoint: {line}"
+        );
+    }
+    // More events on every merchant: a state that had counted anything twice,
+    // or lost anything, would now write rows that differ from the fold.
+    let mut after = PacedClient::new(stack.ingest.url(), "s3-ckpt-after", 6);
+    after.pace = Duration::ZERO;
+    let after = after.spawn().1.await??;
+    let report = ClientReport::merge(vec![report, after])?;
+    let recovered = first_ack.await??;
+    eprintln!(
+        "checkpoints caught up {:.1} s after the store was back; {failures} checkpoint failures counted",
+        resumed.as_secs_f64()
+    );
+    finish_with(
+        stack,
+        report,
+        batches() + 6,
+        "object store down 20 s mid-checkpoint",
+        "1 node; stores on SeaweedFS",
+        &format!(
+            "weed SIGKILL, back after 20 s, checkpoints every 1 s; {failures} checkpoint failures counted, \
+             {rows_while_down}; newest checkpoint {checkpoint_age_at_end:.0} s old \
+             when the store came back, checkpoints caught up {:.1} s later; projector SIGKILL + restart: \
+             {} partitions from their checkpoints",
+            resumed.as_secs_f64(),
+            restored_from.len()
+        ),
+        recovered,
+    )
+    .await
+}
+
+/// What query answered, over and over, for every merchant-day of the fold with
+/// consistency AUTHORITATIVE (only a committed snapshot answers that).
+#[derive(Default, Debug)]
+struct SnapshotWatch {
+    /// Answers with rows, all equal to the fold's.
+    served: usize,
+    /// Answers whose rows differ from the fold's: a torn or wrong snapshot.
+    torn: Vec<String>,
+    /// Calls that ended with another code than OK, by code.
+    codes: BTreeMap<String, usize>,
+}
+
+/// Asks query for each merchant-day of `expected` with consistency
+/// AUTHORITATIVE until `stop` turns true.
+fn watch_snapshots(
+    query_url: String,
+    expected: Vec<payledger_semantics::DailyRow>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<anyhow::Result<SnapshotWatch>> {
+    tokio::spawn(async move {
+        let mut by_key: BTreeMap<(String, payledger_semantics::Day), Vec<_>> = BTreeMap::new();
+        for row in expected {
+            by_key
+                .entry((row.merchant_id.clone(), row.day))
+                .or_default()
+                .push(row);
+        }
+        let mut watch = SnapshotWatch::default();
+        let mut q = payledger_e2e::query_client(&query_url).await?;
+        while !*stop.borrow() {
+            for ((merchant_id, day), want) in &by_key {
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    q.get_daily_exposure(payledger_proto::v1::GetDailyExposureRequest {
+                        merchant_id: merchant_id.clone(),
+                        day: day.to_string(),
+                        consistency: payledger_proto::v1::Consistency::Authoritative as i32,
+                        snapshot_id: String::new(),
+                    }),
+                )
+                .await;
+                match answer {
+                    Ok(Ok(answer)) => {
+                        let answer = answer.into_inner();
+                        let mut rows = answer
+                            .rows
+                            .iter()
+                            .map(payledger_proto::daily_row_from_proto)
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                        rows.sort_by_key(|r| r.currency);
+                        let mut want = want.clone();
+                        want.sort_by_key(|r| r.currency);
+                        if rows == want {
+                            watch.served += 1;
+                        } else if watch.torn.len() < 5 {
+                            watch.torn.push(format!(
+                                "{merchant_id} {day}: served {rows:?} from {:?}, the fold has {want:?}",
+                                answer.provenance
+                            ));
+                        } else {
+                            watch.torn.push(String::new());
+                        }
+                    }
+                    Ok(Err(status)) => {
+                        *watch
+                            .codes
+                            .entry(format!("{:?}", status.code()))
+                            .or_default() += 1;
+                        if status.code() == tonic::Code::NotFound && watch.torn.len() < 5 {
+                            // A snapshot that covers the day but lacks the merchant's rows.
+                            watch.torn.push(format!(
+                                "{merchant_id} {day}: NOT_FOUND ({}) but the fold has rows",
+                                status.message()
+                            ));
+                        }
+                    }
+                    Err(_) => {
+                        *watch
+                            .codes
+                            .entry("no answer within 10 s".into())
+                            .or_default() += 1
+                    }
+                }
+                if *stop.borrow() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(watch)
+    })
+}
+
+/// A replay is started and the object store goes away for 20 s right after, while
+/// its shard runs and before it commits. The replay either succeeds once the
+/// store is back or fails with a reason, and then a second replay succeeds;
+/// either way the committed snapshot equals the archive's fold, and query never
+/// serves rows other than the fold's from a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_down_20s_mid_replay_commit() -> anyhow::Result<()> {
+    let mut stack = FaultStack::start_on(Nats::Single, Stores::S3, &[]).await?;
+    let (_progress, client) = client_running(&stack, "s3-replay").await?;
+    let report = client.await??;
+    let verified = stack.verify(&report.acked).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let watcher = watch_snapshots(stack.query.url(), verified.archive_rows.clone(), stopped);
+    let mut replayers = stack.replayers().await?;
+    let id = FaultStack::start_replay(&mut replayers, &verified).await?;
+    let killed = Instant::now();
+    stack.s3.as_mut().expect("an S3 stack").kill();
+    let state_at_kill = replayers
+        .client
+        .get_replay(payledger_proto::v1::GetReplayRequest {
+            replay_id: id.clone(),
+        })
+        .await?
+        .into_inner()
+        .state;
+    while Instant::now() < killed + STORE_DOWN {
+        stack.ensure_running()?;
+        for service in [&mut replayers.worker, &mut replayers.coordinator] {
+            if let Some(status) = service.exited()? {
+                anyhow::bail!("{} exited with {status}:\n{}", service.name, service.log());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let back = store_back(&mut stack).await?;
+    let first = FaultStack::replay_outcome(&mut replayers, &id, Duration::from_secs(240)).await?;
+    let ended = back.elapsed();
+    let (outcome, done) = if first.state == payledger_proto::v1::ReplayState::Succeeded as i32 {
+        (
+            format!(
+                "the replay succeeded {:.1} s after the store was back",
+                ended.as_secs_f64()
+            ),
+            first,
+        )
+    } else {
+        anyhow::ensure!(
+            !first.error.is_empty(),
+            "the replay failed without a reason: {first:?}"
+        );
+        eprintln!("the replay failed: {}", first.error);
+        let again = FaultStack::start_replay(&mut replayers, &verified).await?;
+        let second =
+            FaultStack::replay_outcome(&mut replayers, &again, Duration::from_secs(120)).await?;
+        anyhow::ensure!(
+            second.state == payledger_proto::v1::ReplayState::Succeeded as i32,
+            "the retried replay did not succeed: {second:?}\n{}",
+            tail(&replayers.coordinator.log(), 40)
+        );
+        (
+            format!(
+                "the replay FAILED {:.1} s after the store was back ({}); a retried replay succeeded",
+                ended.as_secs_f64(),
+                first.error
+            ),
+            second,
+        )
+    };
+    stack.check_committed(&done.snapshot_id, &verified).await?;
+    // Positive evidence the watcher would have seen a snapshot's rows: query serves
+    // the committed one.
+    let seen = Instant::now();
+    loop {
+        let served = {
+            let mut q = payledger_e2e::query_client(&stack.query.url()).await?;
+            let row = &verified.archive_rows[0];
+            q.get_daily_exposure(payledger_proto::v1::GetDailyExposureRequest {
+                merchant_id: row.merchant_id.clone(),
+                day: row.day.to_string(),
+                consistency: payledger_proto::v1::Consistency::Authoritative as i32,
+                snapshot_id: String::new(),
+            })
+            .await
+            .ok()
+            .and_then(|a| a.into_inner().provenance)
+            .is_some_and(|p| p.snapshot_id == done.snapshot_id)
+        };
+        if served {
+            break;
+        }
+        anyhow::ensure!(
+            seen.elapsed() < Duration::from_secs(30),
+            "query did not serve snapshot {} within 30 s of its commit",
+            done.snapshot_id
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Then the commit itself: another replay, the store taken away the moment it
+    // is seen COMMITTING (if it gets past that between two looks, the row says so).
+    let commit_outcome = {
+        let id = FaultStack::start_replay(&mut replayers, &verified).await?;
+        let began = Instant::now();
+        let seen = loop {
+            let replay = replayers
+                .client
+                .get_replay(payledger_proto::v1::GetReplayRequest {
+                    replay_id: id.clone(),
+                })
+                .await?
+                .into_inner();
+            let state = payledger_proto::v1::ReplayState::try_from(replay.state)?;
+            match state {
+                payledger_proto::v1::ReplayState::Committing => {
+                    stack.s3.as_mut().expect("an S3 stack").kill();
+                    break true;
+                }
+                payledger_proto::v1::ReplayState::Running => {}
+                _ => break false,
+            }
+            anyhow::ensure!(
+                began.elapsed() < Duration::from_secs(120),
+                "the second replay did not reach COMMITTING within 120 s: {replay:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        if seen {
+            let killed = Instant::now();
+            while Instant::now() < killed + STORE_DOWN {
+                stack.ensure_running()?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let back = store_back(&mut stack).await?;
+            let ended =
+                FaultStack::replay_outcome(&mut replayers, &id, Duration::from_secs(180)).await?;
+            // An outage shorter than the coordinator's --commit-retry-for (60 s)
+            // does not fail the replay: the commit is tried again until it lands.
+            anyhow::ensure!(
+                ended.state == payledger_proto::v1::ReplayState::Succeeded as i32,
+                "the replay whose commit met the outage did not succeed: {ended:?}\n{}",
+                tail(&replayers.coordinator.log(), 30)
+            );
+            stack.check_committed(&ended.snapshot_id, &verified).await?;
+            format!(
+                "store taken away while COMMITTING: the commit was tried again and the replay succeeded {:.1} s after the store was back",
+                back.elapsed().as_secs_f64()
+            )
+        } else {
+            "the second replay committed between two looks (2 ms apart): not taken mid-commit"
+                .to_string()
+        }
+    };
+    // A few more rounds of the watcher over the committed snapshot.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.send(true)?;
+    let watch = watcher.await??;
+    eprintln!(
+        "state when the store went away: {state_at_kill}; {outcome}; {commit_outcome}; query served {} snapshot answers, \
+         other codes {:?}",
+        watch.served, watch.codes
+    );
+    print_warnings("coordinator", &replayers.coordinator.log());
+    print_warnings("worker", &replayers.worker.log());
+    print_warnings("query", &stack.query.log());
+    anyhow::ensure!(
+        watch.torn.is_empty(),
+        "query served rows of a snapshot that differ from the fold ({} answers), e.g. {:#?}",
+        watch.torn.len(),
+        &watch.torn[..watch.torn.len().min(5)]
+    );
+    anyhow::ensure!(watch.served > 0, "the watcher never saw a snapshot's rows");
+    for service in [&mut replayers.worker, &mut replayers.coordinator] {
+        if let Some(status) = service.exited()? {
+            anyhow::bail!("{} exited with {status}:\n{}", service.name, service.log());
+        }
+    }
+    stack.ensure_running()?;
+    let codes: Vec<String> = watch
+        .codes
+        .iter()
+        .map(|(c, n)| format!("{c} {n}"))
+        .collect();
+    MatrixLine {
+        row: "object store down 20 s mid-replay commit",
+        nats: "1 node; stores on SeaweedFS",
+        fault: &format!(
+            "weed SIGKILL right after StartReplay, back after 20 s; {outcome}; {commit_outcome}; \
+             query's AUTHORITATIVE answers: {} equal to the fold, none torn{}",
+            watch.served,
+            if codes.is_empty() {
+                String::new()
+            } else {
+                format!(", others {}", codes.join(", "))
+            }
+        ),
+        report: &report,
+        verified: &verified,
+        recovery: ended,
     }
     .write()
 }

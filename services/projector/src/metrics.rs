@@ -12,6 +12,7 @@ pub(crate) struct ProjectorMetrics {
     lag: Family<Labels, Gauge>,
     applied: Family<Labels, Gauge>,
     checkpoint: Family<Labels, Gauge<f64, AtomicU64>>,
+    checkpoint_failures: Family<Labels, Counter>,
     freshness: Histogram,
     owned: Family<Labels, Gauge>,
     leases_lost: Family<Labels, Counter>,
@@ -32,6 +33,7 @@ impl ProjectorMetrics {
             lag: Family::default(),
             applied: Family::default(),
             checkpoint: Family::default(),
+            checkpoint_failures: Family::default(),
             freshness: latency_histogram(),
             owned: Family::default(),
             leases_lost: Family::default(),
@@ -55,6 +57,11 @@ impl ProjectorMetrics {
             "payledger_projector_checkpoint_timestamp_seconds",
             "When the partition's newest checkpoint was written (Unix time); alert on its age",
             m.checkpoint.clone(),
+        );
+        registry.register(
+            "payledger_projector_checkpoint_failures",
+            "Checkpoints of the partition that could not be written (the object store failed); each is tried again",
+            m.checkpoint_failures.clone(),
         );
         registry.register(
             "payledger_projector_freshness_seconds",
@@ -112,6 +119,10 @@ impl ProjectorMetrics {
         self.checkpoint
             .get_or_create(&partition(p))
             .set(at_us as f64 / 1e6);
+    }
+
+    pub fn checkpoint_failed(&self, p: u32) {
+        self.checkpoint_failures.get_or_create(&partition(p)).inc();
     }
 
     pub fn stored(&self, ingest_time_us: i64, now_us: i64) {

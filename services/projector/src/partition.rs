@@ -161,7 +161,20 @@ struct Projection {
     /// The apply spans of traced records whose rows wait for the next flush: the
     /// row write joins their traces.
     traced: Vec<SpanLink>,
+    /// The checkpoint being written in the background: its sequence, the records
+    /// it covers since the one before, and the write.
+    checkpoint_in_flight: Option<CheckpointWrite>,
 }
+
+struct CheckpointWrite {
+    seq: u64,
+    records: u64,
+    started: Instant,
+    write: tokio::task::JoinHandle<Result<(), payledger_storage::StorageError>>,
+}
+
+/// How often a partition looks whether its checkpoint in flight has landed.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(250);
 
 /// Traces a flush joins at most (the rest of its records are not linked): bounds
 /// the memory a backlog of traced records takes and the links of a write span.
@@ -196,15 +209,77 @@ impl Projection {
         {
             self.write_progress().await?;
         }
-        if self.records_since_checkpoint >= self.ctx.tuning.checkpoint_every_records
-            || (self.records_since_checkpoint > 0
-                && self.last_checkpoint.elapsed() >= self.ctx.tuning.checkpoint_interval)
+        self.reap_checkpoint().await;
+        if self.checkpoint_in_flight.is_none()
+            && (self.records_since_checkpoint >= self.ctx.tuning.checkpoint_every_records
+                || (self.records_since_checkpoint > 0
+                    && self.last_checkpoint.elapsed() >= self.ctx.tuning.checkpoint_interval))
         {
             // A checkpoint may only claim rows that are stored.
             self.settle().await?;
-            self.checkpoint().await?;
+            self.start_checkpoint();
         }
         Ok(())
+    }
+
+    /// Starts writing a checkpoint of the state in the background: the partition
+    /// goes on applying records and writing rows (they are in NATS) while the
+    /// object store is slow or away. One is in flight at a time.
+    fn start_checkpoint(&mut self) {
+        let bytes = bytes::Bytes::from(self.state.encode());
+        let seq = self.state.last_seq();
+        let checkpoints = self.ctx.checkpoints.clone();
+        let partition = self.ctx.partition;
+        self.checkpoint_in_flight = Some(CheckpointWrite {
+            seq,
+            records: self.records_since_checkpoint,
+            started: Instant::now(),
+            write: tokio::spawn(async move { checkpoints.put(partition, seq, bytes).await }),
+        });
+        self.records_since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+    }
+
+    /// Takes the outcome of the checkpoint in flight once it has one. A failed
+    /// checkpoint is logged and tried again after `--checkpoint-interval`; the
+    /// partition does not stop for it.
+    async fn reap_checkpoint(&mut self) {
+        if !self
+            .checkpoint_in_flight
+            .as_ref()
+            .is_some_and(|c| c.write.is_finished())
+        {
+            return;
+        }
+        let Some(c) = self.checkpoint_in_flight.take() else {
+            return;
+        };
+        let error = match c.write.await {
+            Ok(Ok(())) => {
+                tracing::debug!(
+                    partition = self.ctx.partition,
+                    seq = c.seq,
+                    "checkpoint written"
+                );
+                self.ctx.metrics.checkpointed(self.ctx.partition, now_us());
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("the write task ended: {e}"),
+        };
+        // Due again: the records it would have covered are still uncovered.
+        self.records_since_checkpoint += c.records;
+        self.ctx.metrics.checkpoint_failed(self.ctx.partition);
+        tracing::warn!(
+            partition = self.ctx.partition,
+            seq = c.seq,
+            after = ?c.started.elapsed(),
+            error = %error,
+            retry_in = ?self.ctx.tuning.checkpoint_interval,
+            "checkpoint not written; the partition goes on applying records and tries again. \
+             Rows are unaffected; a restart resumes from the previous checkpoint and reads more of the log. \
+             Check that the projector's --store is reachable"
+        );
     }
 
     /// Waits for the rows in flight to be durable.
@@ -217,9 +292,26 @@ impl Projection {
         Ok(())
     }
 
-    /// When to flush again although no record arrives: to settle rows in flight and
-    /// report progress.
+    /// When to flush again although no record arrives: to settle rows in flight,
+    /// report progress, and write a checkpoint that is due (or see one land).
     fn next_due(&self) -> Option<tokio::time::Instant> {
+        let checkpoint = if self.checkpoint_in_flight.is_some() {
+            Some(tokio::time::Instant::now() + CHECKPOINT_POLL)
+        } else if self.records_since_checkpoint > 0 {
+            Some(tokio::time::Instant::from_std(
+                self.last_checkpoint + self.ctx.tuning.checkpoint_interval,
+            ))
+        } else {
+            None
+        };
+        let rows = self.rows_due();
+        match (rows, checkpoint) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn rows_due(&self) -> Option<tokio::time::Instant> {
         if self.in_flight.is_some() {
             // Caught up: settle soon, so that progress reflects the stored rows. With a
             // backlog the next records trigger the next flush anyway.
@@ -446,6 +538,7 @@ pub(crate) async fn run(
         last_ingest_time_us: 0,
         durable_seq: covered,
         traced: Vec::new(),
+        checkpoint_in_flight: None,
     };
     let mut first_applied: Option<u64> = None;
     let mut flush_at: Option<tokio::time::Instant> = None;
@@ -538,6 +631,13 @@ pub(crate) async fn run(
     }
     p.flush().await?;
     p.settle().await?;
+    if let Some(c) = p.checkpoint_in_flight.take() {
+        match c.write.await {
+            Ok(Ok(())) => {}
+            // The final checkpoint below covers its records too.
+            _ => p.records_since_checkpoint += c.records,
+        }
+    }
     if p.records_since_checkpoint > 0 {
         p.checkpoint().await?;
     }

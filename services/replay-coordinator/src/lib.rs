@@ -134,6 +134,11 @@ pub struct CoordinatorConfig {
     /// through the cutoff before comparing anyway (the report then says so).
     #[arg(long, env = "PAYLEDGER_RECONCILE_WAIT", default_value = "60s", value_parser = parse_duration)]
     pub reconcile_wait: Duration,
+    /// How long a commit the object store fails (unreachable, erroring) is tried
+    /// again, every second, before the replay fails; a commit is published whole or
+    /// not at all, so a retry is safe.
+    #[arg(long, env = "PAYLEDGER_COMMIT_RETRY_FOR", default_value = "60s", value_parser = parse_duration)]
+    pub commit_retry_for: Duration,
     /// Differences listed in a stored reconciliation report (the counts are complete).
     #[arg(
         long,
@@ -335,6 +340,7 @@ pub async fn run(
             archive_wait: config.archive_wait,
             reconcile_wait: config.reconcile_wait,
             max_differences_stored: config.max_differences_stored,
+            commit_retry_for: config.commit_retry_for,
         },
         drivers: Default::default(),
         leadership: leadership.clone(),

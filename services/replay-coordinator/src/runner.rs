@@ -14,6 +14,7 @@ use payledger_server_common::auth::{Role, TokenSource, Tokens};
 use payledger_server_common::trace_context::{TraceHeaders, exported_span};
 use payledger_storage::{
     ArchiveStore, CommitDraft, ObjectRef, PartitionLineage, SnapshotStore, StateRef, StateStore,
+    StorageError,
 };
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
@@ -31,6 +32,9 @@ pub(crate) struct Limits {
     pub archive_wait: Duration,
     pub reconcile_wait: Duration,
     pub max_differences_stored: usize,
+    /// How long a commit the object store fails is tried again before the replay
+    /// fails.
+    pub commit_retry_for: Duration,
 }
 
 pub(crate) struct Context {
@@ -405,7 +409,8 @@ async fn run_shards(ctx: &Arc<Context>, id: &str) -> Result<(), Stop> {
                         if last {
                             running.abort_all();
                             return Err(Stop::Failed(format!(
-                                "shard {index} (partitions {:?}) failed {} times, last on {worker}: {error}",
+                                "shard {index} (partitions {:?}) failed {} times (--shard-attempts), last on {worker}: {error}. \
+                                 Nothing of this replay is served. Check that worker's log and that its stores (--store, --archive-store) are reachable, then run the replay again",
                                 shard.partitions, shard.attempts
                             )));
                         }
@@ -664,11 +669,7 @@ async fn commit(ctx: &Context, replay: &v1::Replay) -> Result<payledger_storage:
         segments_read: segments.into_iter().map(|(_, s)| s).collect(),
         states,
     };
-    let committed = ctx
-        .snapshots
-        .commit(draft)
-        .await
-        .map_err(anyhow::Error::from)?;
+    let committed = commit_draft(ctx, draft, ctx.limits.commit_retry_for).await?;
     // States of replays still running may be unlisted yet: keep everything at or
     // above the lowest cutoff among them.
     let below = ctx
@@ -686,6 +687,57 @@ async fn commit(ctx: &Context, replay: &v1::Replay) -> Result<payledger_storage:
         tracing::warn!(error = %e, "replay states left by failed replays were not pruned");
     }
     Ok(committed)
+}
+
+/// The pause between two tries of a commit the object store failed.
+const COMMIT_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Publishes `draft`, trying again every [`COMMIT_RETRY_PAUSE`] for `retry_for`
+/// while the object store fails (a commit is one put-if-absent object, and a
+/// retry finds its own commit by snapshot id, so trying again is safe). Then the
+/// replay fails with what to do.
+async fn commit_draft(
+    ctx: &Context,
+    draft: CommitDraft,
+    retry_for: Duration,
+) -> Result<payledger_storage::Commit, Stop> {
+    let began = std::time::Instant::now();
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let error = match ctx.snapshots.commit(draft.clone()).await {
+            Ok(commit) => {
+                if tries > 1 {
+                    tracing::info!(snapshot = %draft.snapshot_id, tries, "commit written once the object store answered again");
+                }
+                return Ok(commit);
+            }
+            // What the store holds does not decode: trying again will not help.
+            Err(e @ StorageError::Corrupt { .. }) => {
+                return Err(Stop::Failed(format!(
+                    "the commit of snapshot {} was not written: {e}. Inspect the commit log (tables/…/_commits/) before running the replay again",
+                    draft.snapshot_id
+                )));
+            }
+            Err(e) => e,
+        };
+        if began.elapsed() + COMMIT_RETRY_PAUSE >= retry_for {
+            return Err(Stop::Failed(format!(
+                "the commit of snapshot {} could not be written within --commit-retry-for ({retry_for:?}, {tries} tries): {error}. \
+                 Nothing of this replay is served: a commit is one object, published whole or not at all. \
+                 Check that the object store (--store) is reachable, then run the replay again",
+                draft.snapshot_id
+            )));
+        }
+        tracing::warn!(
+            snapshot = %draft.snapshot_id,
+            tries,
+            error = %error,
+            retry_for = ?retry_for,
+            "the commit could not be written; trying again (check that the object store is reachable)"
+        );
+        tokio::time::sleep(COMMIT_RETRY_PAUSE).await;
+    }
 }
 
 /// Deletes the replay states below `cutoff` that no commit lists (what failed or
