@@ -834,6 +834,17 @@ impl Progress {
         }
     }
 
+    /// [`Progress::first_ack_after`] on a task of its own, so that a row can
+    /// inject its fault while it waits.
+    pub fn first_ack_after_in_background(
+        &self,
+        since: Instant,
+        within: Duration,
+    ) -> tokio::task::JoinHandle<anyhow::Result<Duration>> {
+        let progress = self.clone();
+        tokio::spawn(async move { progress.first_ack_after(since, within).await })
+    }
+
     /// Waits until `n` batches are acknowledged.
     pub async fn wait_for(&self, n: usize, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;

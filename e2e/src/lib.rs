@@ -70,11 +70,7 @@ impl Service {
     }
 
     fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill {signal} {} failed", self.name);
-        Ok(())
+        payledger_server_common::local_nats::send_signal(self.child.id(), signal, &self.name)
     }
 
     /// SIGKILL: no flush, no final checkpoint.

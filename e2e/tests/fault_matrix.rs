@@ -558,14 +558,7 @@ async fn single_node_sigkill_while_a_projector_bootstraps() -> anyhow::Result<()
     let dir = stack.h.dir.path().join("nats");
     stack.h.nats = payledger_server_common::local_nats::LocalNats::start_on(&dir, port)?;
     let restarted = Instant::now();
-    let first_ack = {
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            progress
-                .first_ack_after(killed, Duration::from_secs(120))
-                .await
-        })
-    };
+    let first_ack = progress.first_ack_after_in_background(killed, Duration::from_secs(120));
 
     // Every partition reading the log again.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -726,14 +719,8 @@ async fn object_store_down_20s_mid_archive() -> anyhow::Result<()> {
     let ingest_metrics = stack.metrics.clone().expect("metrics").0;
     let acked_before = progress.batches_acked();
     let killed = Instant::now();
-    let first_ack = {
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            progress
-                .first_ack_after(killed, STORE_DOWN + Duration::from_secs(60))
-                .await
-        })
-    };
+    let first_ack =
+        progress.first_ack_after_in_background(killed, STORE_DOWN + Duration::from_secs(60));
     stack.s3.as_mut().expect("an S3 stack").kill();
     // The archiver's lag shows the outage: positive evidence that records were
     // acknowledged and not archived while the store was away.
@@ -856,14 +843,8 @@ async fn object_store_down_20s_mid_checkpoint() -> anyhow::Result<()> {
     let projector_metrics = stack.metrics.clone().expect("metrics").1;
     let (progress, client) = client_running(&stack, "s3-ckpt").await?;
     let killed = Instant::now();
-    let first_ack = {
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            progress
-                .first_ack_after(killed, STORE_DOWN + Duration::from_secs(60))
-                .await
-        })
-    };
+    let first_ack =
+        progress.first_ack_after_in_background(killed, STORE_DOWN + Duration::from_secs(60));
     stack.s3.as_mut().expect("an S3 stack").kill();
     let until = killed + STORE_DOWN;
     // While the store is still away, once the client is done (unless it writes

@@ -138,11 +138,7 @@ impl LocalNats {
     }
 
     fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill {signal} nats-server failed");
-        Ok(())
+        send_signal(self.child.id(), signal, "nats-server")
     }
 
     /// SIGKILL, and wait for the process to end; again is a no-op.
@@ -156,4 +152,13 @@ impl Drop for LocalNats {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `kill -{signal} pid` for a child process the tests drive (`name` for the error).
+pub fn send_signal(pid: u32, signal: &str, name: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill {signal} {name} failed");
+    Ok(())
 }
