@@ -168,16 +168,19 @@ pub async fn run(
 
     let probe_client = client.clone();
     let (stop_probe, stop_probe_rx) = tokio::sync::watch::channel(false);
+    // Follows the probe and every write of the publisher.
+    let readiness =
+        payledger_server_common::readiness::Readiness::with_interval(&config.server.readiness);
     let publisher = Arc::new(publisher::Publisher::new(
         client,
         js.clone(),
         settings,
         &config,
+        readiness.clone(),
     ));
     let local: SocketAddr = listener.local_addr()?;
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::IngestMetrics::register(&mut registry);
-    let readiness = payledger_server_common::readiness::Readiness::new();
     readiness.register(&mut registry);
     // Heartbeats stop first, so that the archiver's last cut holds everything
     // this process appended.

@@ -15,6 +15,7 @@ use payledger_semantics::StreamSettings;
 use payledger_server_common::atomic_batch::{
     BatchError, BatchMessage, ERR_DUPLICATE_MSG_ID, MAX_BATCH_MESSAGES, publish_atomic,
 };
+use payledger_server_common::readiness::Readiness;
 use payledger_server_common::topology::{STREAM, event_subject};
 use payledger_server_common::trace_context::{TraceHeaders, exported_span};
 use prost::Message;
@@ -51,6 +52,8 @@ pub(crate) struct Publisher {
     /// Per partition: ingest clock of the last record appended, for heartbeats.
     last_record_us: Vec<AtomicI64>,
     recent: Mutex<RecentIds>,
+    /// Hears how every write went (docs/operations.md "JetStream cannot write").
+    readiness: Readiness,
 }
 
 /// Ids acked within the duplicate window, bounded in count. Only a shortcut:
@@ -94,6 +97,7 @@ impl Publisher {
         js: jetstream::Context,
         settings: StreamSettings,
         config: &IngestConfig,
+        readiness: Readiness,
     ) -> Self {
         Self {
             client,
@@ -110,6 +114,7 @@ impl Publisher {
                 window: config.duplicate_window.mul_f64(0.9),
                 capacity: config.recent_ids_capacity,
             }),
+            readiness,
         }
     }
 
@@ -222,6 +227,7 @@ impl Publisher {
                 .collect();
             match publish_atomic(&self.client, messages, self.ack_timeout).await {
                 Ok(ack) => {
+                    self.readiness.write_stored(STREAM);
                     for (k, &i) in part.iter().enumerate() {
                         out[i] = Some(Appended::Stored(ack.sequence_of(k)));
                     }
@@ -270,6 +276,7 @@ impl Publisher {
                 Ok(ack) => ack,
                 Err(e) => return Err(self.status_of(Failure::of_publish(&e)).await),
             };
+            self.readiness.write_stored(STREAM);
             out.push(if ack.duplicate {
                 Appended::Duplicate(ack.sequence)
             } else {
@@ -301,6 +308,7 @@ impl Publisher {
             Ok(ack) => ack,
             Err(e) => return Err(self.status_of(Failure::of_publish(&e)).await),
         };
+        self.readiness.write_stored(STREAM);
         Ok(if ack.duplicate {
             Appended::Duplicate(ack.sequence)
         } else {
@@ -310,13 +318,18 @@ impl Publisher {
 
     /// The status of a failed write. "Nothing listens" is told apart by asking
     /// JetStream whether the stream exists: in a cluster it also happens for a
-    /// moment while the stream's replicas elect a new leader.
+    /// moment while the stream's replicas elect a new leader. A failure that
+    /// means JetStream cannot store counts against readiness.
     async fn status_of(&self, failure: Failure) -> Status {
         let failure = match failure {
             Failure::NoStream(_) => failure.given_stream_exists(self.stream_exists().await),
             other => other,
         };
-        failure.to_status()
+        let status = failure.to_status();
+        if failure.means_cannot_store() {
+            self.readiness.write_not_stored(STREAM, status.message());
+        }
+        status
     }
 
     /// Whether JetStream has the stream; None when it does not answer within
@@ -364,7 +377,11 @@ impl Publisher {
                 ),
             })
             .collect();
-        publish_atomic(&self.client, messages, self.ack_timeout).await?;
+        if let Err(e) = publish_atomic(&self.client, messages, self.ack_timeout).await {
+            self.readiness.write_failed(STREAM, &e);
+            return Err(e);
+        }
+        self.readiness.write_stored(STREAM);
         for p in partitions {
             self.last_record_us[*p as usize].fetch_max(now_us, Ordering::Relaxed);
         }

@@ -205,7 +205,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::ProjectorMetrics::register(&mut registry);
-    let readiness = payledger_server_common::readiness::Readiness::new();
+    // Follows the probe and the writes of rows, leases and progress.
+    let readiness =
+        payledger_server_common::readiness::Readiness::with_interval(&config.server.readiness);
     readiness.register(&mut registry);
     let metrics_server = config
         .server
@@ -253,6 +255,7 @@ pub async fn run(
             DAILY_BUCKET,
             position_daily,
             config.ack_timeout,
+            readiness.clone(),
         ),
         rows::RowWriter::new(
             client.clone(),
@@ -260,6 +263,7 @@ pub async fn run(
             CURRENT_BUCKET,
             position_current,
             config.ack_timeout,
+            readiness.clone(),
         ),
     );
     // The archive and the committed replay states: where a partition starts when
@@ -274,7 +278,8 @@ pub async fn run(
         config.pod_name.clone(),
         config.partition_lease_ttl,
         metrics.clone(),
-    );
+    )
+    .reporting_to(readiness.clone());
     let mut tasks = Vec::new();
     for partition in owned.iter().copied() {
         let ctx = partition::PartitionContext {
@@ -287,6 +292,7 @@ pub async fn run(
             progress: js.get_key_value(PROGRESS_BUCKET).await?,
             tuning: tuning.clone(),
             metrics: metrics.clone(),
+            readiness: readiness.clone(),
         };
         tasks.push(tokio::spawn(own_partition(
             ctx,

@@ -17,6 +17,7 @@ use futures::StreamExt;
 use payledger_server_common::atomic_batch::{
     BatchMessage, ERR_WRONG_LAST_SEQUENCE, MAX_BATCH_MESSAGES, publish_atomic,
 };
+use payledger_server_common::readiness::Readiness;
 use payledger_server_common::topology::kv_subject;
 use payledger_server_common::trace_context::{SpanLink, join_traces};
 use tracing::Instrument;
@@ -43,6 +44,9 @@ pub(crate) struct RowWriter {
     /// Reads the stored row's log_position from its value.
     position_of: fn(&[u8]) -> Option<u64>,
     ack_timeout: Duration,
+    /// Hears how every write to the bucket's stream went.
+    readiness: Readiness,
+    stream: String,
 }
 
 const MAX_FENCE_RETRIES: usize = 8;
@@ -59,6 +63,7 @@ impl RowWriter {
         bucket: &str,
         position_of: fn(&[u8]) -> Option<u64>,
         ack_timeout: Duration,
+        readiness: Readiness,
     ) -> Self {
         Self {
             js: async_nats::jetstream::new(client.clone()),
@@ -68,6 +73,8 @@ impl RowWriter {
             known: HashMap::new(),
             position_of,
             ack_timeout,
+            readiness,
+            stream: format!("KV_{bucket}"),
         }
     }
 
@@ -201,9 +208,19 @@ impl RowWriter {
                     })
                     .collect();
                 let stored = if messages.len() < ATOMIC_FROM_ROWS {
-                    self.publish_fenced_singly(messages).await?
+                    self.publish_fenced_singly(messages).await
                 } else {
-                    self.publish_fenced_batch(messages).await?
+                    self.publish_fenced_batch(messages).await
+                };
+                let stored = match stored {
+                    Ok(stored) => {
+                        self.readiness.write_stored(&self.stream);
+                        stored
+                    }
+                    Err(e) => {
+                        self.readiness.write_failed(&self.stream, &*e);
+                        return Err(e);
+                    }
                 };
                 for (k, revision) in chunk.iter().zip(stored) {
                     match revision {
