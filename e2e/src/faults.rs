@@ -29,6 +29,12 @@ pub enum Nats {
         mebibytes: u32,
     },
     Cluster(Network),
+    /// A 3-node cluster on loopback where node `node`'s JetStream store is a
+    /// tmpfs of this many MiB (the others' on the normal disk).
+    ClusterWithOneStoreOnTmpfs {
+        node: usize,
+        mebibytes: u32,
+    },
 }
 
 /// A tmpfs mounted on a temporary directory (needs root), unmounted and removed
@@ -126,6 +132,15 @@ impl FaultStack {
 
     /// [`FaultStack::start`] with `ingest_extra` flags for ingest.
     pub async fn start_with(nats: Nats, ingest_extra: &[&str]) -> anyhow::Result<FaultStack> {
+        Self::start_with_flags(nats, ingest_extra, &[]).await
+    }
+
+    /// [`FaultStack::start`] with extra flags for ingest and for the projector.
+    pub async fn start_with_flags(
+        nats: Nats,
+        ingest_extra: &[&str],
+        projector_extra: &[&str],
+    ) -> anyhow::Result<FaultStack> {
         let mut h = Harness::start()?;
         let mut tmpfs = None;
         let cluster = match nats {
@@ -139,6 +154,19 @@ impl FaultStack {
             }
             Nats::Cluster(network) => {
                 let cluster = NatsCluster::start(&h.dir.path().join("cluster"), 3, network)?;
+                cluster.wait_healthy(Duration::from_secs(60)).await?;
+                Some(cluster)
+            }
+            Nats::ClusterWithOneStoreOnTmpfs { node, mebibytes } => {
+                let disk = Tmpfs::mount(mebibytes)?;
+                let store = disk.path().to_path_buf();
+                tmpfs = Some(disk);
+                let cluster = NatsCluster::start_with_stores(
+                    &h.dir.path().join("cluster"),
+                    3,
+                    Network::Loopback,
+                    |i| (i == node).then(|| store.clone()),
+                )?;
                 cluster.wait_healthy(Duration::from_secs(60)).await?;
                 Some(cluster)
             }
@@ -175,6 +203,7 @@ impl FaultStack {
             "1s",
         ];
         projector_args.extend(replicas.iter().copied());
+        projector_args.extend_from_slice(projector_extra);
         let projector = h
             .spawn_with_nats_url("payledger-projector", &urls, &projector_args, &[])
             .await?;
