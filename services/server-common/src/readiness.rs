@@ -81,6 +81,9 @@ pub struct WriteEvidence {
     own: BTreeMap<String, (Instant, Option<String>)>,
     probe: Option<(Instant, Option<String>)>,
     precedence: Duration,
+    /// The verdict last applied, so that a write that changes nothing costs
+    /// no update of the condition and its gauges.
+    applied: Verdict,
 }
 
 impl WriteEvidence {
@@ -90,6 +93,7 @@ impl WriteEvidence {
             own: BTreeMap::new(),
             probe: None,
             precedence,
+            applied: Verdict::Unknown,
         }
     }
 
@@ -272,18 +276,21 @@ impl Readiness {
     fn own_write(&self, stream: &str, failure: Option<String>) {
         let mut writes = self.writes.lock().expect("readiness lock");
         writes.own_write(stream, Instant::now(), failure);
-        let verdict = writes.verdict(Instant::now());
-        self.apply(verdict);
+        self.apply(&mut writes);
     }
 
     fn probed(&self, failure: Option<String>) {
         let mut writes = self.writes.lock().expect("readiness lock");
         writes.probe(Instant::now(), failure);
-        let verdict = writes.verdict(Instant::now());
-        self.apply(verdict);
+        self.apply(&mut writes);
     }
 
-    fn apply(&self, verdict: Verdict) {
+    fn apply(&self, writes: &mut WriteEvidence) {
+        let verdict = writes.verdict(Instant::now());
+        if verdict == writes.applied {
+            return;
+        }
+        writes.applied = verdict.clone();
         match verdict {
             Verdict::Holds => self.clear("jetstream_write"),
             Verdict::Fails(reason) => self.fail("jetstream_write", reason),
