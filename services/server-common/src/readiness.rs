@@ -44,8 +44,9 @@ const PROBE_SUBJECTS: &str = "payledger.probe.>";
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ReadinessArgs {
-    /// How often readiness is checked (the NATS connection, and a JetStream
-    /// write for services that write). Readiness follows within about this long.
+    /// How often readiness is checked (the NATS connection, and a probe write
+    /// to JetStream for services that write). The service's own JetStream
+    /// writes count at once and outweigh the probe for 10 intervals.
     #[arg(
         long = "readiness-interval",
         env = "PAYLEDGER_READINESS_INTERVAL",
