@@ -25,6 +25,8 @@ struct Node {
     cluster_port: u16,
     monitor_port: u16,
     dir: PathBuf,
+    /// The JetStream store: `dir/jetstream`, or where the cluster was told.
+    store: PathBuf,
     netns: Option<String>,
     child: Option<Child>,
 }
@@ -37,10 +39,19 @@ pub enum Network {
 }
 
 impl NatsCluster {
-    /// Starts `nodes` nats-servers under `dir` (`dir/n{i}` each) and waits until
-    /// JetStream has a meta leader. `store_dir(i)`, if given, puts node i's
-    /// JetStream store elsewhere (on a small tmpfs, say).
+    /// Starts `nodes` nats-servers under `dir` (`dir/n{i}` each), each listening.
     pub fn start(dir: &Path, nodes: usize, network: Network) -> anyhow::Result<NatsCluster> {
+        Self::start_with_stores(dir, nodes, network, |_| None)
+    }
+
+    /// [`NatsCluster::start`], where `store_dir(i)`, if it says so, puts node
+    /// i's JetStream store elsewhere (on a small tmpfs, say).
+    pub fn start_with_stores(
+        dir: &Path,
+        nodes: usize,
+        network: Network,
+        store_dir: impl Fn(usize) -> Option<PathBuf>,
+    ) -> anyhow::Result<NatsCluster> {
         let net = match network {
             Network::Loopback => None,
             Network::Isolated => Some(Bridge::create(nodes)?),
@@ -66,6 +77,7 @@ impl NatsCluster {
                 cluster_port: port(6222)?,
                 monitor_port: port(8222)?,
                 dir: dir.join(format!("n{i}")),
+                store: store_dir(i).unwrap_or_else(|| dir.join(format!("n{i}")).join("jetstream")),
                 netns,
                 child: None,
             });
@@ -107,7 +119,7 @@ impl NatsCluster {
 
     /// The node's JetStream store directory.
     pub fn store_dir(&self, node: usize) -> PathBuf {
-        self.nodes[node].dir.join("jetstream")
+        self.nodes[node].store.clone()
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {
@@ -140,7 +152,7 @@ impl NatsCluster {
                 port = node.port,
                 monitor = node.monitor_port,
                 cluster = node.cluster_port,
-                store = node.dir.join("jetstream").display().to_string(),
+                store = node.store.display().to_string(),
                 routes = routes.join(", "),
             ),
         )?;
@@ -310,6 +322,68 @@ impl NatsCluster {
             .ok_or_else(|| anyhow::anyhow!("stream {stream} has no leader"))?;
         self.index_of(&leader)
             .ok_or_else(|| anyhow::anyhow!("leader {leader} is not a node of this cluster"))
+    }
+
+    /// Whether JetStream runs on node `i`, as its `/jsz` says (None: no answer).
+    pub fn jetstream_enabled(&self, i: usize) -> Option<bool> {
+        let body = self.monitor(i, "/jsz").ok()?;
+        let jsz: serde_json::Value = serde_json::from_str(&body).ok()?;
+        Some(!jsz["disabled"].as_bool().unwrap_or(false) && jsz.get("config").is_some())
+    }
+
+    /// Asks `stream`'s leader to step down, preferring `node`, until `node`
+    /// leads it (nats-server elects among the replicas; a preference it does
+    /// not know is a plain step-down, repeated until the lot falls on `node`).
+    pub async fn move_stream_leader(
+        &self,
+        stream: &str,
+        node: usize,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        let client = crate::connect_nats(&self.urls()).await?;
+        let deadline = Instant::now() + within;
+        loop {
+            let leader = self.stream_leader(stream).await;
+            if let Ok(leader) = leader {
+                if leader == node {
+                    return Ok(());
+                }
+                let request = serde_json::json!({"placement": {"preferred": self.name(node)}});
+                let answer = client
+                    .request(
+                        format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+                        request.to_string().into(),
+                    )
+                    .await?;
+                let answer: serde_json::Value = serde_json::from_slice(&answer.payload)?;
+                if answer.get("error").is_some() {
+                    // An older server refuses the preference: step down without one.
+                    client
+                        .request(
+                            format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+                            bytes::Bytes::new(),
+                        )
+                        .await?;
+                }
+                // Until a new leader is elected, stream info names none (or the old one).
+                let elected = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < elected {
+                    match self.stream_leader(stream).await {
+                        Ok(now) if now != leader => break,
+                        _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{stream} is not led by {} after stepping its leader down for {within:?} (leader: {:?})",
+                self.name(node),
+                self.stream_leader(stream)
+                    .await
+                    .map(|l| self.name(l).to_string())
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     pub fn log(&self, i: usize) -> String {

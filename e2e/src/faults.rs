@@ -31,6 +31,12 @@ pub enum Nats {
         mebibytes: u32,
     },
     Cluster(Network),
+    /// A 3-node cluster on loopback where node `node`'s JetStream store is a
+    /// tmpfs of this many MiB (the others' on the normal disk).
+    ClusterWithOneStoreOnTmpfs {
+        node: usize,
+        mebibytes: u32,
+    },
 }
 
 /// A tmpfs mounted on a temporary directory (needs root), unmounted and removed
@@ -160,14 +166,16 @@ impl FaultStack {
 
     /// [`FaultStack::start`] with `ingest_extra` flags for ingest.
     pub async fn start_with(nats: Nats, ingest_extra: &[&str]) -> anyhow::Result<FaultStack> {
-        Self::start_on(nats, Stores::Fs, ingest_extra).await
+        Self::start_on(nats, Stores::Fs, ingest_extra, &[]).await
     }
 
-    /// [`FaultStack::start_with`] with every store where `stores` says.
+    /// [`FaultStack::start_with`] with every store where `stores` says, and extra
+    /// flags for the projector too.
     pub async fn start_on(
         nats: Nats,
         stores: Stores,
         ingest_extra: &[&str],
+        projector_extra: &[&str],
     ) -> anyhow::Result<FaultStack> {
         let mut h = Harness::start()?;
         let mut tmpfs = None;
@@ -182,6 +190,19 @@ impl FaultStack {
             }
             Nats::Cluster(network) => {
                 let cluster = NatsCluster::start(&h.dir.path().join("cluster"), 3, network)?;
+                cluster.wait_healthy(Duration::from_secs(60)).await?;
+                Some(cluster)
+            }
+            Nats::ClusterWithOneStoreOnTmpfs { node, mebibytes } => {
+                let disk = Tmpfs::mount(mebibytes)?;
+                let store = disk.path().to_path_buf();
+                tmpfs = Some(disk);
+                let cluster = NatsCluster::start_with_stores(
+                    &h.dir.path().join("cluster"),
+                    3,
+                    Network::Loopback,
+                    |i| (i == node).then(|| store.clone()),
+                )?;
                 cluster.wait_healthy(Duration::from_secs(60)).await?;
                 Some(cluster)
             }
@@ -248,6 +269,7 @@ impl FaultStack {
         if let Some((_, projector)) = &metrics {
             projector_args.extend(["--metrics-listen", projector.as_str()]);
         }
+        projector_args.extend_from_slice(projector_extra);
         let projector = h
             .spawn_with_nats_url("payledger-projector", &urls, &projector_args, &env)
             .await?;

@@ -175,6 +175,9 @@ pub async fn run(
     let local: SocketAddr = listener.local_addr()?;
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::IngestMetrics::register(&mut registry);
+    // Follows the probe and every write of the publisher.
+    let readiness =
+        payledger_server_common::readiness::Readiness::with_interval(&config.server.readiness);
     let publisher = Arc::new(publisher::Publisher::new(
         client,
         losses,
@@ -182,8 +185,8 @@ pub async fn run(
         settings,
         &config,
         metrics.awaiting_ack.clone(),
+        readiness.clone(),
     ));
-    let readiness = payledger_server_common::readiness::Readiness::new();
     readiness.register(&mut registry);
     // Heartbeats stop first, so that the archiver's last cut holds everything
     // this process appended.

@@ -10,6 +10,7 @@
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use payledger_server_common::atomic_batch::BatchError;
+use payledger_server_common::readiness::CANNOT_STORE_CODES;
 use payledger_server_common::topology::STREAM;
 use tonic::Status;
 
@@ -153,6 +154,19 @@ impl Failure {
             // Timeouts, a connection lost, the client's own limit of acks in flight,
             // an ack that could not be read: whether the write was stored is unknown.
             _ => Failure::NoAck(e.to_string()),
+        }
+    }
+
+    /// Whether the write was not stored because JetStream cannot store right now
+    /// (out of room, no leader, no acknowledgement): what readiness counts.
+    /// Bad input, a duplicate in process, too many in flight or a missing stream
+    /// are not.
+    pub(crate) fn means_cannot_store(&self) -> bool {
+        match self {
+            Failure::Refused { err_code, .. } => CANNOT_STORE_CODES.contains(err_code),
+            Failure::NoAck(_) | Failure::Leaderless(_) => true,
+            // The connection's own readiness condition says so.
+            Failure::ConnectionLost | Failure::NoStream(_) | Failure::Broken(_) => false,
         }
     }
 
@@ -375,6 +389,37 @@ mod tests {
         // Other failures keep their class whatever is known of the stream.
         let busy = Failure::NoAck("timed out".into()).given_stream_exists(Some(false));
         assert_eq!(busy.to_status().code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn storage_refusals_no_ack_and_no_leader_count_against_readiness_and_bad_input_does_not() {
+        for code in [10047, 10023, 10176] {
+            let f = Failure::of_batch(&BatchError::Rejected {
+                err_code: code,
+                description: "full".into(),
+            });
+            assert!(f.means_cannot_store(), "{code}");
+        }
+        assert!(Failure::NoAck("no ack".into()).means_cannot_store());
+        let leaderless = Failure::of_batch(&BatchError::NoStream("payledger.events.p3".into()))
+            .given_stream_exists(Some(true));
+        assert!(leaderless.means_cannot_store());
+        for not in [
+            Failure::of_batch(&BatchError::Rejected {
+                err_code: 10158,
+                description: "duplicate message id is in process".into(),
+            }),
+            Failure::of_batch(&BatchError::Rejected {
+                err_code: 10210,
+                description: "too many inflight".into(),
+            }),
+            Failure::of_batch(&BatchError::TooLarge(1001)),
+            Failure::of_publish(&PublishError::new(PublishErrorKind::MaxPayloadExceeded)),
+            Failure::of_batch(&BatchError::NoStream("payledger.events.p3".into()))
+                .given_stream_exists(Some(false)),
+        ] {
+            assert!(!not.means_cannot_store(), "{not:?}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use payledger_server_common::atomic_batch::{
 };
 use payledger_server_common::connection::ConnectionLosses;
 use payledger_server_common::metrics::Gauge;
+use payledger_server_common::readiness::Readiness;
 use payledger_server_common::topology::{STREAM, event_subject};
 use payledger_server_common::trace_context::{TraceHeaders, exported_span};
 use prost::Message;
@@ -57,6 +58,8 @@ pub(crate) struct Publisher {
     /// Per partition: ingest clock of the last record appended, for heartbeats.
     last_record_us: Vec<AtomicI64>,
     recent: Mutex<RecentIds>,
+    /// Hears how every write went (docs/operations.md "JetStream cannot write").
+    readiness: Readiness,
 }
 
 /// Counts a write in `payledger_ingest_writes_awaiting_ack` while it lives.
@@ -118,6 +121,7 @@ impl Publisher {
         settings: StreamSettings,
         config: &IngestConfig,
         awaiting_ack: Gauge,
+        readiness: Readiness,
     ) -> Self {
         // Single publishes wait --ack-timeout for their acks too (the context's
         // default is 5 s).
@@ -140,6 +144,7 @@ impl Publisher {
                 window: config.duplicate_window.mul_f64(0.9),
                 capacity: config.recent_ids_capacity,
             }),
+            readiness,
         }
     }
 
@@ -255,6 +260,7 @@ impl Publisher {
             match publish_atomic_watched(&self.client, messages, self.ack_timeout, &mut lost).await
             {
                 Ok(ack) => {
+                    self.readiness.write_stored(STREAM);
                     for (k, &i) in part.iter().enumerate() {
                         out[i] = Some(Appended::Stored(ack.sequence_of(k)));
                     }
@@ -306,6 +312,7 @@ impl Publisher {
                 Ok(Err(e)) => return Err(self.status_of(Failure::of_publish(&e)).await),
                 Err(_) => return Err(self.status_of(Failure::ConnectionLost).await),
             };
+            self.readiness.write_stored(STREAM);
             out.push(if ack.duplicate {
                 Appended::Duplicate(ack.sequence)
             } else {
@@ -340,6 +347,7 @@ impl Publisher {
             Ok(Err(e)) => return Err(self.status_of(Failure::of_publish(&e)).await),
             Err(_) => return Err(self.status_of(Failure::ConnectionLost).await),
         };
+        self.readiness.write_stored(STREAM);
         Ok(if ack.duplicate {
             Appended::Duplicate(ack.sequence)
         } else {
@@ -349,13 +357,18 @@ impl Publisher {
 
     /// The status of a failed write. "Nothing listens" is told apart by asking
     /// JetStream whether the stream exists: in a cluster it also happens for a
-    /// moment while the stream's replicas elect a new leader.
+    /// moment while the stream's replicas elect a new leader. A failure that
+    /// means JetStream cannot store counts against readiness.
     async fn status_of(&self, failure: Failure) -> Status {
         let failure = match failure {
             Failure::NoStream(_) => failure.given_stream_exists(self.stream_exists().await),
             other => other,
         };
-        failure.to_status()
+        let status = failure.to_status();
+        if failure.means_cannot_store() {
+            self.readiness.write_not_stored(STREAM, status.message());
+        }
+        status
     }
 
     /// Whether JetStream has the stream; None when it does not answer within
@@ -404,7 +417,13 @@ impl Publisher {
             })
             .collect();
         let mut lost = self.losses.since_now();
-        publish_atomic_watched(&self.client, messages, self.ack_timeout, &mut lost).await?;
+        if let Err(e) =
+            publish_atomic_watched(&self.client, messages, self.ack_timeout, &mut lost).await
+        {
+            self.readiness.write_failed(STREAM, &e);
+            return Err(e);
+        }
+        self.readiness.write_stored(STREAM);
         for p in partitions {
             self.last_record_us[*p as usize].fetch_max(now_us, Ordering::Relaxed);
         }

@@ -56,7 +56,12 @@ pub(crate) struct PartitionLeases {
     metrics: Arc<ProjectorMetrics>,
     /// A lease read or written when the connection drops is given up at once.
     losses: ConnectionLosses,
+    /// Hears how every renewal went.
+    readiness: payledger_server_common::readiness::Readiness,
 }
+
+/// The stream of the lease bucket, as readiness names it.
+const LEASE_STREAM: &str = "KV_projector_leases";
 
 /// A lease held by this process: renewed in the background until released or lost.
 pub(crate) struct HeldLease {
@@ -87,7 +92,17 @@ impl PartitionLeases {
             ttl,
             metrics,
             losses,
+            readiness: Default::default(),
         }
+    }
+
+    /// Renewals count for `readiness`'s `jetstream_write`.
+    pub fn reporting_to(
+        mut self,
+        readiness: payledger_server_common::readiness::Readiness,
+    ) -> Self {
+        self.readiness = readiness;
+        self
     }
 
     fn record(&self) -> bytes::Bytes {
@@ -121,12 +136,21 @@ impl PartitionLeases {
             if *stop.borrow() {
                 return Ok(None);
             }
-            let entry = request(
+            // A lease that cannot be read cannot be taken: counted as a failed
+            // write (a bucket nats-server left unable to answer, say).
+            let entry = match request(
                 &self.losses,
                 "reading the partition's lease",
                 self.kv.entry(key.as_str()),
             )
-            .await?;
+            .await
+            {
+                Ok(entry) => entry,
+                Err(e) => {
+                    self.readiness.write_failed(LEASE_STREAM, e.as_ref());
+                    return Err(e);
+                }
+            };
             let attempt = match &entry {
                 None => Some((0, "free")),
                 Some(e) if e.operation != Operation::Put => Some((e.revision, "released")),
@@ -175,6 +199,7 @@ impl PartitionLeases {
                     .map_err(|lost| anyhow::anyhow!("taking the partition's lease: {lost}"))?;
                 match update {
                     Ok(revision) => {
+                        self.readiness.write_stored(LEASE_STREAM);
                         tracing::info!(
                             partition,
                             revision,
@@ -191,7 +216,10 @@ impl PartitionLeases {
                         observed = None;
                         continue;
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => {
+                        self.readiness.write_failed(LEASE_STREAM, &e);
+                        return Err(e.into());
+                    }
                 }
             }
             tokio::select! {
@@ -231,6 +259,7 @@ impl PartitionLeases {
                 .await;
                 match renewal {
                     Ok(Ok(next)) => {
+                        leases.readiness.write_stored(LEASE_STREAM);
                         revision = next;
                         renewed = attempt;
                     }
@@ -238,9 +267,13 @@ impl PartitionLeases {
                         break "another projector took the lease over".to_string();
                     }
                     Ok(Err(e)) => {
+                        leases.readiness.write_failed(LEASE_STREAM, &e);
                         tracing::warn!(partition, error = %e, "renewing the partition's lease failed; retrying")
                     }
-                    Err(_) => {}
+                    Err(_) => leases.readiness.write_not_stored(
+                        LEASE_STREAM,
+                        "a lease renewal got no acknowledgement in time",
+                    ),
                 }
                 if renewed.elapsed() >= deadline {
                     break format!("not renewed for {:?}", renewed.elapsed());
@@ -450,6 +483,30 @@ mod tests {
             cut_off.elapsed() < TTL,
             "the holder stopped {:?} after its last renewal could have been, past the TTL",
             cut_off.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn lease_renewals_and_reads_jetstream_does_not_answer_count_against_readiness() {
+        let (_dir, mut nats, kv) = nats_with_bucket().await;
+        let readiness = payledger_server_common::readiness::Readiness::new();
+        let leases = leases(&kv, None).reporting_to(readiness.clone());
+        let held = leases.acquire(2, &mut running()).await.unwrap().unwrap();
+        assert!(readiness.is_ready());
+        nats.stop();
+        tokio::time::timeout(TTL * 2, held.lost()).await.unwrap();
+        assert!(
+            !readiness.is_ready(),
+            "renewals failed, and readiness holds"
+        );
+        // A lease that cannot be read cannot be taken either: a bucket nats-server
+        // left unable to answer keeps the projector not ready.
+        let readiness = payledger_server_common::readiness::Readiness::new();
+        let leases = leases.reporting_to(readiness.clone());
+        assert!(leases.acquire(3, &mut running()).await.is_err());
+        assert!(
+            !readiness.is_ready(),
+            "the lease read failed, and readiness holds"
         );
     }
 

@@ -205,7 +205,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut registry = payledger_server_common::metrics::Registry::default();
     let metrics = metrics::ProjectorMetrics::register(&mut registry);
-    let readiness = payledger_server_common::readiness::Readiness::new();
+    // Follows the probe and the writes of rows, leases and progress.
+    let readiness =
+        payledger_server_common::readiness::Readiness::with_interval(&config.server.readiness);
     readiness.register(&mut registry);
     let metrics_server = config
         .server
@@ -259,6 +261,7 @@ pub async fn run(
             position_daily,
             config.ack_timeout,
             losses.clone(),
+            readiness.clone(),
         ),
         rows::RowWriter::new(
             client.clone(),
@@ -267,6 +270,7 @@ pub async fn run(
             position_current,
             config.ack_timeout,
             losses.clone(),
+            readiness.clone(),
         ),
     );
     // The archive and the committed replay states: where a partition starts when
@@ -282,7 +286,8 @@ pub async fn run(
         config.partition_lease_ttl,
         metrics.clone(),
         losses.clone(),
-    );
+    )
+    .reporting_to(readiness.clone());
     let mut tasks = Vec::new();
     for partition in owned.iter().copied() {
         let ctx = partition::PartitionContext {
@@ -296,6 +301,7 @@ pub async fn run(
             tuning: tuning.clone(),
             metrics: metrics.clone(),
             losses: losses.clone(),
+            readiness: readiness.clone(),
         };
         tasks.push(tokio::spawn(own_partition(
             ctx,

@@ -51,6 +51,8 @@ pub(crate) struct PartitionContext {
     pub stores: ReplayStores,
     pub rows: RowSink,
     pub progress: kv::Store,
+    /// Hears how every progress write went.
+    pub readiness: payledger_server_common::readiness::Readiness,
     pub tuning: Arc<Tuning>,
     pub metrics: Arc<crate::metrics::ProjectorMetrics>,
     /// The NATS connection's losses: a starting partition gives up a request in
@@ -179,6 +181,9 @@ const CHECKPOINT_POLL: Duration = Duration::from_millis(250);
 /// Traces a flush joins at most (the rest of its records are not linked): bounds
 /// the memory a backlog of traced records takes and the links of a write span.
 const MAX_TRACES_PER_FLUSH: usize = 32;
+
+/// The stream of the progress bucket, as readiness names it.
+const PROGRESS_STREAM: &str = "KV_projector_progress";
 
 /// Progress is reported at most this often (each report is a fsynced KV write).
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -335,13 +340,19 @@ impl Projection {
             version_key: self.ctx.settings.version_key(),
             refused: String::new(),
         };
-        self.ctx
+        let put = self
+            .ctx
             .progress
             .put(
                 progress_key(self.ctx.partition),
                 progress.encode_to_vec().into(),
             )
-            .await?;
+            .await;
+        match &put {
+            Ok(_) => self.ctx.readiness.write_stored(PROGRESS_STREAM),
+            Err(e) => self.ctx.readiness.write_failed(PROGRESS_STREAM, e),
+        }
+        put?;
         self.last_progress = Instant::now();
         self.reported_seq = self.durable_seq;
         self.ctx

@@ -18,6 +18,7 @@ use payledger_server_common::atomic_batch::{
     BatchMessage, ERR_WRONG_LAST_SEQUENCE, MAX_BATCH_MESSAGES, publish_atomic_watched,
 };
 use payledger_server_common::connection::ConnectionLosses;
+use payledger_server_common::readiness::Readiness;
 use payledger_server_common::topology::kv_subject;
 use payledger_server_common::trace_context::{SpanLink, join_traces};
 use tracing::Instrument;
@@ -46,6 +47,9 @@ pub(crate) struct RowWriter {
     ack_timeout: Duration,
     /// A write waiting for its ack fails at once when the connection drops.
     losses: ConnectionLosses,
+    /// Hears how every write to the bucket's stream went.
+    readiness: Readiness,
+    stream: String,
 }
 
 const MAX_FENCE_RETRIES: usize = 8;
@@ -63,6 +67,7 @@ impl RowWriter {
         position_of: fn(&[u8]) -> Option<u64>,
         ack_timeout: Duration,
         losses: ConnectionLosses,
+        readiness: Readiness,
     ) -> Self {
         Self {
             js: async_nats::jetstream::new(client.clone()),
@@ -73,6 +78,8 @@ impl RowWriter {
             position_of,
             ack_timeout,
             losses,
+            readiness,
+            stream: format!("KV_{bucket}"),
         }
     }
 
@@ -212,9 +219,19 @@ impl RowWriter {
                     })
                     .collect();
                 let stored = if messages.len() < ATOMIC_FROM_ROWS {
-                    self.publish_fenced_singly(messages).await?
+                    self.publish_fenced_singly(messages).await
                 } else {
-                    self.publish_fenced_batch(messages).await?
+                    self.publish_fenced_batch(messages).await
+                };
+                let stored = match stored {
+                    Ok(stored) => {
+                        self.readiness.write_stored(&self.stream);
+                        stored
+                    }
+                    Err(e) => {
+                        self.readiness.write_failed(&self.stream, &*e);
+                        return Err(e);
+                    }
                 };
                 for (k, revision) in chunk.iter().zip(stored) {
                     match revision {
