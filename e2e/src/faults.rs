@@ -241,14 +241,8 @@ impl FaultStack {
         }
         let metrics = match stores {
             Stores::S3 => Some((
-                format!(
-                    "127.0.0.1:{}",
-                    payledger_server_common::local_nats::free_port()?
-                ),
-                format!(
-                    "127.0.0.1:{}",
-                    payledger_server_common::local_nats::free_port()?
-                ),
+                payledger_server_common::local_nats::free_address()?,
+                payledger_server_common::local_nats::free_address()?,
             )),
             Stores::Fs => None,
         };

@@ -415,14 +415,8 @@ async fn all_serving(services: &[(&str, String)], within: Duration) -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_and_freed() -> anyhow::Result<()> {
     let metrics = [
-        format!(
-            "127.0.0.1:{}",
-            payledger_server_common::local_nats::free_port()?
-        ),
-        format!(
-            "127.0.0.1:{}",
-            payledger_server_common::local_nats::free_port()?
-        ),
+        payledger_server_common::local_nats::free_address()?,
+        payledger_server_common::local_nats::free_address()?,
     ];
     let mut stack = FaultStack::start_on(
         Nats::SingleOnTmpfs { mebibytes: 96 },
@@ -586,10 +580,7 @@ impl ReadinessSeen {
 async fn cluster_disk_full_on_the_stream_leader() -> anyhow::Result<()> {
     const FULL: usize = 0;
     let stream = payledger_server_common::topology::STREAM;
-    let metrics = format!(
-        "127.0.0.1:{}",
-        payledger_server_common::local_nats::free_port()?
-    );
+    let metrics = payledger_server_common::local_nats::free_address()?;
     let mut stack = FaultStack::start_with(
         Nats::ClusterWithOneStoreOnTmpfs {
             node: FULL,
@@ -852,10 +843,7 @@ async fn single_node_sigkill_while_a_projector_bootstraps() -> anyhow::Result<()
     }
     stack.log_head_dropped_below = Some(keep_from);
 
-    let metrics = format!(
-        "127.0.0.1:{}",
-        payledger_server_common::local_nats::free_port()?
-    );
+    let metrics = payledger_server_common::local_nats::free_address()?;
     let own = format!("{}-bootstrap", stack.store);
     let archive = stack.store.clone();
     stack.projector = stack

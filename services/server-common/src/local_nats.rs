@@ -47,6 +47,11 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// `127.0.0.1:<a free port>`, for a listen flag such as `--metrics-listen`.
+pub fn free_address() -> anyhow::Result<String> {
+    Ok(format!("127.0.0.1:{}", free_port()?))
+}
+
 impl LocalNats {
     /// Starts nats-server on a free loopback port, storing JetStream under `store_dir`.
     pub fn start(store_dir: &Path) -> anyhow::Result<Self> {
