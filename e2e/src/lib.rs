@@ -636,16 +636,36 @@ pub async fn wait_until_archived(
     archive: &payledger_storage::ArchiveStore,
     through: u64,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_until_archived_within(archive, through, Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// [`wait_until_archived`] for at most `within`; how long it took. A listing
+/// that fails (a store taken away) is read again, and named if it is the last.
+pub async fn wait_until_archived_within(
+    archive: &payledger_storage::ArchiveStore,
+    through: u64,
+    within: Duration,
+) -> anyhow::Result<Duration> {
+    let began = Instant::now();
     loop {
-        let watermark = payledger_projector::replay::latest_cutoff(archive).await?;
+        let (watermark, failed) = match payledger_projector::replay::latest_cutoff(archive).await {
+            Ok(w) => (w, String::new()),
+            Err(e) => (0, format!(" (the last listing failed: {e})")),
+        };
         if watermark >= through {
-            return Ok(());
+            return Ok(began.elapsed());
         }
         anyhow::ensure!(
-            Instant::now() < deadline,
-            "the archive reached {watermark}, not {through}, within 30 s"
+            began.elapsed() < within,
+            "the archive reached {watermark}, not {through}, within {within:?}{failed}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The last `lines` lines of `text` (a process's log).
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -319,9 +319,10 @@ impl SeaweedFs {
 
     /// The last `lines` lines of weed's output.
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        crate::tail(
+            &std::fs::read_to_string(&self.log).unwrap_or_default(),
+            lines,
+        )
     }
 }
 

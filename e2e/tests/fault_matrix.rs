@@ -15,6 +15,7 @@ use payledger_e2e::cluster::Network;
 use payledger_e2e::faults::{
     ClientReport, FaultStack, MatrixLine, Nats, PacedClient, Progress, Stores,
 };
+use payledger_e2e::tail;
 
 fn batches() -> usize {
     std::env::var("PAYLEDGER_FAULT_BATCHES")
@@ -51,8 +52,6 @@ async fn recovery(
     {
         Ok(took) => Ok(took),
         Err(e) => {
-            let log = stack.ingest.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
             let mut nodes = String::new();
             if let Some(cluster) = &stack.cluster {
                 for i in 0..cluster.len() {
@@ -73,7 +72,7 @@ async fn recovery(
             }
             anyhow::bail!(
                 "{e}; ingest's log ends:\n{}{nodes}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                tail(&stack.ingest.log(), 40)
             );
         }
     }
@@ -990,26 +989,9 @@ async fn archived_through(
     through: u64,
     within: Duration,
 ) -> anyhow::Result<Duration> {
-    let began = Instant::now();
-    let archive = stack.archive()?;
-    loop {
-        let watermark = match payledger_projector::replay::latest_cutoff(&archive).await {
-            Ok(w) => w,
-            Err(e) => {
-                eprintln!("reading the archive's watermarks: {e}");
-                0
-            }
-        };
-        if watermark >= through {
-            return Ok(began.elapsed());
-        }
-        anyhow::ensure!(
-            began.elapsed() < within,
-            "the archive reached {watermark}, not {through}, within {within:?}; ingest's log ends:\n{}",
-            tail(&stack.ingest.log(), 30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    payledger_e2e::wait_until_archived_within(&stack.archive()?, through, within)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; ingest's log ends:\n{}", tail(&stack.ingest.log(), 30)))
 }
 
 /// Prints the WARN and ERROR lines of a service's log (once each, with a count):
@@ -1039,11 +1021,6 @@ fn print_warnings(name: &str, log: &str) {
         let text: String = text.chars().take(400).collect();
         eprintln!("  {n}x {text}");
     }
-}
-
-fn tail(log: &str, lines: usize) -> String {
-    let all: Vec<&str> = log.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The object store goes away for 20 s while the client writes: ingest goes on
